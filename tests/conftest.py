@@ -3,13 +3,11 @@ import os
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
-import pydoc
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

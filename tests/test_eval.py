@@ -1,4 +1,5 @@
 """The legal pass: exactly-once windows, answer flip, update-after-score ordering, TTT invariants, ranks."""
+import dataclasses
 import math
 import os
 import socket
@@ -85,7 +86,7 @@ def test_stride_equal_window_is_plain_eval(env):
 def test_answer_flip_full_pass(env):
     """Change the target at position t: every score before t and the whole distribution at t stay identical."""
     h, val, luts = env
-    h = tg.replace(h, ttt_epochs=2, ttt_lr=0.05)
+    h = dataclasses.replace(h, ttt_epochs=2, ttt_lr=0.05)
     t = 700
     base, flipped = Recorder([t]), Recorder([t])
     adaptive(h, perturbed_model(h), val, luts, base)
@@ -132,7 +133,7 @@ def test_last_chunk_is_never_trained_on(env, monkeypatch):
     orig = tg.TestTimeTrainer._step
     monkeypatch.setattr(tg.TestTimeTrainer, "_step", lambda self, x, y, n: (trained.append(int(y.max())), orig(self, x, y, n)))
     chunks = []
-    adaptive(tg.replace(h, bias_enabled=False, ngram_enabled=False, hedge_enabled=False), perturbed_model(h), val, luts,
+    adaptive(dataclasses.replace(h, bias_enabled=False, ngram_enabled=False, hedge_enabled=False), perturbed_model(h), val, luts,
              lambda r: chunks.append(r["chunk"]))
     n_chunks = max(chunks) + 1
     assert n_chunks >= 3 and len(trained) == (n_chunks - 1) * h.ttt_epochs
@@ -140,21 +141,21 @@ def test_last_chunk_is_never_trained_on(env, monkeypatch):
 
 def test_ttt_lr0_equals_plain_sliding(env):
     h, val, luts = env
-    h = tg.replace(h, ttt_lr=0.0, ttt_polyak_decay=0.0, bias_enabled=False, ngram_enabled=False, hedge_enabled=False)
+    h = dataclasses.replace(h, ttt_lr=0.0, ttt_polyak_decay=0.0, bias_enabled=False, ngram_enabled=False, hedge_enabled=False)
     plain = tg.run_pass(h, CPU, perturbed_model(h), val, luts, stride=h.eval_stride)
     r, _, _ = adaptive(h, perturbed_model(h), val, luts)
     assert r.final == "neural" and r.val_loss == plain.val_loss
-    h2 = tg.replace(h, ttt_polyak_decay=0.998)  # the averaged copy of unchanged weights: equal up to rounding
+    h2 = dataclasses.replace(h, ttt_polyak_decay=0.998)  # the averaged copy of unchanged weights: equal up to rounding
     r2, _, _ = adaptive(h2, perturbed_model(h), val, luts)
     assert r2.val_loss == pytest.approx(plain.val_loss, rel=1e-6)
 
 
 def test_polyak_scores_with_a_separate_copy(env):
     h, val, luts = env
-    h = tg.replace(h, ttt_lr=0.05, bias_enabled=False, ngram_enabled=False, hedge_enabled=False)
+    h = dataclasses.replace(h, ttt_lr=0.05, bias_enabled=False, ngram_enabled=False, hedge_enabled=False)
     off, on = Recorder(), Recorder()
-    _, _, ttt_off = adaptive(tg.replace(h, ttt_polyak_decay=0.0), perturbed_model(h), val, luts, off)
-    _, _, ttt_on = adaptive(tg.replace(h, ttt_polyak_decay=0.9), perturbed_model(h), val, luts, on)
+    _, _, ttt_off = adaptive(dataclasses.replace(h, ttt_polyak_decay=0.0), perturbed_model(h), val, luts, off)
+    _, _, ttt_on = adaptive(dataclasses.replace(h, ttt_polyak_decay=0.9), perturbed_model(h), val, luts, on)
     assert ttt_off.scoring_model() is ttt_off.model and ttt_on.scoring_model() is ttt_on.avg
     first = [p for p in off.nll["neural"] if p < h.ttt_chunk_tokens]
     assert all(off.nll["neural"][p] == on.nll["neural"][p] for p in first)  # chunk 0: nothing trained yet
@@ -183,7 +184,7 @@ def test_hedge_weights_use_only_earlier_chunks(env):
     """Replay: the mixture scored in chunk c equals Hedge weights computed from the recorded expert losses of
     chunks < c alone (w_k <- w_k exp(-eta * mean loss_k)), applied to that chunk's experts."""
     h, val, luts = env
-    h = tg.replace(h, hedge_eta=3.0, ttt_enabled=False)
+    h = dataclasses.replace(h, hedge_eta=3.0, ttt_enabled=False)
     per_chunk = {}
     _, experts, _ = adaptive(h, perturbed_model(h), val, luts, lambda r: per_chunk.setdefault(r["chunk"], []).append(r))
     log_w = torch.full((experts.n_experts,), -math.log(experts.n_experts), dtype=torch.float64)
@@ -204,7 +205,7 @@ def test_one_bucket_collision_stays_honest(env):
     """With a single hash bucket every context collides; the boosted experts remain normalized, and the n-gram
     track cannot beat the neural+bias track by more than a unigram-prior's worth."""
     h, val, luts = env
-    h = tg.replace(h, ngram_table_bits=0, ttt_enabled=False)
+    h = dataclasses.replace(h, ngram_table_bits=0, ttt_enabled=False)
     rows = list(range(100, 2000, 97))
     rec = Recorder(rows)
     r, _, _ = adaptive(h, perturbed_model(h), val, luts, rec)
@@ -239,7 +240,7 @@ def test_two_ranks_match_one_rank(env, tmp_path):
     over a few chunks), so 1e-5 relative. The online bias is off: its in-chunk context legitimately differs
     across ranks (see OnlineBias)."""
     h, val, luts = env
-    h = tg.replace(h, bias_enabled=False, ttt_lr=0.02)
+    h = dataclasses.replace(h, bias_enabled=False, ttt_lr=0.02)
     one, _, _ = adaptive(h, perturbed_model(h), val, luts)
     out = str(tmp_path / "r2.pt")
     mp.spawn(_rank_worker, args=(2, _free_port(), h, out), nprocs=2, join=True)

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""CPU throughput of train_gpt.py's training step, on synthetic random tokens (no data files needed).
+
+    python3 bench/bench_cpu.py [--steps 20] [--warmup 3] [--full-steps 3] [--threads 1,2] [--skip-full]
+
+(a) PRESET=cpu config, one optimizer step exactly as train_step does it on 1 process: 8 micro-batches of
+    TRAIN_BATCH_TOKENS/8 tokens (forward + backward each), then Optimizers.step. Also once with QAT on.
+(b) The FULL default config (26.9M parameters, seq 2048): each step is ONE micro-batch of 1 x 2048 tokens
+    (forward + backward) plus one Optimizers.step (Muon on the full banks + AdamW). The real run accumulates
+    8 micro-batches of 48 x 2048 tokens per optimizer step, so (b)'s tokens/s understates what the optimizer
+    cost amortizes to; the forward+backward column is the per-token number to compare.
+All numbers are CPU, fp32 (autocast is off on CPU), eager (no torch.compile).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def bench(h: tg.Hyperparameters, micro_seqs: int, accum: int, steps: int, warmup: int, qat: bool = False) -> dict:
+    """Time `steps` optimizer steps after `warmup` untimed ones. Returns ms per step and its split."""
+    torch.manual_seed(h.seed)
+    model = tg.build_model(h)
+    rt = tg.Runtime(0, 0, 1, CPU)
+    opt = tg.Optimizers(h, model, rt)
+    g = torch.Generator().manual_seed(0)
+    T = h.train_seq_len
+    fb_ms, opt_ms, losses = [], [], []
+    for i in range(warmup + steps):
+        opt.set_schedule(i, 1.0)
+        t0 = time.perf_counter()
+        for _ in range(accum):
+            ids = torch.randint(0, h.vocab_size, (micro_seqs, T + 1), generator=g)
+            loss = model(ids[:, :-1], ids[:, 1:], qat)
+            (loss / accum).backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        losses.append(loss.item())
+        if i >= warmup:
+            fb_ms.append(1000 * (t1 - t0))
+            opt_ms.append(1000 * (t2 - t1))
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = micro_seqs * T * accum
+    step_ms = [a + b for a, b in zip(fb_ms, opt_ms)]
+    med = statistics.median  # the median resists the spikes that other processes on a shared box cause
+    return dict(params=n_params, tokens=tokens, step_ms=med(step_ms), min_ms=min(step_ms), fb_ms=med(fb_ms),
+                opt_ms=med(opt_ms), tok_s=tokens / (med(step_ms) / 1000), fb_tok_s=tokens / (med(fb_ms) / 1000),
+                last_loss=losses[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--full-steps", type=int, default=3)
+    ap.add_argument("--threads", default="1,2", help="intra-op thread counts to try for (a)")
+    ap.add_argument("--skip-full", action="store_true")
+    args = ap.parse_args()
+
+    default_threads = torch.get_num_threads()
+    print(f"CPU benchmark: {platform.processor() or platform.machine()}, os.cpu_count={os.cpu_count()}, "
+          f"torch {torch.__version__}, default intra-op threads {default_threads}, "
+          f"load avg {os.getloadavg()[0]:.2f} (other processes share these cores)")
+    rows = []
+    cpu = tg.Hyperparameters.from_env({"PRESET": "cpu"})
+    cpu = replace(cpu, data_path="(synthetic)", tokenizer_path="(synthetic)")
+    micro = cpu.train_batch_tokens // (8 * cpu.train_seq_len)
+    for nt in [int(x) for x in args.threads.split(",")]:
+        torch.set_num_threads(nt)
+        r = bench(cpu, micro, 8, args.steps, args.warmup)
+        rows.append((f"(a) PRESET=cpu, 8 x {micro}x{cpu.train_seq_len} tok/step", nt, r))
+    torch.set_num_threads(min(int(x) for x in args.threads.split(",")))
+    r = bench(cpu, micro, 8, max(args.steps // 4, 3), 1, qat=True)
+    rows.append((f"(a) PRESET=cpu + QAT, 8 x {micro}x{cpu.train_seq_len}", torch.get_num_threads(), r))
+    if not args.skip_full:
+        torch.set_num_threads(default_threads)
+        full = tg.Hyperparameters.from_env({})
+        r = bench(full, 1, 1, args.full_steps, 1)
+        rows.append((f"(b) FULL default, 1 x 1x{full.train_seq_len} tok/step", default_threads, r))
+
+    print()
+    hdr = (f"{'config (CPU, fp32, eager)':46s} {'thr':>3s} {'params':>10s} {'tok/step':>8s} {'ms/step':>9s} "
+           f"{'min ms':>9s} {'fwd+bwd ms':>10s} {'opt ms':>8s} {'tok/s':>8s} {'fwd+bwd tok/s':>13s}")
+    # ms/step, fwd+bwd ms and opt ms are medians over the timed steps; min ms is the fastest step
+    print(hdr)
+    print("-" * len(hdr))
+    for name, nt, r in rows:
+        print(f"{name:46s} {nt:3d} {r['params']:10,d} {r['tokens']:8d} {r['step_ms']:9.1f} {r['min_ms']:9.1f} "
+              f"{r['fb_ms']:10.1f} {r['opt_ms']:8.1f} {r['tok_s']:8.0f} {r['fb_tok_s']:13.0f}")
+    print("\nms columns are medians over the timed steps (min ms: the fastest one). tok/s = tokens per optimizer step /\n"
+          "median step time (forward+backward of every micro-batch + Optimizers.step); warmup steps excluded.\n"
+          "(b) runs 1 micro-batch of 1x2048 per optimizer step, not the record's 8 x 48x2048.")
+
+
+if __name__ == "__main__":
+    main()
