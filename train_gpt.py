@@ -218,7 +218,7 @@ PRESETS = {
     "cpu": dict(
         preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
         tokenizer_path="./data/standin/tokenizers/fineweb_1024_bpe.model",
-        iterations=100000, max_wallclock_seconds=300.0, warmdown_iters=200, warmup_steps=0,
+        iterations=100000, max_wallclock_seconds=240.0, warmdown_iters=150, warmup_steps=0,
         train_batch_tokens=8192, train_seq_len=256, val_loss_every=0, train_log_every=50,
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_vocab_size=512, bigram_dim=32,
         xsa_last_n=2, ve_dim=32, ve_layers="2,3", matrix_lr=0.03, scalar_lr=0.03, tied_embed_lr=0.05,
@@ -961,7 +961,8 @@ def compress_payload(raw: bytes, choice: str) -> tuple[bytes, str, dict]:
     names = [c for c in CODECS if _codec_available(c)] if codec == "auto" else [codec]
     if codec != "auto" and not _codec_available(codec):
         raise ValueError(f"COMPRESSOR={choice}: module for {codec} is not installed")
-    options = [(n, s) for n in names for s in ((False, True) if codec == "auto" else (bool(shuffle),))]
+    shuffles = (True,) if shuffle else (False, True) if codec == "auto" else (False,)
+    options = [(n, s) for n in names for s in shuffles]
     shuffled = _shuffle_payload(raw, inverse=False)
     with ThreadPoolExecutor(len(options)) as ex:
         blobs = list(ex.map(lambda o: _codec(o[0])[0](shuffled if o[1] else raw), options))
