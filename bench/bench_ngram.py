@@ -11,7 +11,6 @@ the plain-Python fallback (the same code under NUMBA_DISABLE_JIT=1) on a slice.
 """
 import argparse
 import glob
-import inspect
 import json
 import os
 import resource
@@ -72,13 +71,13 @@ def accuracy(tokens, cand_tok):
             float((cand_tok == tokens[:, None]).any(1).mean()))
 
 
-def python_fallback_seconds(tokens):
+def python_fallback_seconds(tokens, settings):
     """Run the same code with NUMBA_DISABLE_JIT=1 in a subprocess; return (seconds, rows)."""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/t.npy", tokens)
         code = (f"import sys, time, json, numpy as np; sys.path.insert(0, {str(ROOT / 'bench')!r});"
                 f"from bench_ngram import load; ng = load(); t = np.load('{tmp}/t.npy'); t0 = time.perf_counter();"
-                f"tok, logc, _ = ng.ngram_candidates(t); dt = time.perf_counter() - t0;"
+                f"tok, logc, _ = ng.ngram_candidates(t, **{settings!r}); dt = time.perf_counter() - t0;"
                 f"np.save('{tmp}/o.npy', tok); print(json.dumps(dt))")
         out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_DISABLE_JIT="1"),
                              capture_output=True, text=True, check=True)
@@ -105,17 +104,18 @@ def main():
     ng.ngram_candidates(tokens[:1000])
     compile_s = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    cand_tok, cand_logc, stats = ng.ngram_candidates(tokens)  # the defaults
+    h = ng.Hyperparameters()  # the settings train_gpt.py's pass uses
+    settings = dict(min_order=h.ngram_min_order, max_order=h.ngram_max_order, table_bits=h.ngram_table_bits,
+                    top_k=h.ngram_top_k, min_count=h.ngram_min_count)
+    cand_tok, cand_logc, stats = ng.ngram_candidates(tokens, **settings)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     cov, top1, topk = accuracy(tokens, cand_tok)
 
-    defaults = {k: v.default for k, v in inspect.signature(ng.ngram_candidates).parameters.items()
-                if v.default is not inspect.Parameter.empty and k != "debug"}
     threads = ng.numba.get_num_threads() if ng.numba else 1
     rows = [
         ("stream", f"{source}: {n:,} tokens"),
-        ("settings", ", ".join(f"{k}={v}" for k, v in defaults.items()) + f"; numba threads={threads}"),
+        ("settings (Hyperparameters defaults)", ", ".join(f"{k}={v}" for k, v in settings.items()) + f"; numba threads={threads}"),
         ("machine load (1 min avg)", f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"),
         ("JIT compile (first call, cold cache)" if not args.warm_cache else "first call (cache load)", f"{compile_s:.2f} s"),
         ("end to end, without compile", f"{wall:.2f} s = {n / wall / 1e6:.2f} M tok/s"),
@@ -130,9 +130,9 @@ def main():
     if args.ref_tokens:
         sl = tokens[: args.ref_tokens]
         t0 = time.perf_counter()
-        jit_tok, _, _ = ng.ngram_candidates(sl)
+        jit_tok, _, _ = ng.ngram_candidates(sl, **settings)
         jit_s = time.perf_counter() - t0
-        py_s, py_tok = python_fallback_seconds(sl)
+        py_s, py_tok = python_fallback_seconds(sl, settings)
         same = "identical rows" if np.array_equal(py_tok, jit_tok) else "ROWS DIFFER"
         rows.append((f"plain Python fallback, {sl.size:,} tokens",
                      f"{py_s:.2f} s ({sl.size / py_s / 1e3:.1f} k tok/s) vs numba {jit_s:.3f} s: "
