@@ -7,6 +7,7 @@ Map:   1 Hyperparameters  2 Runtime & logging  3 Data & BPB  4 Model  5 Optimize
 """
 from __future__ import annotations
 
+import base64
 import copy
 import difflib
 import glob
@@ -1756,7 +1757,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
 # 9. main
 
 
-def log_header(h: Hyperparameters, rt: Runtime, backend: str) -> None:
+def log_header(h: Hyperparameters, rt: Runtime, backend: str, run_id: str) -> None:
     log0(Path(__file__).read_text(encoding="utf-8"), console=False)
     log0("=" * 100, console=False)
     try:
@@ -1772,6 +1773,7 @@ def log_header(h: Hyperparameters, rt: Runtime, backend: str) -> None:
         except (OSError, subprocess.SubprocessError):
             pass
     log0("hparams " + " ".join(f"{k}:{v}" for k, v in asdict(h).items()))
+    log0(f"run_id:{run_id}")
     log0(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device} "
          f"attention_backend:{backend} torch_compile:{int(compile_enabled(h, rt.device))}")
 
@@ -1828,7 +1830,7 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
     out = Path(h.out_dir)
     init_logging(out / "logs" / f"{run_id}.txt", rt.is_main)
     backend = select_attention_backend(h.attn_backend, rt.device)
-    log_header(h, rt, backend)
+    log_header(h, rt, backend, run_id)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     luts = tuple(t.to(rt.device) for t in load_tokenizer_luts(h))
@@ -1862,9 +1864,11 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
 
 def finish(h, rt, run_id, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec) -> int:
     """Size accounting and submission.json; a total over 16,000,000 bytes is an error after everything is written."""
-    code_bytes = len(Path(__file__).read_bytes())
-    total = code_bytes + model_bytes
+    code = Path(__file__).read_bytes()
+    code_bytes, total = len(code), len(code) + model_bytes
     log0(f"Code size: {code_bytes} bytes")
+    if not code.startswith(b"exec("):  # readable source: what tools/pack.py would ship (LZMA + base85 + wrapper)
+        log0(f"code_bytes raw:{code_bytes} packed_estimate:{len(base64.b85encode(lzma.compress(code, preset=9 | lzma.PRESET_EXTREME))) + 80}")
     log0(f"Total submission size int6+{codec}: {total} bytes")
     if not rt.is_main:
         return 0
