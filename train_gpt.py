@@ -328,9 +328,9 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     """Causal attention. q (B, T, H, D); k, v (B, T, KV, D) with consecutive query heads sharing a KV head."""
-    if backend in ("fa3", "fa2"):
-        out = _FLASH[backend](q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
+    if backend in ("fa3", "fa2"):  # flash kernels take bf16 only; the q/k norms may have autocast to fp32
+        out = _FLASH[backend](*(t.to(torch.bfloat16) for t in (q, k, v)), causal=True)
+        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
@@ -1433,6 +1433,7 @@ class ScoredChunk:
     hi: int
     is_last: bool
     targets: Tensor  # this rank's targets, in position order
+    stream: Tensor  # val[lo:hi+1]: the chunk's inputs and its (now scored) targets, the only tokens TTT sees
     expert_nll: Tensor  # (experts,) float64 sums over this rank's positions
     n_tokens: Tensor
 
@@ -1476,8 +1477,8 @@ class TestTimeTrainer:
     to the gradient after clipping (equivalent for SGD+momentum without weight decay). With Polyak on, a
     separate averaged copy, updated after every optimizer step, does the scoring; the raw weights keep training."""
 
-    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, compile_fn):
-        self.h, self.rt, self.model, self.val = h, rt, model, val
+    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, compile_fn):
+        self.h, self.rt, self.model = h, rt, model
         L, nf = model.L, h.ttt_freeze_blocks
         for i, blk in enumerate(model.blocks):
             blk.requires_grad_(i >= nf)
@@ -1509,7 +1510,7 @@ class TestTimeTrainer:
         T = h.eval_seq_len
         n_seq = max((scored.hi - scored.lo) // T, 1)
         T = min(T, scored.hi - scored.lo)
-        seqs = self.val[scored.lo:scored.lo + n_seq * T + 1].long()
+        seqs = scored.stream[:n_seq * T + 1].long()
         x, y = seqs[:-1].view(n_seq, T), seqs[1:].view(n_seq, T)
         mine = slice(rt.rank * n_seq // rt.world_size, (rt.rank + 1) * n_seq // rt.world_size)
         x, y = x[mine].to(rt.device), y[mine].to(rt.device)
@@ -1587,7 +1588,7 @@ def run_pass(h: Hyperparameters, rt: Runtime, model, val: Tensor, luts, stride: 
         for comp in updaters:
             comp.update(scored)
         if label and ((c + 1) % max(1, n_chunks // 10) == 0 or c + 1 == n_chunks):
-            _log_progress(label, c, n_chunks, t0, sums, budget_start, h)
+            _log_progress(label, c, n_chunks, t0, sums)
         if budget_start is not None and not warned and time.perf_counter() - budget_start > h.eval_budget_seconds:
             warned = True
             log0(f"WARNING: eval time {time.perf_counter() - budget_start:.1f}s exceeds EVAL_BUDGET_SECONDS={h.eval_budget_seconds}")
@@ -1619,11 +1620,12 @@ def _score_chunk(h, rt, model, val, luts, cw, mine, c, n_chunks, experts, sums, 
             if recorder is not None:
                 recorder(dict(chunk=c, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
     y_all = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=rt.device)
-    return ScoredChunk(c, n_chunks, int(cw[0, 1]), int(cw[:, 2].max()), c == n_chunks - 1, y_all, expert_nll,
+    lo, hi = int(cw[0, 1]), int(cw[:, 2].max())
+    return ScoredChunk(c, n_chunks, lo, hi, c == n_chunks - 1, y_all, val[lo:hi + 1], expert_nll,
                        torch.tensor(float(y_all.numel()), dtype=torch.float64, device=rt.device))
 
 
-def _log_progress(label, c, n_chunks, t0, sums, budget_start, h) -> None:
+def _log_progress(label, c, n_chunks, t0, sums) -> None:
     el = time.perf_counter() - t0
     local_bpb = (sums[len(sums) - 3] / max(sums[-1].item(), 1) / math.log(2)).item()
     log0(f"{label} chunk:{c + 1}/{n_chunks} rank0_bpb:{local_bpb:.4f} elapsed:{el:.1f}s "
@@ -1793,8 +1795,9 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
     return size, codec
 
 
-def adaptive_pass(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts, t_eval: float) -> EvalResult:
-    """The declared score: sliding windows + n-gram experts + online bias + Hedge + score-first TTT, one pass."""
+def adaptive_pass(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts, t_eval: float, recorder=None):
+    """The declared score: sliding windows + n-gram experts + online bias + Hedge + score-first TTT, one pass.
+    Returns (result, experts, ttt) so that tests can inspect the final state."""
     compile_fn = make_compile_fn(h, rt.device)
     cands = None
     if h.ngram_enabled:
@@ -1809,13 +1812,13 @@ def adaptive_pass(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts
     betas = h.ngram_beta_list if cands is not None else ()
     hedge = HedgeMixer(1 + len(betas), h.hedge_eta, rt.device) if h.hedge_enabled else None
     experts = Experts(h, bias, cands, hedge)
-    ttt = TestTimeTrainer(h, rt, model, val, compile_fn) if h.ttt_enabled else None
+    ttt = TestTimeTrainer(h, rt, model, compile_fn) if h.ttt_enabled else None
     scorer = None if ttt else compile_fn(model)
-    r = run_pass(h, rt, scorer, val, luts, h.eval_stride, experts, ttt, h.ttt_chunk_tokens, label="pass",
-                 budget_start=t_eval)
+    r = run_pass(h, rt, scorer, val, luts, h.eval_stride, experts, ttt, h.ttt_chunk_tokens, recorder=recorder,
+                 label="pass", budget_start=t_eval)
     if hedge is not None:
         log0("hedge final_weights:" + ",".join(f"{w:.4f}" for w in hedge.log_w.exp().tolist()))
-    return r
+    return r, experts, ttt
 
 
 def timed(label: str, fn, *args, **kw):
@@ -1853,7 +1856,7 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
     if h.sliding_diagnostic:
         r = timed("sliding_eval", run_pass, h, rt, make_compile_fn(h, rt.device)(model), val, luts, h.eval_stride)
         log0(f"int6_sliding val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms")
-    final = timed("adaptive_pass", adaptive_pass, h, rt, model, val, luts, t_eval)
+    final, _, _ = timed("adaptive_pass", adaptive_pass, h, rt, model, val, luts, t_eval)
     eval_s = time.perf_counter() - t_eval
     for k in final.losses:
         log0(f"ablation track:{k} val_loss:{final.losses[k]:.8f} val_bpb:{final.bpbs[k]:.8f}")

@@ -3,6 +3,7 @@ import dataclasses
 import math
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -32,19 +33,7 @@ def env(dataset):
 
 
 def adaptive(h, model, val, luts, recorder=None, rt=CPU):
-    """The same assembly as train_gpt.adaptive_pass, with a recorder."""
-    cands = None
-    if h.ngram_enabled:
-        tok, logc, _ = tg.ngram_candidates(val.numpy(), h.ngram_min_order, h.ngram_max_order, h.ngram_table_bits,
-                                           h.ngram_top_k, h.ngram_min_count)
-        cands = (tok, logc)
-    bias = tg.OnlineBias(h, h.vocab_size, rt.device) if h.bias_enabled else None
-    betas = h.ngram_beta_list if cands is not None else ()
-    hedge = tg.HedgeMixer(1 + len(betas), h.hedge_eta, rt.device) if h.hedge_enabled else None
-    experts = tg.Experts(h, bias, cands, hedge)
-    ttt = tg.TestTimeTrainer(h, rt, model, val, lambda m: m) if h.ttt_enabled else None
-    r = tg.run_pass(h, rt, model, val, luts, h.eval_stride, experts, ttt, h.ttt_chunk_tokens, recorder=recorder)
-    return r, experts, ttt
+    return tg.adaptive_pass(h, rt, model, val, luts, time.perf_counter(), recorder=recorder)
 
 
 class Recorder:
