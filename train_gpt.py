@@ -1704,7 +1704,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
     log0(f"compile_time:{1000 * (time.perf_counter() - t_c):.0f}ms")
     loader = DistributedTokenLoader(train_glob, rt)
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
-    train_ms, step, qat_on, stop = 0.0, 0, False, False
+    train_ms, step, qat_on, stop, elapsed_ms = 0.0, 0, False, False, 0.0
     cap_ms = 1000 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else float("inf")
     sync(rt.device)
     t0 = time.perf_counter()
@@ -1719,7 +1719,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
             t0 = time.perf_counter()
         if last:
             break
-        mult = lr_multiplier(h, step, train_ms + 1000 * (time.perf_counter() - t0))
+        mult = lr_multiplier(h, step, elapsed_ms)  # the rank-agreed time: every rank takes the same LR
         qat = h.qat_enabled or (h.late_qat_threshold > 0 and mult < h.late_qat_threshold)
         if qat and not qat_on:
             n = sum(t.numel() for t in model.qat_tensors().values())
@@ -1732,18 +1732,19 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
             ema.update()
         step += 1
         now_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        # One tiny all-reduce per step agrees on the wallclock cap and on a non-finite loss on any rank.
-        # SUM: a 0/1 flag sums to > 0 iff some rank set it; the loss sum makes the logged loss the global mean.
-        flags = all_reduce_(torch.tensor([float(now_ms >= cap_ms), float(not math.isfinite(loss)), loss],
-                                         device=rt.device, dtype=torch.float64))
-        loss = flags[2].item() / rt.world_size
-        if flags[1] > 0:
+        # One tiny all-reduce per step: a non-finite loss on any rank, the global mean loss, and the mean elapsed
+        # time, which drives the LR schedule, late QAT and the wallclock cap identically on every rank.
+        sums = all_reduce_(torch.tensor([float(not math.isfinite(loss)), loss, now_ms], device=rt.device,
+                                        dtype=torch.float64)).tolist()
+        loss, elapsed_ms = sums[1] / rt.world_size, sums[2] / rt.world_size
+        if sums[0] > 0:
             raise FloatingPointError(f"non-finite train loss ({loss}) at step {step}")
-        stop = bool(flags[0] > 0)
+        stop = elapsed_ms >= cap_ms
         if step <= 10 or step % max(h.train_log_every, 1) == 0 or stop:
-            log0(f"step:{step}/{h.iterations} train_loss:{loss:.4f} train_time:{now_ms:.0f}ms step_avg:{now_ms / step:.2f}ms")
+            log0(f"step:{step}/{h.iterations} train_loss:{loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                 f"step_avg:{elapsed_ms / step:.2f}ms")
         if stop and step < h.iterations:
-            log0(f"stopping_early: wallclock_cap train_time:{now_ms:.0f}ms step:{step}/{h.iterations}")
+            log0(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
     if h.val_loss_every <= 0:
         train_ms += 1000 * (time.perf_counter() - t0)
     if ema is not None:
