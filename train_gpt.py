@@ -26,7 +26,7 @@ import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -1763,7 +1763,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
 # 9. main
 
 
-def log_header(h: Hyperparameters, rt: Runtime, backend: str, run_id: str) -> None:
+def log_header(h: Hyperparameters, rt: Runtime, backend: str) -> None:
     log0(Path(__file__).read_text(encoding="utf-8"), console=False)
     log0("=" * 100, console=False)
     try:
@@ -1779,7 +1779,6 @@ def log_header(h: Hyperparameters, rt: Runtime, backend: str, run_id: str) -> No
         except (OSError, subprocess.SubprocessError):
             pass
     log0("hparams " + " ".join(f"{k}:{v}" for k, v in asdict(h).items()))
-    log0(f"run_id:{run_id}")
     log0(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device} "
          f"attention_backend:{backend} torch_compile:{int(compile_enabled(h, rt.device))}")
 
@@ -1833,11 +1832,11 @@ def timed(label: str, fn, *args, **kw):
 
 
 def run(h: Hyperparameters, rt: Runtime) -> int:
-    run_id = h.run_id or str(uuid.uuid4())
+    h = replace(h, run_id=h.run_id or str(uuid.uuid4()))  # resolved once, so the hparams line shows it
     out = Path(h.out_dir)
-    init_logging(out / "logs" / f"{run_id}.txt", rt.is_main)
+    init_logging(out / "logs" / f"{h.run_id}.txt", rt.is_main)
     backend = select_attention_backend(h.attn_backend, rt.device)
-    log_header(h, rt, backend, run_id)
+    log_header(h, rt, backend)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     luts = tuple(t.to(rt.device) for t in load_tokenizer_luts(h))
@@ -1866,10 +1865,10 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
         log0(f"ablation track:{k} val_loss:{final.losses[k]:.8f} val_bpb:{final.bpbs[k]:.8f}")
     log0(f"final_score val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval_time:{1000 * final.seconds:.0f}ms")
     log0(f"eval_total_time:{1000 * eval_s:.0f}ms budget:{1000 * h.eval_budget_seconds:.0f}ms")
-    return finish(h, rt, run_id, final, steps, train_ms, eval_s, model_bytes, codec)
+    return finish(h, rt, final, steps, train_ms, eval_s, model_bytes, codec)
 
 
-def finish(h, rt, run_id, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec) -> int:
+def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec) -> int:
     """Size accounting and submission.json; a total over 16,000,000 bytes is an error after everything is written."""
     code = Path(__file__).read_bytes()
     code_bytes, total = len(code), len(code) + model_bytes
@@ -1881,7 +1880,7 @@ def finish(h, rt, run_id, final: EvalResult, steps, train_ms, eval_s, model_byte
         return 0
     hardware = (f"{rt.world_size}x{torch.cuda.get_device_name(rt.device)}" if rt.device.type == "cuda"
                 else f"cpu x{rt.world_size} ({os.cpu_count()} cores)")
-    sub = dict(author=h.author, github_id=h.github_id, name=f"{h.preset or 'record'}-{run_id}",
+    sub = dict(author=h.author, github_id=h.github_id, name=f"{h.preset or 'record'}-{h.run_id}",
                blurb="PR #549 GPT + int6 QAT; one legal pass: sliding windows, n-gram experts, per-document bias, "
                      "Hedge mixer, score-first TTT",
                date=time.strftime("%Y-%m-%d"), val_bpb=round(final.val_bpb, 8), val_loss=round(final.val_loss, 8),

@@ -493,8 +493,8 @@ def test_finish_over_limit_returns_1_after_writing_submission(tmp_path, monkeypa
     real_write, real_log = tg.write_atomic, tg.log0
     monkeypatch.setattr(tg, "write_atomic", lambda p, d: (events.append(("write", Path(p).name)), real_write(p, d)))
     monkeypatch.setattr(tg, "log0", lambda m, console=True: (events.append(("log", m)), real_log(m, console)))
-    h = tiny(out_dir=str(tmp_path))
-    assert tg.finish(h, CPU, "rid", _fake_result(), 7, 1234.0, 5.0, model_bytes, "lzma") == rc
+    h = tiny(out_dir=str(tmp_path), run_id="rid")
+    assert tg.finish(h, CPU, _fake_result(), 7, 1234.0, 5.0, model_bytes, "lzma") == rc
     sub = json.loads((tmp_path / "submission.json").read_text())
     assert sub["bytes_total"] == code + model_bytes and sub["bytes_model"] == model_bytes
     assert sub["val_bpb"] == 1.25 and sub["steps"] == 7
