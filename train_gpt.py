@@ -52,6 +52,10 @@ except ImportError:
 # that explicit env vars still override.
 
 
+SHARD_GLOB = "fineweb_{split}_*.bin"  # the challenge's shard names: fineweb_train_000000.bin, fineweb_val_000000.bin
+SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     # Run
@@ -164,6 +168,14 @@ class Hyperparameters:
         self.ve_layer_list
 
     @property
+    def train_files(self) -> str:
+        return os.path.join(self.data_path, SHARD_GLOB.format(split="train"))
+
+    @property
+    def val_files(self) -> str:
+        return os.path.join(self.data_path, SHARD_GLOB.format(split="val"))
+
+    @property
     def ve_layer_list(self) -> tuple[int, ...]:
         return _parse_list(self.ve_layers, int, "VE_LAYERS")
 
@@ -251,6 +263,11 @@ class Runtime:
     def grad_accum_steps(self) -> int:
         return 8 // self.world_size
 
+    @classmethod
+    def local(cls, device: str | torch.device = "cpu") -> "Runtime":
+        """A single-process runtime (tests, tools, benchmarks)."""
+        return cls(0, 0, 1, torch.device(device))
+
 
 def init_runtime() -> Runtime:
     """Plain python3 (1 process) or torchrun; NCCL on CUDA, gloo on CPU. World size must divide 8."""
@@ -299,6 +316,18 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_flat_(tensors: list[Tensor], scale: float = 1.0) -> None:
+    """Sum (then scale) a list of tensors across ranks in place, as one flat buffer: one collective, not many."""
+    if not dist.is_initialized() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    all_reduce_(flat)
+    if scale != 1.0:
+        flat.mul_(scale)
+    for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(f.view_as(t))
 
 
 _FLASH: dict = {}
@@ -362,6 +391,19 @@ def load_shard(path) -> np.ndarray:
     if size != header_bytes + 2 * n:
         raise ValueError(f"shard {path}: file size {size} != {header_bytes} + 2*{n} (truncated or corrupt)")
     return np.fromfile(path, dtype="<u2", count=n, offset=header_bytes)
+
+
+def write_shard(path, tokens) -> None:
+    """The one writer of the shard format (data tools and tests use it); atomic, so a crash leaves no half shard."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"shard {path}: token ids must fit uint16, got range [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(SHARD_HEADER_INTS, "<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
 
 
 def shard_files(pattern: str) -> list[str]:
@@ -750,11 +792,7 @@ class Optimizers:
                 p.grad = torch.zeros_like(p)
         bank_shards = self.muon.reduce_grads()
         grads = [p.grad for p in self.replicated]
-        if self.rt.world_size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            all_reduce_(flat).div_(self.rt.world_size)
-            for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(f)
+        all_reduce_flat_(grads, 1.0 / self.rt.world_size)
         if self.h.grad_clip_norm > 0:
             sq = torch.stack([g.float().pow(2).sum() for g in bank_shards])
             bank_sq = all_reduce_(sq.sum()) if self.rt.world_size > 1 else sq.sum()
@@ -1531,11 +1569,7 @@ class TestTimeTrainer:
                 logits = self.train_fn(x[i:i + self.h.ttt_batch_seqs])
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[i:i + self.h.ttt_batch_seqs].reshape(-1), reduction="sum")
             (loss / global_tokens).backward()
-        grads = [p.grad for p in self.params]
-        if self.rt.world_size > 1:
-            flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
-            for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(f)
+        all_reduce_flat_([p.grad for p in self.params])
         torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
         for p, m in self.slice_mult.items():
             if p.grad is not None:
@@ -1701,7 +1735,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
     compile_fn = make_compile_fn(h, rt.device)
     fwd = compile_fn(model)
     opt = Optimizers(h, model, rt)
-    train_glob = os.path.join(h.data_path, "fineweb_train_*.bin")
+    train_glob = h.train_files
     t_c = time.perf_counter()
     compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(train_glob, rt))
     log0(f"compile_time:{1000 * (time.perf_counter() - t_c):.0f}ms")
@@ -1840,8 +1874,8 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     luts = tuple(t.to(rt.device) for t in load_tokenizer_luts(h))
-    val = load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
-    log0(f"train_shards:{len(shard_files(os.path.join(h.data_path, 'fineweb_train_*.bin')))} val_tokens:{val.numel() - 1}")
+    val = load_val_tokens(h.val_files, h.eval_seq_len)
+    log0(f"train_shards:{len(shard_files(h.train_files))} val_tokens:{val.numel() - 1}")
     model = build_model(h).to(rt.device)
     model.attn_backend = backend
     log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
