@@ -2,8 +2,8 @@
 
 Run:   torchrun --standalone --nproc_per_node=8 train_gpt.py        (or: python3 train_gpt.py; PRESET=cpu for CPU)
 Knobs: every Hyperparameters field is overridden by its UPPERCASE env var, e.g. SEED=42 TTT_EPOCHS=4.
-Map:   1 Hyperparameters  2 Runtime & logging  3 Data & BPB  4 Model  5 Optimizer  6 Quantization & artifact
-       7 Evaluation (sliding windows, n-gram, online bias, Hedge mixer, TTT, the legal pass)  8 Training  9 main
+Map:   1 Hyperparameters  2 Runtime & logging  3 Data & BPB  4 Quantization grid  5 Model  6 Optimizer  7 Artifact
+       8 Evaluation (sliding windows, n-gram, online bias, Hedge mixer, TTT, the legal pass)  9 Training  10 main
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ except ImportError:
     def njit(*args, **kwargs):
         return args[0] if len(args) == 1 and callable(args[0]) else (lambda f: f)
 
+
 # -----------------------------------------------------------------------------
 # 1. Hyperparameters
 #
@@ -54,6 +55,44 @@ except ImportError:
 
 SHARD_GLOB = "fineweb_{split}_*.bin"  # the challenge's shard names: fineweb_train_000000.bin, fineweb_val_000000.bin
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
+
+_GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # shared with other tools
+
+
+def _parse_value(name: str, default, text: str):
+    try:
+        if isinstance(default, bool):
+            if text not in ("0", "1"):
+                raise ValueError("expected 0 or 1")
+            return text == "1"
+        return type(default)(text)
+    except ValueError as e:
+        raise ValueError(f"env var {name}={text!r} is not a valid {type(default).__name__}: {e}") from None
+
+
+def _parse_list(text: str, typ, name: str) -> tuple:
+    try:
+        return tuple(typ(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name}={text!r} must be a comma-separated list of {typ.__name__}") from None
+
+
+# Named presets. "cpu": every component on, sized so that the whole main job takes minutes on 2 cores.
+PRESETS = {
+    "cpu": dict(
+        preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
+        tokenizer_path="./data/standin/tokenizers/fineweb_1024_bpe.model",
+        iterations=100000, max_wallclock_seconds=240.0, warmdown_iters=150, warmup_steps=0,
+        train_batch_tokens=8192, train_seq_len=256, val_loss_every=0, train_log_every=50,
+        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_vocab_size=512, bigram_dim=32,
+        xsa_last_n=2, ve_dim=32, ve_layers="2,3", matrix_lr=0.03, scalar_lr=0.03, tied_embed_lr=0.05,
+        muon_momentum_warmup_steps=100, eval_seq_len=256, eval_stride=128, eval_batch_seqs=64,
+        ttt_epochs=1, ttt_batch_seqs=32,
+    ),
+    # One GPU, record model: ~8x the 8-GPU step time, so ~700 steps in 600 s. The record's 3500-step warmdown
+    # would start the LR at ~20% and switch QAT on early; warm down over the last third instead.
+    "1gpu": dict(preset="1gpu", warmdown_iters=250, muon_momentum_warmup_steps=200),
+}
 
 
 @dataclass(frozen=True)
@@ -205,45 +244,6 @@ class Hyperparameters:
         return cls(**values)
 
 
-_GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # shared with other tools
-
-
-def _parse_value(name: str, default, text: str):
-    try:
-        if isinstance(default, bool):
-            if text not in ("0", "1"):
-                raise ValueError("expected 0 or 1")
-            return text == "1"
-        return type(default)(text)
-    except ValueError as e:
-        raise ValueError(f"env var {name}={text!r} is not a valid {type(default).__name__}: {e}") from None
-
-
-def _parse_list(text: str, typ, name: str) -> tuple:
-    try:
-        return tuple(typ(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{name}={text!r} must be a comma-separated list of {typ.__name__}") from None
-
-
-# Named presets. "cpu": every component on, sized so that the whole main job takes minutes on 2 cores.
-PRESETS = {
-    "cpu": dict(
-        preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
-        tokenizer_path="./data/standin/tokenizers/fineweb_1024_bpe.model",
-        iterations=100000, max_wallclock_seconds=240.0, warmdown_iters=150, warmup_steps=0,
-        train_batch_tokens=8192, train_seq_len=256, val_loss_every=0, train_log_every=50,
-        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_vocab_size=512, bigram_dim=32,
-        xsa_last_n=2, ve_dim=32, ve_layers="2,3", matrix_lr=0.03, scalar_lr=0.03, tied_embed_lr=0.05,
-        muon_momentum_warmup_steps=100, eval_seq_len=256, eval_stride=128, eval_batch_seqs=64,
-        ttt_epochs=1, ttt_batch_seqs=32,
-    ),
-    # One GPU, record model: ~8x the 8-GPU step time, so ~700 steps in 600 s. The record's 3500-step warmdown
-    # would start the LR at ~20% and switch QAT on early; warm down over the last third instead.
-    "1gpu": dict(preset="1gpu", warmdown_iters=250, muon_momentum_warmup_steps=200),
-}
-
-
 # -----------------------------------------------------------------------------
 # 2. Runtime & logging
 
@@ -328,6 +328,10 @@ def all_reduce_flat_(tensors: list[Tensor], scale: float = 1.0) -> None:
         flat.mul_(scale)
     for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(f.view_as(t))
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 _FLASH: dict = {}
@@ -493,12 +497,84 @@ def load_tokenizer_luts(h: Hyperparameters):
 
 
 # -----------------------------------------------------------------------------
-# 4. Model
+# 4. Quantization grid
+#
+# The int6/int8 grids that QAT trains against and the export writes. Banks -> per-row int6 ("GPTQ-lite": per
+# matrix, the clip percentile with the lowest MSE), embedding tables -> per-row int8, everything small -> fp16. Scales are fp16 with a floor of one fp16 subnormal, so the tiny
+# weights of a short run are not rounded away (the record's 1/31 floor zeroed them).
+
+INT6_MAX, INT8_MAX = 31, 127
+INT6_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+INT8_CLIP_PERCENTILE = 0.9999984
+SCALE_FLOOR = 2.0 ** -24
+
+
+def row_quantiles(absw: Tensor, ps) -> list[Tensor]:
+    """Exact linear-interpolation quantiles of each row (last dim), via topk of the few largest entries."""
+    n = absw.size(-1)
+    k = min(n, n - math.floor(min(ps) * (n - 1)))
+    top = absw.topk(k, dim=-1).values  # descending: ascending rank r sits at index n-1-r
+    out = []
+    for p in ps:
+        pos = p * (n - 1)
+        lo = math.floor(pos)
+        a = top[..., n - 1 - lo]
+        b = top[..., max(n - 2 - lo, 0)] if lo < n - 1 else a
+        out.append(a + (b - a) * (pos - lo))
+    return out
+
+
+def _grid_scale(clip: Tensor, qmax: int) -> Tensor:
+    return (clip / qmax).clamp_min(SCALE_FLOOR).half().float()
+
+
+def _quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return (w / scale.unsqueeze(-1)).round().clamp(-qmax, qmax)
+
+
+def int6_scales(w: Tensor) -> Tensor:
+    """Per-row scales (..., R) of matrices (..., R, C); each matrix takes the candidate clip percentile whose
+    quantize-dequantize MSE is lowest."""
+    w = w.detach().float()
+    best_s, best_err = None, None
+    for clip in row_quantiles(w.abs(), INT6_CLIP_PERCENTILES):
+        s = _grid_scale(clip, INT6_MAX)
+        err = (_quant(w, s, INT6_MAX) * s.unsqueeze(-1) - w).square().sum(dim=(-2, -1))
+        if best_s is None:
+            best_s, best_err = s, err
+        else:
+            better = (err < best_err).unsqueeze(-1)
+            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
+    return best_s
+
+
+def int8_scales(w: Tensor) -> Tensor:
+    return _grid_scale(row_quantiles(w.detach().float().abs(), (INT8_CLIP_PERCENTILE,))[0], INT8_MAX)
+
+
+def _fake_quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """Straight-through estimator: the forward sees the dequantized grid value, the gradient passes as identity."""
+    wq = _quant(w.float(), scale, qmax) * scale.unsqueeze(-1)
+    return w + (wq.to(w.dtype) - w).detach()
+
+
+def fake_quant_int6(w: Tensor) -> Tensor:
+    return _fake_quant(w, int6_scales(w), INT6_MAX)
+
+
+def fake_quant_int8(w: Tensor) -> Tensor:
+    return _fake_quant(w, int8_scales(w), INT8_MAX)
+
+
+# -----------------------------------------------------------------------------
+# 5. Model
 #
 # The 66 per-layer matrices live in 4 banks (Q|O, K|V, MLP up, MLP down) so Muon can orthogonalize them in
 # batches. With qat=True the forward fake-quantizes the banks (int6) and embedding tables (int8) with the same
-# grid that section 6 exports, so training sees what evaluation sees.
+# grid that section 4 defines and section 7 exports, so training sees what evaluation sees.
 
+BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")  # int6, Muon
+TOKEN_PARAM_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")  # int8, AdamW token group
 BIGRAM_MULTS = (36313, 27191)
 
 
@@ -671,15 +747,12 @@ class GPT(nn.Module):
         return F.linear(y.reshape(B, T, H * hd), w["qo_bank"][L + i].to(x.dtype))
 
 
-BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
-
-
 def build_model(h: Hyperparameters) -> GPT:
     return GPT(h)
 
 
 # -----------------------------------------------------------------------------
-# 5. Optimizer
+# 6. Optimizer
 #
 # Muon on the 4 banks, AdamW on embeddings and control tensors. With several ranks the bank gradients are
 # reduce-scattered so each rank orthogonalizes only its shard of matrices, then the updates are all-gathered.
@@ -757,9 +830,6 @@ class Muon:
             self.buf[k].copy_(v)
 
 
-TOKEN_PARAM_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
-
-
 class Optimizers:
     """Muon (banks) + AdamW (token tables; scalars and small matrices), one LR multiplier for all."""
 
@@ -826,75 +896,14 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 
 # -----------------------------------------------------------------------------
-# 6. Quantization & artifact
+# 7. Artifact
 #
-# Banks -> per-row int6 ("GPTQ-lite": per matrix, the clip percentile with the lowest MSE), embedding tables ->
-# per-row int8, everything small -> fp16. Scales are fp16 with a floor of one fp16 subnormal, so the tiny
-# weights of a short run are not rounded away (the record's 1/31 floor zeroed them). QAT uses these same grids.
+# quantize -> serialize (header + int8 codes + fp16 scales + fp16 passthrough) -> every codec, smallest kept ->
+# atomic write; every rank then loads the file from disk, so all post-training scores come from the artifact.
 
-INT6_MAX, INT8_MAX = 31, 127
-INT6_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
-INT8_CLIP_PERCENTILE = 0.9999984
-SCALE_FLOOR = 2.0 ** -24
 ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA1", b"PGQ1"
 CODECS = ("lzma", "zstd", "brotli")
-
-
-def row_quantiles(absw: Tensor, ps) -> list[Tensor]:
-    """Exact linear-interpolation quantiles of each row (last dim), via topk of the few largest entries."""
-    n = absw.size(-1)
-    k = min(n, n - math.floor(min(ps) * (n - 1)))
-    top = absw.topk(k, dim=-1).values  # descending: ascending rank r sits at index n-1-r
-    out = []
-    for p in ps:
-        pos = p * (n - 1)
-        lo = math.floor(pos)
-        a = top[..., n - 1 - lo]
-        b = top[..., max(n - 2 - lo, 0)] if lo < n - 1 else a
-        out.append(a + (b - a) * (pos - lo))
-    return out
-
-
-def _grid_scale(clip: Tensor, qmax: int) -> Tensor:
-    return (clip / qmax).clamp_min(SCALE_FLOOR).half().float()
-
-
-def _quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    return (w / scale.unsqueeze(-1)).round().clamp(-qmax, qmax)
-
-
-def int6_scales(w: Tensor) -> Tensor:
-    """Per-row scales (..., R) of matrices (..., R, C); each matrix takes the candidate clip percentile whose
-    quantize-dequantize MSE is lowest."""
-    w = w.detach().float()
-    best_s, best_err = None, None
-    for clip in row_quantiles(w.abs(), INT6_CLIP_PERCENTILES):
-        s = _grid_scale(clip, INT6_MAX)
-        err = (_quant(w, s, INT6_MAX) * s.unsqueeze(-1) - w).square().sum(dim=(-2, -1))
-        if best_s is None:
-            best_s, best_err = s, err
-        else:
-            better = (err < best_err).unsqueeze(-1)
-            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
-    return best_s
-
-
-def int8_scales(w: Tensor) -> Tensor:
-    return _grid_scale(row_quantiles(w.detach().float().abs(), (INT8_CLIP_PERCENTILE,))[0], INT8_MAX)
-
-
-def _fake_quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    """Straight-through estimator: the forward sees the dequantized grid value, the gradient passes as identity."""
-    wq = _quant(w.float(), scale, qmax) * scale.unsqueeze(-1)
-    return w + (wq.to(w.dtype) - w).detach()
-
-
-def fake_quant_int6(w: Tensor) -> Tensor:
-    return _fake_quant(w, int6_scales(w), INT6_MAX)
-
-
-def fake_quant_int8(w: Tensor) -> Tensor:
-    return _fake_quant(w, int8_scales(w), INT8_MAX)
+ARTIFACT_LIMIT_BYTES = 16_000_000  # the challenge's cap: code + compressed model, decimal
 
 
 def quantize_model(model: GPT) -> dict:
@@ -1067,16 +1076,27 @@ def load_artifact(path: Path, h: Hyperparameters, device) -> GPT:
     return model.to(device)
 
 
+def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> tuple[int, str]:
+    """Rank 0 quantizes, compresses and writes atomically; the others wait at the barrier."""
+    size, codec = 0, ""
+    if rt.is_main:
+        raw = serialize(quantize_model(model))
+        blob, codec, sizes = compress_payload(raw, h.compressor)
+        write_atomic(path, blob)
+        size = len(blob)
+        log0(f"compression raw:{len(raw)} " + " ".join(f"{k}:{v}" for k, v in sizes.items()) + f" chosen:{codec}")
+        log0(f"Serialized model int6+{codec}: {size} bytes")
+    if dist.is_initialized():
+        dist.barrier()
+    return size, codec
+
+
 # -----------------------------------------------------------------------------
-# 7. Evaluation
+# 8. Evaluation
 #
 # One scoring path serves every score: windows of EVAL_SEQ_LEN inputs advanced by a stride; the first window
 # scores all its positions, later ones only their last `stride` (each target exactly once). Stride = window
 # is the plain non-overlapping eval. Position i means input val[i] and target val[i+1].
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
@@ -1670,7 +1690,7 @@ def _log_progress(label, c, n_chunks, t0, sums) -> None:
 
 
 # -----------------------------------------------------------------------------
-# 8. Training
+# 9. Training
 
 
 def compile_enabled(h: Hyperparameters, device: torch.device) -> bool:
@@ -1794,7 +1814,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
 
 
 # -----------------------------------------------------------------------------
-# 9. main
+# 10. main
 
 
 def log_header(h: Hyperparameters, rt: Runtime, backend: str) -> None:
@@ -1815,21 +1835,6 @@ def log_header(h: Hyperparameters, rt: Runtime, backend: str) -> None:
     log0("hparams " + " ".join(f"{k}:{v}" for k, v in asdict(h).items()))
     log0(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device} "
          f"attention_backend:{backend} torch_compile:{int(compile_enabled(h, rt.device))}")
-
-
-def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> tuple[int, str]:
-    """Rank 0 quantizes, compresses and writes atomically; the others wait at the barrier."""
-    size, codec = 0, ""
-    if rt.is_main:
-        raw = serialize(quantize_model(model))
-        blob, codec, sizes = compress_payload(raw, h.compressor)
-        write_atomic(path, blob)
-        size = len(blob)
-        log0(f"compression raw:{len(raw)} " + " ".join(f"{k}:{v}" for k, v in sizes.items()) + f" chosen:{codec}")
-        log0(f"Serialized model int6+{codec}: {size} bytes")
-    if dist.is_initialized():
-        dist.barrier()
-    return size, codec
 
 
 def adaptive_pass(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts, t_eval: float, recorder=None):
@@ -1928,8 +1933,6 @@ def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec
         return 1
     return 0
 
-
-ARTIFACT_LIMIT_BYTES = 16_000_000
 
 
 def main() -> int:
