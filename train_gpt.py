@@ -272,7 +272,7 @@ class Runtime:
 def init_runtime() -> Runtime:
     """Plain python3 (1 process) or torchrun; NCCL on CUDA, gloo on CPU. World size must divide 8."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if 8 % world != 0:
+    if world < 1 or 8 % world != 0:
         raise ValueError(f"WORLD_SIZE={world} must divide 8 so that grad accumulation keeps the global batch")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -334,27 +334,28 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-_FLASH: dict = {}
-
-
-def select_attention_backend(requested: str, device: torch.device) -> str:
-    """Pick FA3 -> FA2 -> SDPA once; ATTN_BACKEND forces one and fails if it is not importable here."""
-    available = []
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] == 9:
-            try:
-                from flash_attn_interface import flash_attn_func as fa3
-                _FLASH["fa3"] = fa3
-                available.append("fa3")
-            except ImportError:
-                pass
+def flash_kernels(device: torch.device) -> dict:
+    """The FlashAttention kernels importable here: FA3 (Hopper only), FA2."""
+    found = {}
+    if device.type != "cuda":
+        return found
+    if torch.cuda.get_device_capability(device)[0] == 9:
         try:
-            from flash_attn import flash_attn_func as fa2
-            _FLASH["fa2"] = fa2
-            available.append("fa2")
+            from flash_attn_interface import flash_attn_func
+            found["fa3"] = flash_attn_func
         except ImportError:
             pass
-    available.append("sdpa")
+    try:
+        from flash_attn import flash_attn_func
+        found["fa2"] = flash_attn_func
+    except ImportError:
+        pass
+    return found
+
+
+def resolve_attention(requested: str, device: torch.device) -> str:
+    """FA3 -> FA2 -> SDPA for "auto"; a forced backend fails here if it is not importable on this device."""
+    available = list(flash_kernels(device)) + ["sdpa"]
     if requested == "auto":
         return available[0]
     if requested not in available:
@@ -362,14 +363,42 @@ def select_attention_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """Causal attention. q (B, T, H, D); k, v (B, T, KV, D) with consecutive query heads sharing a KV head."""
-    if backend in ("fa3", "fa2"):  # flash kernels take bf16 only; the q/k norms may have autocast to fp32
-        out = _FLASH[backend](*(t.to(torch.bfloat16) for t in (q, k, v)), causal=True)
-        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
+
+
+def attention_kernel(backend: str):
+    """Causal attention fn(q, k, v): q (B, T, H, D); k, v (B, T, KV, D), consecutive query heads sharing a KV
+    head. An unresolved "auto" means SDPA: start-up resolves the backend before any model is built."""
+    if backend in ("auto", "sdpa"):
+        return _sdpa
+    if backend == "fa3":
+        from flash_attn_interface import flash_attn_func as fa
+    else:
+        from flash_attn import flash_attn_func as fa
+
+    def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # bf16 only; the q/k norms may have autocast to fp32
+        out = fa(*(t.to(torch.bfloat16) for t in (q, k, v)), causal=True)
+        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)  # FA3 builds may return (out, lse)
+
+    return flash
+
+
+def compile_enabled(h: Hyperparameters, device: torch.device) -> bool:
+    return h.torch_compile == "1" or (h.torch_compile == "auto" and device.type == "cuda")
+
+
+def make_compile_fn(h: Hyperparameters, device: torch.device):
+    if compile_enabled(h, device):
+        return lambda m: torch.compile(m, fullgraph=True, dynamic=False)
+    return lambda m: m
+
+
+def resolve_startup(h: Hyperparameters, rt: Runtime) -> Hyperparameters:
+    """Everything decided once at start-up goes into the hyperparameters, so the hparams line shows it."""
+    return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=resolve_attention(h.attn_backend, rt.device))
 
 
 # -----------------------------------------------------------------------------
@@ -655,7 +684,7 @@ class GPT(nn.Module):
         self.L, self.H, self.KV, self.hd = L, H, KV, d // H
         kv_dim, hidden = KV * self.hd, int(h.mlp_mult * d)
         self.softcap = h.logit_softcap
-        self.attn_backend = "sdpa"
+        self.attend = attention_kernel(h.attn_backend)
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size > 0 else None
         self.smear = nn.Parameter(torch.zeros(d))
@@ -739,7 +768,7 @@ class GPT(nn.Module):
         v = v.view(B, T, KV, hd)
         q = self.rotary.apply(rms_norm(q), cos, sin) * blk.q_gain.to(x.dtype)[None, None, :, None]
         k = self.rotary.apply(rms_norm(k), cos, sin)
-        y = attention(q, k, v, self.attn_backend)  # (B, T, H, hd)
+        y = self.attend(q, k, v)  # (B, T, H, hd)
         if blk.xsa:  # remove each head's component along its own value direction
             yg = y.view(B, T, KV, H // KV, hd)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -1064,9 +1093,9 @@ def load_artifact(path: Path, h: Hyperparameters, device) -> GPT:
         raise FileNotFoundError(f"artifact {path} does not exist")
     q = deserialize(decompress_artifact(path.read_bytes(), path))
     model = build_model(h)
-    missing = set(model.state_dict()) ^ set(q)
-    if missing:
-        raise ValueError(f"{path}: tensors do not match the model config: {sorted(missing)[:5]}")
+    missing, unexpected = sorted(set(model.state_dict()) - set(q)), sorted(set(q) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     sd = dequantize(q)
     bad = {k: (tuple(v.shape), tuple(sd[k].shape)) for k, v in model.state_dict().items() if v.shape != sd[k].shape}
     if bad:
@@ -1119,7 +1148,6 @@ def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device) -> 
     return logits.reshape(-1, logits.size(-1))[rows.to(device)], pos.to(device)
 
 
-# --- n-gram candidates: begin
 # Causal n-gram candidates for the eval-time logit boost (legal by construction).
 #
 # LEGALITY INVARIANT: row t reads only tokens[:t]; token t is inserted after row t is emitted, and
@@ -1344,7 +1372,25 @@ def _ng_aligned_zeros(shape, align=64):
     return buf[off:off + n].reshape(shape)
 
 
-def ngram_candidates(tokens, min_order=2, max_order=4, table_bits=22, top_k=3, min_count=1, debug=False):
+NG_MAX_TABLE_BITS = 30  # 2**30 buckets x 32 bytes = 32 GiB per order: far past any sensible table
+NG_MAX_TOP_K = 64
+
+
+def _ng_check_args(min_order, max_order, table_bits, top_k, min_count) -> None:
+    checks = [(1 <= min_order <= max_order <= 127, "min_order/max_order", f"need 1 <= {min_order} <= {max_order} <= 127"),
+              (0 <= table_bits <= NG_MAX_TABLE_BITS, "table_bits", f"{table_bits} not in [0, {NG_MAX_TABLE_BITS}]"),
+              (1 <= top_k <= NG_MAX_TOP_K, "top_k", f"{top_k} not in [1, {NG_MAX_TOP_K}]"),
+              (min_count >= 1, "min_count", f"{min_count} < 1")]
+    for ok, name, why in checks:
+        if not ok:
+            raise ValueError(f"ngram_candidates: {name}: {why}")
+
+
+_HP = Hyperparameters  # the kernel's defaults are the run's
+
+
+def ngram_candidates(tokens, min_order=_HP.ngram_min_order, max_order=_HP.ngram_max_order,
+                     table_bits=_HP.ngram_table_bits, top_k=_HP.ngram_top_k, min_count=_HP.ngram_min_count, debug=False):
     """Causal n-gram candidates for every position of a token stream (rules in the header comment).
 
     Row t is a function of tokens[:t] only: the highest order k in [min_order, max_order] whose
@@ -1362,9 +1408,10 @@ def ngram_candidates(tokens, min_order=2, max_order=4, table_bits=22, top_k=3, m
     Table memory: 2**table_bits * 8 * (1 + top_k) bytes per order (32-byte buckets at top_k=3).
     """
     t0 = time.perf_counter()
-    assert 1 <= min_order <= max_order <= 127 and 0 <= table_bits <= 30 and top_k >= 1 and min_count >= 1
+    _ng_check_args(min_order, max_order, table_bits, top_k, min_count)
     tokens = np.asarray(tokens)
-    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() <= NG_TOK_MASK))
+    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > NG_TOK_MASK)):
+        raise ValueError(f"tokens must be a 1-D stream of ids in [0, {NG_TOK_MASK}], got shape {tokens.shape}")
     tokens = np.ascontiguousarray(tokens, dtype=np.uint16)  # one compiled specialization, 2 bytes/token
     n, n_ord = tokens.size, max_order - min_order + 1
     jit = numba is not None and not numba.config.DISABLE_JIT
@@ -1406,7 +1453,6 @@ def ngram_candidates(tokens, min_order=2, max_order=4, table_bits=22, top_k=3, m
     if debug:
         stats["slot_mass_per_order"] = per((tables[:, :, 1:] >> NG_TOK_BITS).sum(axis=(1, 2)))
     return cand_tok, cand_logc, stats
-# --- n-gram candidates: end
 
 
 class OnlineBias:
@@ -1534,34 +1580,40 @@ class Experts:
 
 class TestTimeTrainer:
     """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last
-    chunk), so chunk c is scored by weights adapted on chunks < c only. Per-slice LR multipliers are applied
-    to the gradient after clipping (equivalent for SGD+momentum without weight decay). With Polyak on, a
-    separate averaged copy, updated after every optimizer step, does the scoring; the raw weights keep training."""
+    chunk), so chunk c is scored by weights adapted on chunks < c only. Frozen blocks' bank slices are zeroed
+    before the clip, so they neither move nor shrink the clip of the trained ones; the per-slice LR multipliers
+    are applied after clipping (equivalent for SGD+momentum without weight decay). With Polyak on, a separate
+    averaged copy, updated after every optimizer step, does the scoring; the raw weights keep training.
 
-    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, compile_fn):
-        self.h, self.rt, self.model = h, rt, model
+    `fwd` is the already-compiled `model`: the diagnostics and TTT share one compilation."""
+
+    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, fwd, compile_fn):
+        self.h, self.rt, self.model, self.train_fn = h, rt, model, fwd
         L, nf = model.L, h.ttt_freeze_blocks
         for i, blk in enumerate(model.blocks):
             blk.requires_grad_(i >= nf)
-        mult = {n: torch.ones(getattr(model, n).size(0), device=rt.device) for n in BANK_NAMES}
-        mult["qo_bank"][L:] = h.ttt_proj_lr_mult
-        mult["mlp_down_bank"][:] = h.ttt_proj_lr_mult
-        mult["mlp_up_bank"][:] = h.ttt_fc_lr_mult
-        for n in BANK_NAMES:  # frozen blocks: zero their bank slices
-            m = mult[n].view(-1, L) if n in ("qo_bank", "kv_bank") else mult[n].view(1, L)
-            m[:, :nf] = 0
-        self.slice_mult = {getattr(model, n): mult[n].view(-1, 1, 1) for n in BANK_NAMES}
+        boosted = {"qo_bank": (L, h.ttt_proj_lr_mult), "mlp_down_bank": (0, h.ttt_proj_lr_mult),
+                   "mlp_up_bank": (0, h.ttt_fc_lr_mult)}  # (first slot, LR multiplier): O, MLP down, MLP up
+        self.keep, self.lr_mult = {}, {}
+        for n in BANK_NAMES:
+            bank = getattr(model, n)
+            keep = torch.ones(bank.size(0), device=rt.device)
+            keep.view(-1, L)[:, :nf] = 0  # slot s belongs to block s % L (Q|O and K|V hold two slots per block)
+            mult = torch.ones_like(keep)
+            if n in boosted:
+                mult[boosted[n][0]:] = boosted[n][1]
+            self.keep[bank], self.lr_mult[bank] = keep.view(-1, 1, 1), mult.view(-1, 1, 1)
         self.params = [p for p in model.parameters() if p.requires_grad]
         for p in self.params:  # a rank with no sequences in a chunk still joins the all-reduce with zeros
             p.grad = torch.zeros_like(p)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-        self.train_fn = compile_fn(model)
         self.avg = None
         if h.ttt_polyak_decay > 0:
             self.avg = copy.deepcopy(model).requires_grad_(False)
             self.avg_fn = compile_fn(self.avg)
 
-    def scoring_model(self):
+    def current(self):
+        """The model that scores the next chunk."""
         return self.avg_fn if self.avg is not None else self.train_fn
 
     def update(self, scored: ScoredChunk) -> None:
@@ -1590,16 +1642,65 @@ class TestTimeTrainer:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[i:i + self.h.ttt_batch_seqs].reshape(-1), reduction="sum")
             (loss / global_tokens).backward()
         all_reduce_flat_([p.grad for p in self.params])
+        if self.h.ttt_freeze_blocks > 0:
+            for p, keep in self.keep.items():
+                p.grad.mul_(keep)
         torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
-        for p, m in self.slice_mult.items():
-            if p.grad is not None:
-                p.grad.mul_(m)
+        for p, mult in self.lr_mult.items():
+            p.grad.mul_(mult)
         self.opt.step()
         if self.avg is not None:
             d = self.h.ttt_polyak_decay
             with torch.no_grad():
                 for pa, p in zip(self.avg.parameters(), self.model.parameters()):
                     pa.mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+class FixedScorer:
+    """A scorer whose model never changes: plain and sliding evaluation, or the pass with TTT off."""
+
+    def __init__(self, fwd):
+        self.fwd = fwd
+
+    def current(self):
+        return self.fwd
+
+    def update(self, scored: ScoredChunk) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What every pass reads: the config, the runtime, the validation tokens and the byte LUTs."""
+    h: Hyperparameters
+    rt: Runtime
+    val: Tensor
+    luts: tuple
+
+
+@dataclass
+class Tally:
+    """One rank's running sums over a pass (float64): NLL per track, scored tokens, their UTF-8 bytes."""
+    nll: Tensor
+    tokens: Tensor
+    bytes: Tensor
+
+    @classmethod
+    def zeros(cls, n_tracks: int, device) -> "Tally":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(n_tracks), z(()), z(()))
+
+    def bpb(self, track: int) -> float:
+        return self.nll[track].item() / math.log(2) / max(self.bytes.item(), 1.0)
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """Chunk `index` of `n_chunks`: all of its windows (start, lo, hi), and the ones this rank scores."""
+    index: int
+    n_chunks: int
+    windows: np.ndarray
+    mine: np.ndarray
 
 
 @dataclass
@@ -1620,44 +1721,53 @@ class EvalResult:
         return self.bpbs[self.final]
 
 
-def run_pass(h: Hyperparameters, rt: Runtime, model, val: Tensor, luts, stride: int, experts: Experts | None = None,
-             ttt: TestTimeTrainer | None = None, chunk_tokens: int = 0, recorder=None, label: str = "",
-             budget_start: float | None = None) -> EvalResult:
-    """The one scoring path. Left to right over chunks of windows: score a chunk with the current state under
-    inference_mode and record its NLL, then (and only then) hand the recorded chunk to every adaptive
-    component. Without components this is plain (stride = window) or sliding-window evaluation."""
-    t0 = time.perf_counter()
-    n_targets, W = val.numel() - 1, h.eval_seq_len
-    wins = plan_windows(n_targets, W, stride)
+def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkSpan]:
+    """The pass's windows grouped into chunks of chunk_tokens scored positions (0: one chunk), split over ranks."""
+    n_targets, rt = ctx.val.numel() - 1, ctx.rt
+    wins = plan_windows(n_targets, ctx.h.eval_seq_len, stride)
     chunk_of = wins[:, 1] // (chunk_tokens or n_targets)
     bounds = np.flatnonzero(np.diff(chunk_of, prepend=-1, append=chunk_of[-1] + 1))
-    n_chunks = len(bounds) - 1
-    experts = experts or Experts(h, None, None, None)
-    tracks = experts.tracks
-    sums = torch.zeros(len(tracks) + 2, dtype=torch.float64, device=rt.device)  # nll per track, tokens, bytes
-    updaters = [c for c in (experts.bias, experts.hedge, ttt) if c is not None]
-    warned = False
-    for c in range(n_chunks):
+    spans = []
+    for c in range(len(bounds) - 1):
         cw = wins[bounds[c]:bounds[c + 1]]
         mine = cw[rt.rank * len(cw) // rt.world_size:(rt.rank + 1) * len(cw) // rt.world_size]
-        scored = _score_chunk(h, rt, ttt.scoring_model() if ttt else model, val, luts, cw, mine, c, n_chunks,
-                              experts, sums, recorder)
+        spans.append(ChunkSpan(c, len(bounds) - 1, cw, mine))
+    return spans
+
+
+def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = None, chunk_tokens: int = 0,
+             recorder=None, label: str = "", budget_start: float | None = None) -> EvalResult:
+    """The one scoring path. Left to right over chunks of windows: score a chunk with scorer.current() under
+    inference_mode and record its NLL, then (and only then) hand the recorded chunk to every adaptive component
+    (bias, Hedge, and the scorer itself, which is the TTT trainer or a FixedScorer). Without components this is
+    plain (stride = window) or sliding-window evaluation."""
+    t0 = time.perf_counter()
+    experts = experts or Experts(ctx.h, None, None, None)
+    tally = Tally.zeros(len(experts.tracks), ctx.rt.device)
+    updaters = [c for c in (experts.bias, experts.hedge) if c is not None] + [scorer]
+    warned = False
+    for span in (spans := plan_chunks(ctx, stride, chunk_tokens)):
+        scored = _score_chunk(ctx, scorer.current(), experts, span, tally, recorder)
         for comp in updaters:
             comp.update(scored)
-        if label and ((c + 1) % max(1, n_chunks // 10) == 0 or c + 1 == n_chunks):
-            _log_progress(label, c, n_chunks, t0, sums)
-        if budget_start is not None and not warned and time.perf_counter() - budget_start > h.eval_budget_seconds:
+        c, n = span.index, span.n_chunks
+        if label and ((c + 1) % max(1, n // 10) == 0 or c + 1 == n):
+            _log_progress(label, span, t0, experts.tracks, tally)
+        if budget_start is not None and not warned and time.perf_counter() - budget_start > ctx.h.eval_budget_seconds:
             warned = True
-            log0(f"WARNING: eval time {time.perf_counter() - budget_start:.1f}s exceeds EVAL_BUDGET_SECONDS={h.eval_budget_seconds}")
-    all_reduce_(sums)
-    tokens, nbytes = int(sums[-2].item()), int(sums[-1].item())
-    losses = {k: sums[i].item() / tokens for i, k in enumerate(tracks)}
+            log0(f"WARNING: eval time {time.perf_counter() - budget_start:.1f}s exceeds "
+                 f"EVAL_BUDGET_SECONDS={ctx.h.eval_budget_seconds}")
+    del spans
+    all_reduce_flat_([tally.nll, tally.tokens, tally.bytes])
+    tokens, nbytes = int(tally.tokens.item()), int(tally.bytes.item())
+    losses = {k: tally.nll[i].item() / tokens for i, k in enumerate(experts.tracks)}
     bpbs = {k: v / math.log(2) * tokens / nbytes for k, v in losses.items()}
     return EvalResult(losses, bpbs, experts.final, tokens, nbytes, time.perf_counter() - t0)
 
 
-def _score_chunk(h, rt, model, val, luts, cw, mine, c, n_chunks, experts, sums, recorder) -> ScoredChunk:
-    """Score this rank's windows of one chunk and add them to the running sums; returns the record."""
+def _score_chunk(ctx: EvalContext, model, experts: Experts, span: ChunkSpan, tally: Tally, recorder) -> ScoredChunk:
+    """Score this rank's windows of one chunk and add them to the tally; returns the record."""
+    h, rt, val, cw, mine = ctx.h, ctx.rt, ctx.val, span.windows, span.mine
     if experts.bias is not None:
         lo_chunk, first = int(cw[0, 1]), int(mine[0, 1]) if len(mine) else int(cw[0, 1])
         experts.bias.begin_chunk(val[lo_chunk + 1:first + 1].to(rt.device) if first > lo_chunk else None)
@@ -1668,39 +1778,29 @@ def _score_chunk(h, rt, model, val, luts, cw, mine, c, n_chunks, experts, sums, 
             x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
             lps, ex = experts.log_probs(logits, x, pos)
             nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
-            for j, k in enumerate(experts.tracks):
-                sums[j] += nll[k].sum()
-            sums[-2] += y.numel()
-            sums[-1] += token_bytes(x, y, luts).sum()
+            tally.nll += torch.stack([nll[k].sum() for k in experts.tracks])
+            tally.tokens += y.numel()
+            tally.bytes += token_bytes(x, y, ctx.luts).sum()
             expert_nll += torch.stack([-e.gather(1, y[:, None]).double().sum() for e in ex])
             targets.append(y)
             if recorder is not None:
-                recorder(dict(chunk=c, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
+                recorder(dict(chunk=span.index, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
     y_all = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=rt.device)
     lo, hi = int(cw[0, 1]), int(cw[:, 2].max())
-    return ScoredChunk(c, n_chunks, lo, hi, c == n_chunks - 1, y_all, val[lo:hi + 1], expert_nll,
-                       torch.tensor(float(y_all.numel()), dtype=torch.float64, device=rt.device))
+    return ScoredChunk(span.index, span.n_chunks, lo, hi, span.index == span.n_chunks - 1, y_all, val[lo:hi + 1],
+                       expert_nll, torch.tensor(float(y_all.numel()), dtype=torch.float64, device=rt.device))
 
 
-def _log_progress(label, c, n_chunks, t0, sums) -> None:
-    el = time.perf_counter() - t0
-    local_bpb = (sums[len(sums) - 3] / max(sums[-1].item(), 1) / math.log(2)).item()
-    log0(f"{label} chunk:{c + 1}/{n_chunks} rank0_bpb:{local_bpb:.4f} elapsed:{el:.1f}s "
-         f"eta:{el / (c + 1) * (n_chunks - c - 1):.1f}s")
+def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
+    """Rank 0's running bpb of every track so far (a progress view; the score is the all-reduced total)."""
+    el, c = time.perf_counter() - t0, span.index
+    per_track = " ".join(f"{k}:{tally.bpb(j):.4f}" for j, k in enumerate(tracks))
+    log0(f"{label} chunk:{c + 1}/{span.n_chunks} elapsed:{el:.1f}s eta:{el / (c + 1) * (span.n_chunks - c - 1):.1f}s "
+         f"rank0_bpb {per_track}")
 
 
 # -----------------------------------------------------------------------------
 # 9. Training
-
-
-def compile_enabled(h: Hyperparameters, device: torch.device) -> bool:
-    return h.torch_compile == "1" or (h.torch_compile == "auto" and device.type == "cuda")
-
-
-def make_compile_fn(h: Hyperparameters, device: torch.device):
-    if compile_enabled(h, device):
-        return lambda m: torch.compile(m, fullgraph=True, dynamic=False)
-    return lambda m: m
 
 
 class EMA:
@@ -1747,13 +1847,14 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
     model.load_state_dict(model_state)
     opt.load_state_dict(opt_state)
     sync(rt.device)
-    log0(f"compile_warmup steps:{h.warmup_steps} qat_variants:{2 if both else 1}")
+    log0(f"compile_warmup steps:{h.warmup_steps} qat_variants:{2 if both and h.warmup_steps >= 2 else 1}")
 
 
-def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tuple[int, float]:
-    """The timed loop; returns (steps, train_ms). Validation pauses the clock; the cap is agreed across ranks."""
-    compile_fn = make_compile_fn(h, rt.device)
-    fwd = compile_fn(model)
+def train(ctx: EvalContext, model: GPT) -> tuple[int, float, object]:
+    """The timed loop; returns (steps, train_ms, the compiled model). Validation pauses the clock; the cap is
+    agreed across ranks."""
+    h, rt = ctx.h, ctx.rt
+    fwd = make_compile_fn(h, rt.device)(model)
     opt = Optimizers(h, model, rt)
     train_glob = h.train_files
     t_c = time.perf_counter()
@@ -1770,7 +1871,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
         if h.val_loss_every > 0 and (last or step % h.val_loss_every == 0):
             sync(rt.device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            r = run_pass(h, rt, fwd, val, luts, stride=h.eval_seq_len)
+            r = run_pass(ctx, FixedScorer(fwd), stride=h.eval_seq_len)
             log0(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
                  f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             t0 = time.perf_counter()
@@ -1810,14 +1911,14 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts) -> tup
             log0(f"ema:applied decay:{h.ema_decay} steps:{step}")
         else:
             log0(f"ema:skipped steps:{step} < EMA_MIN_STEPS={h.ema_min_steps} (the average still holds the init)")
-    return step, train_ms
+    return step, train_ms, fwd
 
 
 # -----------------------------------------------------------------------------
 # 10. main
 
 
-def log_header(h: Hyperparameters, rt: Runtime, backend: str) -> None:
+def log_header(h: Hyperparameters, rt: Runtime) -> None:
     log0(Path(__file__).read_text(encoding="utf-8"), console=False)
     log0("=" * 100, console=False)
     try:
@@ -1834,18 +1935,19 @@ def log_header(h: Hyperparameters, rt: Runtime, backend: str) -> None:
             pass
     log0("hparams " + " ".join(f"{k}:{v}" for k, v in asdict(h).items()))
     log0(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{rt.device} "
-         f"attention_backend:{backend} torch_compile:{int(compile_enabled(h, rt.device))}")
+         f"attention_backend:{h.attn_backend} torch_compile:{int(compile_enabled(h, rt.device))}")
 
 
-def adaptive_pass(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts, t_eval: float, recorder=None):
+def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=None):
     """The declared score: sliding windows + n-gram experts + online bias + Hedge + score-first TTT, one pass.
-    Returns (result, experts, ttt) so that tests can inspect the final state."""
-    compile_fn = make_compile_fn(h, rt.device)
+    `fwd` is the compiled `model` (TTT trains `model` in place through it). Returns (result, experts, scorer)
+    so that tests can inspect the final state."""
+    h, rt = ctx.h, ctx.rt
     cands = None
     if h.ngram_enabled:
         t0 = time.perf_counter()
-        tok, logc, stats = ngram_candidates(val.numpy(), h.ngram_min_order, h.ngram_max_order, h.ngram_table_bits,
-                                            h.ngram_top_k, h.ngram_min_count)
+        tok, logc, _ = ngram_candidates(ctx.val.numpy(), h.ngram_min_order, h.ngram_max_order, h.ngram_table_bits,
+                                        h.ngram_top_k, h.ngram_min_count)
         cands = (tok, logc)
         log0(f"ngram orders:{h.ngram_min_order}-{h.ngram_max_order} table_bits:{h.ngram_table_bits} "
              f"top_k:{h.ngram_top_k} coverage:{float((tok[:, 0] >= 0).mean()):.4f} "
@@ -1854,13 +1956,12 @@ def adaptive_pass(h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, luts
     betas = h.ngram_beta_list if cands is not None else ()
     hedge = HedgeMixer(1 + len(betas), h.hedge_eta, rt.device) if h.hedge_enabled else None
     experts = Experts(h, bias, cands, hedge)
-    ttt = TestTimeTrainer(h, rt, model, compile_fn) if h.ttt_enabled else None
-    scorer = None if ttt else compile_fn(model)
-    r = run_pass(h, rt, scorer, val, luts, h.eval_stride, experts, ttt, h.ttt_chunk_tokens, recorder=recorder,
-                 label="pass", budget_start=t_eval)
+    scorer = TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)) if h.ttt_enabled else FixedScorer(fwd)
+    r = run_pass(ctx, scorer, h.eval_stride, experts, h.ttt_chunk_tokens, recorder=recorder, label="pass",
+                 budget_start=t_eval)
     if hedge is not None:
         log0("hedge final_weights:" + ",".join(f"{w:.4f}" for w in hedge.log_w.exp().tolist()))
-    return r, experts, ttt
+    return r, experts, scorer
 
 
 def timed(label: str, fn, *args, **kw):
@@ -1870,35 +1971,37 @@ def timed(label: str, fn, *args, **kw):
     return out
 
 
+def diagnostic(ctx: EvalContext, name: str, fwd, stride: int, decimals: int = 8) -> EvalResult:
+    """One plain-scoring diagnostic (no adaptation), logged once, with its time."""
+    r = run_pass(ctx, FixedScorer(fwd), stride)
+    log0(f"{name} val_loss:{r.val_loss:.{decimals}f} val_bpb:{r.val_bpb:.{decimals}f} eval_time:{1000 * r.seconds:.0f}ms")
+    return r
+
+
 def run(h: Hyperparameters, rt: Runtime) -> int:
-    h = replace(h, run_id=h.run_id or str(uuid.uuid4()))  # resolved once, so the hparams line shows it
+    h = resolve_startup(h, rt)
     out = Path(h.out_dir)
     init_logging(out / "logs" / f"{h.run_id}.txt", rt.is_main)
-    backend = select_attention_backend(h.attn_backend, rt.device)
-    log_header(h, rt, backend)
+    log_header(h, rt)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    luts = tuple(t.to(rt.device) for t in load_tokenizer_luts(h))
     val = load_val_tokens(h.val_files, h.eval_seq_len)
+    ctx = EvalContext(h, rt, val, tuple(t.to(rt.device) for t in load_tokenizer_luts(h)))
     log0(f"train_shards:{len(shard_files(h.train_files))} val_tokens:{val.numel() - 1}")
     model = build_model(h).to(rt.device)
-    model.attn_backend = backend
     log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    steps, train_ms = train(h, rt, model, val, luts)
+    steps, train_ms, fwd = train(ctx, model)
     t_eval = time.perf_counter()
-    r = timed("float_eval", run_pass, h, rt, make_compile_fn(h, rt.device)(model), val, luts, h.eval_seq_len)
-    log0(f"final_float val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms")
+    diagnostic(ctx, "final_float", fwd, h.eval_seq_len)
     path = out / "final_model.int6.ptz"
     model_bytes, codec = timed("export", export_artifact, h, rt, model, path)
     model = timed("artifact_load", load_artifact, path, h, rt.device)
-    model.attn_backend = backend
-    r = timed("roundtrip_eval", run_pass, h, rt, make_compile_fn(h, rt.device)(model), val, luts, h.eval_seq_len)
-    log0(f"final_int8_zlib_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{1000 * r.seconds:.0f}ms")
+    fwd = make_compile_fn(h, rt.device)(model)  # the loaded model is compiled once: diagnostics and TTT share it
+    r = diagnostic(ctx, "final_int8_zlib_roundtrip", fwd, h.eval_seq_len, decimals=4)
     log0(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
     if h.sliding_diagnostic:
-        r = timed("sliding_eval", run_pass, h, rt, make_compile_fn(h, rt.device)(model), val, luts, h.eval_stride)
-        log0(f"int6_sliding val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms")
-    final, _, _ = timed("adaptive_pass", adaptive_pass, h, rt, model, val, luts, t_eval)
+        diagnostic(ctx, "int6_sliding", fwd, h.eval_stride)
+    final, _, _ = adaptive_pass(ctx, model, fwd, t_eval)
     eval_s = time.perf_counter() - t_eval
     for k in final.losses:
         log0(f"ablation track:{k} val_loss:{final.losses[k]:.8f} val_bpb:{final.bpbs[k]:.8f}")

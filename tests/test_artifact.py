@@ -518,7 +518,7 @@ def test_train_turns_qat_on_over_banks_and_tables(dataset, capsys, fresh_log, mo
     torch.manual_seed(0)
     model = tg.build_model(h)
     val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
-    tg.train(h, CPU, model, val, tg.load_tokenizer_luts(h))
+    tg.train(tg.EvalContext(h, CPU, val, tg.load_tokenizer_luts(h)), model)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("qat:on")]
     assert len(lines) == 1, lines
     named = dict(model.named_parameters())

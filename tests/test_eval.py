@@ -33,7 +33,7 @@ def env(dataset):
 
 
 def adaptive(h, model, val, luts, recorder=None, rt=CPU):
-    return tg.adaptive_pass(h, rt, model, val, luts, time.perf_counter(), recorder=recorder)
+    return tg.adaptive_pass(tg.EvalContext(h, rt, val, luts), model, model, time.perf_counter(), recorder=recorder)
 
 
 class Recorder:
@@ -63,7 +63,7 @@ def test_windows_score_every_target_exactly_once(n, window, stride):
 def test_stride_equal_window_is_plain_eval(env):
     h, val, luts = env
     model = perturbed_model(h)
-    r = tg.run_pass(h, CPU, model, val, luts, stride=h.eval_seq_len)
+    r = tg.run_pass(tg.EvalContext(h, CPU, val, luts), tg.FixedScorer(model), stride=h.eval_seq_len)
     n = (val.numel() - 1) // h.eval_seq_len * h.eval_seq_len
     x, y = val[:n].long().view(-1, h.eval_seq_len), val[1:n + 1].long().view(-1, h.eval_seq_len)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_last_chunk_is_never_trained_on(env, monkeypatch):
 def test_ttt_lr0_equals_plain_sliding(env):
     h, val, luts = env
     h = dataclasses.replace(h, ttt_lr=0.0, ttt_polyak_decay=0.0, bias_enabled=False, ngram_enabled=False, hedge_enabled=False)
-    plain = tg.run_pass(h, CPU, perturbed_model(h), val, luts, stride=h.eval_stride)
+    plain = tg.run_pass(tg.EvalContext(h, CPU, val, luts), tg.FixedScorer(perturbed_model(h)), stride=h.eval_stride)
     r, _, _ = adaptive(h, perturbed_model(h), val, luts)
     assert r.final == "neural" and r.val_loss == plain.val_loss
     h2 = dataclasses.replace(h, ttt_polyak_decay=0.998)  # the averaged copy of unchanged weights: equal up to rounding
@@ -145,7 +145,7 @@ def test_polyak_scores_with_a_separate_copy(env):
     off, on = Recorder(), Recorder()
     _, _, ttt_off = adaptive(dataclasses.replace(h, ttt_polyak_decay=0.0), perturbed_model(h), val, luts, off)
     _, _, ttt_on = adaptive(dataclasses.replace(h, ttt_polyak_decay=0.9), perturbed_model(h), val, luts, on)
-    assert ttt_off.scoring_model() is ttt_off.model and ttt_on.scoring_model() is ttt_on.avg
+    assert ttt_off.current() is ttt_off.model and ttt_on.current() is ttt_on.avg
     first = [p for p in off.nll["neural"] if p < h.ttt_chunk_tokens]
     assert all(off.nll["neural"][p] == on.nll["neural"][p] for p in first)  # chunk 0: nothing trained yet
     later = [p for p in off.nll["neural"] if p >= 2 * h.ttt_chunk_tokens]

@@ -326,7 +326,7 @@ def test_constant_model_scores_ln_v(dataset, sp, stride, cut):
     luts = tg.build_bpb_luts(sp, h.vocab_size)
     V = h.vocab_size
     model = ConstantLogits(V)
-    r = tg.run_pass(h, RT1, model, val, luts, stride=stride or h.eval_seq_len)
+    r = tg.run_pass(tg.EvalContext(h, RT1, val, luts), tg.FixedScorer(model), stride=stride or h.eval_seq_len)
     T, B = val.numel() - 1, _reference_bytes(val, luts)
     assert (r.tokens, r.bytes) == (T, B)
     assert abs(r.val_loss - math.log(V)) < 1e-9
@@ -338,7 +338,7 @@ def test_constant_model_float32_logits(dataset, sp):
     h = tiny(**dataset)
     val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
     luts = tg.build_bpb_luts(sp, h.vocab_size)
-    r = tg.run_pass(h, RT1, ConstantLogits(h.vocab_size, torch.float32), val, luts, stride=h.eval_stride)
+    r = tg.run_pass(tg.EvalContext(h, RT1, val, luts), tg.FixedScorer(ConstantLogits(h.vocab_size, torch.float32)), stride=h.eval_stride)
     assert r.val_loss == pytest.approx(math.log(h.vocab_size), rel=1e-7)
 
 
@@ -429,7 +429,7 @@ def test_sdpa_gqa_matches_naive_reference(H, KV):
     torch.manual_seed(H * 10 + KV)
     B, T, D = 2, 19, 8
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, KV, D), torch.randn(B, T, KV, D)
-    y = tg.attention(q, k, v, "sdpa")
+    y = tg.attention_kernel("sdpa")(q, k, v)
     assert y.shape == (B, T, H, D)
     ref = _naive_attention(q, k, v)
     torch.testing.assert_close(y.double(), ref, atol=2e-6, rtol=1e-5)
@@ -439,11 +439,11 @@ def test_sdpa_gqa_matches_naive_reference(H, KV):
 
 
 def test_backend_selection_on_cpu():
-    assert tg.select_attention_backend("auto", CPU) == "sdpa"
-    assert tg.select_attention_backend("sdpa", CPU) == "sdpa"
+    assert tg.resolve_attention("auto", CPU) == "sdpa"
+    assert tg.resolve_attention("sdpa", CPU) == "sdpa"
     for forced in ("fa3", "fa2"):
         with pytest.raises(ValueError, match=forced):
-            tg.select_attention_backend(forced, CPU)
+            tg.resolve_attention(forced, CPU)
 
 
 def _has(module: str) -> bool:
@@ -463,13 +463,13 @@ def _has(module: str) -> bool:
 ])
 def test_flash_backends_match_sdpa(backend, module):
     dev = torch.device("cuda")
-    assert tg.select_attention_backend(backend, dev) == backend
+    assert tg.resolve_attention(backend, dev) == backend
     torch.manual_seed(0)
     B, T, H, KV, D = 2, 256, 8, 4, 64
     q = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
     k, v = (torch.randn(B, T, KV, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    y = tg.attention(q, k, v, backend)
-    ref = tg.attention(q, k, v, "sdpa")
+    y = tg.attention_kernel(backend)(q, k, v)
+    ref = tg.attention_kernel("sdpa")(q, k, v)
     torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
     naive = _naive_attention(q.cpu().float(), k.cpu().float(), v.cpu().float()).to(dev)
     torch.testing.assert_close(ref.double(), naive, atol=3e-2, rtol=3e-2)
@@ -523,7 +523,7 @@ def _train_once(h, val, luts, capsys):
     model = tg.build_model(h)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     capsys.readouterr()
-    steps, _ = tg.train(h, RT1, model, val, luts)
+    steps, _, _ = tg.train(tg.EvalContext(h, RT1, val, luts), model)
     losses = train_losses(capsys.readouterr().out)
     return steps, {n: p.detach().clone() for n, p in model.named_parameters()}, losses, init
 
@@ -565,7 +565,9 @@ def test_cpu_run_writes_challenge_log_and_submission(dataset, tmp_path):
     hp = [l for l in lines if l.startswith("hparams ")]
     assert len(hp) == 1
     logged = dict(kv.split(":", 1) for kv in hp[0][len("hparams "):].split(" "))
-    assert logged == {k: str(v) for k, v in dataclasses.asdict(h).items()}
+    resolved = tg.resolve_startup(h, tg.Runtime.local())  # start-up resolves the backend into the config
+    assert resolved.attn_backend == "sdpa" and logged["attn_backend"] == "sdpa"
+    assert logged == {k: str(v) for k, v in dataclasses.asdict(resolved).items()}
     assert any(re.search(r"\battention_backend:sdpa\b", l) for l in lines)
     sub = json.loads((tmp_path / "submission.json").read_text())
     assert abs(sub["val_bpb"] - float(finals[0]["val_bpb"])) <= 5e-9
@@ -592,5 +594,5 @@ def test_non_finite_loss_stops_naming_the_step(dataset, sp, monkeypatch):
 
     monkeypatch.setattr(model, "forward", forward)
     with pytest.raises(FloatingPointError, match=r"\bstep 2\b"):
-        tg.train(h, RT1, model, val, luts)
+        tg.train(tg.EvalContext(h, RT1, val, luts), model)
     assert len(calls) == 2 * RT1.grad_accum_steps  # stopped right after the bad step
