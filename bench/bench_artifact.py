@@ -73,12 +73,12 @@ def synthetic(model: tg.GPT, dist: str, seed: int) -> None:
 
 def short_training(h: tg.Hyperparameters, model: tg.GPT, steps: int, batch_seqs: int, seq_len: int) -> str:
     """Real optimizer steps (Muon on banks, AdamW elsewhere, the record's LRs), one micro-batch per step."""
-    rt = tg.Runtime(0, 0, 1, torch.device("cpu"))
+    rt = tg.Runtime.local()
     opt = tg.Optimizers(h, model, rt)
     n = batch_seqs * seq_len + 1
-    files = sorted(STANDIN.glob("fineweb_train_*.bin"))
-    if files:
-        stream, source = tg.TokenStream(str(STANDIN / "fineweb_train_*.bin")), "stand-in shards"
+    pattern = STANDIN / tg.SHARD_GLOB.format(split="train")
+    if any(STANDIN.glob(pattern.name)):
+        stream, source = tg.TokenStream(str(pattern)), "stand-in shards"
     else:
         stream, source = None, "random tokens (stand-in shards not found)"
     g = torch.Generator().manual_seed(0)

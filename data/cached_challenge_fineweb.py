@@ -27,11 +27,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402  (shard names and header size; importing it does no work)
+
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT_PREFIX = "datasets"
 DATA_DIR = Path(__file__).resolve().parent
 MANIFEST_NAME = "manifest.json"
-HEADER_BYTES = 1024  # 256 int32 words; tokens follow as uint16
 
 Downloader = Callable[[str, Path], None]  # (remote path inside the repo, local destination) -> None
 
@@ -85,6 +87,12 @@ def tokenizer_files(manifest: dict, variant: str) -> list[str]:
     return paths
 
 
+def check_train_shards(train_shards) -> None:
+    """--train-shards must be a count; checked before any download so a typo fails at once, not after retries."""
+    if not isinstance(train_shards, int) or isinstance(train_shards, bool) or train_shards < 0:
+        raise ValueError(f"--train-shards must be a non-negative integer, got {train_shards!r}")
+
+
 def shard_counts(manifest: dict, variant: str) -> tuple[int, int]:
     """(files_val, files_train) from the variant's manifest stats."""
     stats = dataset_entry(manifest, variant).get("stats") or {}
@@ -100,15 +108,14 @@ def plan_downloads(manifest: dict, variant: str, train_shards: int, *,
 
     The manifest itself is not in the plan: it is fetched first, to make the plan.
     """
+    check_train_shards(train_shards)
     files_val, files_train = shard_counts(manifest, variant)
-    if not isinstance(train_shards, int) or train_shards < 0:
-        raise ValueError(f"--train-shards must be a non-negative integer, got {train_shards!r}")
     if train_shards > files_train:
         raise ValueError(f"--train-shards {train_shards} is more than the {files_train} train shards "
                          f"that {dataset_dir_for_variant(variant)} has in the manifest (stats.files_train)")
     ds = f"datasets/{dataset_dir_for_variant(variant)}"
-    rels = [f"{ds}/fineweb_val_{i:06d}.bin" for i in range(files_val)]
-    rels += [f"{ds}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
+    rels = [f"{ds}/" + tg.SHARD_NAME.format(split="val", index=i) for i in range(files_val)]
+    rels += [f"{ds}/" + tg.SHARD_NAME.format(split="train", index=i) for i in range(train_shards)]
     rels += tokenizer_files(manifest, variant)
     return [(remote_path(remote_root, rel), local_path(rel, data_dir)) for rel in rels]
 
@@ -127,7 +134,7 @@ def expected_sizes(manifest: dict, variant: str) -> dict[str, int]:
             return {}
         for i in range(files):
             n = min(shard_size, tokens - i * shard_size)
-            sizes[f"fineweb_{split}_{i:06d}.bin"] = HEADER_BYTES + 2 * n
+            sizes[tg.SHARD_NAME.format(split=split, index=i)] = 4 * tg.SHARD_HEADER_INTS + 2 * n
     return sizes
 
 
@@ -160,10 +167,11 @@ def hf_downloader(repo: str) -> Downloader:
 def fetch(variant: str = "sp1024", train_shards: int = 80, *, data_dir: Path = DATA_DIR,
           downloader: Downloader | None = None, remote_root: str | None = None, repo: str | None = None) -> dict:
     """Download the manifest, then every planned file not already present. Returns counts and paths."""
+    dataset_dir_for_variant(variant)  # fail fast on bad arguments, before any download (offline retries take ~24 s)
+    check_train_shards(train_shards)
     data_dir = Path(data_dir)
     remote_root = remote_root_prefix() if remote_root is None else remote_root
     downloader = downloader or hf_downloader(repo or repo_id())
-    dataset_dir_for_variant(variant)  # fail fast on a bad variant name, before any download
 
     manifest_file = data_dir / MANIFEST_NAME
     downloaded = skipped = 0

@@ -31,12 +31,6 @@ def tiny(**kw) -> tg.Hyperparameters:
     return tg.Hyperparameters(**{**TINY, **kw})
 
 
-def write_shard(path: Path, tokens) -> None:
-    header = np.zeros(256, "<i4")
-    header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens))
-    path.write_bytes(header.tobytes() + np.asarray(tokens, "<u2").tobytes())
-
-
 def _documents():
     """Deterministic English-ish documents available offline: stdlib module docstrings."""
     import json, collections, argparse, dataclasses, functools, itertools, pathlib, random, statistics, textwrap
@@ -63,7 +57,6 @@ def dataset(tmp_path_factory, sp):
     val = np.concatenate(docs[:12])
     train = np.concatenate(docs[12:] * 3)
     half = len(train) // 2
-    write_shard(root / "fineweb_train_000000.bin", train[:half])
-    write_shard(root / "fineweb_train_000001.bin", train[half:])
-    write_shard(root / "fineweb_val_000000.bin", val)
+    for split, index, tokens in (("train", 0, train[:half]), ("train", 1, train[half:]), ("val", 0, val)):
+        tg.write_shard(root / tg.SHARD_NAME.format(split=split, index=index), tokens)
     return dict(data_path=str(root), tokenizer_path=str(REAL_SP))

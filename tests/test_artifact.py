@@ -21,7 +21,7 @@ import train_gpt as tg
 sys.path.insert(0, str(ROOT / "tools"))
 import pack  # noqa: E402
 
-CPU = tg.Runtime(0, 0, 1, torch.device("cpu"))
+CPU = tg.Runtime.local()
 SRC = ROOT / "train_gpt.py"
 
 
@@ -517,7 +517,7 @@ def test_train_turns_qat_on_over_banks_and_tables(dataset, capsys, fresh_log, mo
     h = tiny(**dataset, iterations=4, warmdown_iters=2, **kw)
     torch.manual_seed(0)
     model = tg.build_model(h)
-    val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     tg.train(tg.EvalContext(h, CPU, val, tg.load_tokenizer_luts(h)), model)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("qat:on")]
     assert len(lines) == 1, lines

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import train_gpt as tg
+
 ROOT = Path(__file__).resolve().parents[1]
 VAL_DOCS, SHARD_TOKENS = 200, 200_000
 ARGS = dict(sources="wiki", val_docs=VAL_DOCS, shard_tokens=SHARD_TOKENS)
@@ -49,11 +51,11 @@ def _ds(out: Path) -> Path:
 
 
 def _shards(out: Path, split: str) -> list[Path]:
-    return sorted(_ds(out).glob(f"fineweb_{split}_*.bin"))
+    return sorted(_ds(out).glob(tg.SHARD_GLOB.format(split=split)))
 
 
 def _tokens(out: Path, split: str) -> np.ndarray:
-    return np.concatenate([boc.read_shard(p) for p in _shards(out, split)]).astype(np.int64)
+    return np.concatenate([tg.load_shard(p) for p in _shards(out, split)]).astype(np.int64)
 
 
 def _manifest(out: Path) -> dict:
@@ -80,6 +82,7 @@ def test_shard_headers_and_sizes(built):
     counts = {}
     for split in ("val", "train"):
         paths = _shards(built, split)
+        # the challenge's names and header, spelled out rather than taken from train_gpt's constants
         assert [p.name for p in paths] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(paths))]
         sizes = []
         for p in paths:
@@ -188,7 +191,7 @@ def _flip_token(out):
 
 
 def _stray_shard(out):
-    shutil.copy(_shards(out, "train")[0], _ds(out) / "fineweb_train_000099.bin")
+    shutil.copy(_shards(out, "train")[0], _ds(out) / tg.SHARD_NAME.format(split="train", index=99))
 
 
 def _missing_model(out):
@@ -230,7 +233,7 @@ def test_rebuilds_truncated_shard(built, cache, tmp_path):
 
 def test_interrupted_build_never_looks_valid(built, cache, tmp_path, monkeypatch):
     calls = []
-    real_write = boc.write_shard
+    real_write = tg.write_shard
 
     def failing_write(path, tokens):
         calls.append(path)
@@ -238,7 +241,7 @@ def test_interrupted_build_never_looks_valid(built, cache, tmp_path, monkeypatch
             raise KeyboardInterrupt  # as if the user hit Ctrl-C mid-export
         real_write(path, tokens)
 
-    monkeypatch.setattr(boc, "write_shard", failing_write)
+    monkeypatch.setattr(tg, "write_shard", failing_write)
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         boc.build(fresh, cache_dir=cache, **ARGS)
@@ -358,19 +361,21 @@ def test_plan_rejects_bad_shard_counts_and_paths(tmp_path):
 
 
 class FakeHub:
-    """Serves the files of a fake export (manifest, shards of the right sizes, tokenizer) and logs requests."""
+    """Serves the files of a fake export (manifest, shards of the right sizes, tokenizer) and logs requests.
 
-    def __init__(self, prefix="datasets", **manifest_kwargs):
+    The shards are written by the script's own writer into `root` (the fake remote) and served from memory.
+    """
+
+    def __init__(self, root: Path, prefix="datasets", **manifest_kwargs):
         self.manifest = _fake_manifest(**manifest_kwargs)
         stats, n = self.manifest["datasets"][0]["stats"], self.manifest["shard_size"]
         self.files = {f"{prefix}/manifest.json": json.dumps(self.manifest).encode()}
         for split in ("val", "train"):
             for i in range(stats[f"files_{split}"]):
-                count = min(n, stats[f"tokens_{split}"] - i * n)
-                header = np.zeros(256, "<i4")
-                header[:3] = (20240520, 1, count)
-                self.files[f"{prefix}/datasets/fineweb10B_sp1024/fineweb_{split}_{i:06d}.bin"] = (
-                    header.tobytes() + np.arange(count, dtype="<u2").tobytes())
+                remote = Path(root) / prefix / "datasets/fineweb10B_sp1024" / tg.SHARD_NAME.format(split=split, index=i)
+                remote.parent.mkdir(parents=True, exist_ok=True)
+                tg.write_shard(remote, np.arange(min(n, stats[f"tokens_{split}"] - i * n)))
+                self.files[remote.relative_to(root).as_posix()] = remote.read_bytes()
         for ext in ("model", "vocab"):
             self.files[f"{prefix}/tokenizers/fineweb_1024_bpe.{ext}"] = f"fake {ext}".encode()
         self.requests = []
@@ -382,7 +387,7 @@ class FakeHub:
 
 
 def test_fetch_with_fake_downloader_then_skips_existing(tmp_path):
-    hub = FakeHub()
+    hub = FakeHub(tmp_path / "hub")
     result = ccf.fetch("sp1024", 2, data_dir=tmp_path, downloader=hub, remote_root="datasets")
     ds = "datasets/datasets/fineweb10B_sp1024"
     assert hub.requests == ["datasets/manifest.json", f"{ds}/fineweb_val_000000.bin", f"{ds}/fineweb_train_000000.bin",
@@ -404,7 +409,7 @@ def test_fetch_with_fake_downloader_then_skips_existing(tmp_path):
 
 
 def test_fetch_honours_env_prefix_and_cli_errors(tmp_path, monkeypatch, capsys):
-    hub = FakeHub(prefix="alt_root")
+    hub = FakeHub(tmp_path / "hub", prefix="alt_root")
     monkeypatch.setenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "alt_root")
     monkeypatch.setattr(ccf, "hf_downloader", lambda repo: hub)
     assert ccf.main(["--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
@@ -412,3 +417,21 @@ def test_fetch_honours_env_prefix_and_cli_errors(tmp_path, monkeypatch, capsys):
     assert ccf.main(["--train-shards", "9", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "more than the 3 train shards" in err and "stats.files_train" in err
+
+
+@pytest.mark.parametrize("bad", [-1, "3", True])
+def test_bad_train_shards_fail_before_any_download(bad, tmp_path):
+    """Checked before the manifest is fetched: the real downloader retries offline for ~24 s before failing."""
+    hub = FakeHub(tmp_path / "hub")
+    with pytest.raises(ValueError, match=f"--train-shards must be a non-negative integer, got {bad!r}"):
+        ccf.fetch("sp1024", bad, data_dir=tmp_path / "data", downloader=hub)
+    assert hub.requests == [] and not (tmp_path / "data").exists()
+
+
+def test_cli_rejects_negative_train_shards_offline(tmp_path, monkeypatch, capsys):
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(ccf, "hf_downloader", lambda repo: hub)
+    assert ccf.main(["--train-shards", "-1", "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--train-shards must be a non-negative integer, got -1" in err and "\n" not in err
+    assert hub.requests == [] and not (tmp_path / "data").exists()

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import train_gpt as tg
 from conftest import tiny
 
-CPU = tg.Runtime(0, 0, 1, torch.device("cpu"))
+CPU = tg.Runtime.local()
 
 
 def perturbed_model(h, seed=0, scale=0.05):
@@ -28,7 +28,7 @@ def perturbed_model(h, seed=0, scale=0.05):
 @pytest.fixture(scope="module")
 def env(dataset):
     h = tiny(**dataset)
-    val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     return h, val, tg.load_tokenizer_luts(h)
 
 
@@ -216,7 +216,7 @@ def _rank_worker(rank, world, port, h, out):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     rt = tg.init_runtime()
-    val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     r, _, _ = adaptive(h, perturbed_model(h), val, tg.load_tokenizer_luts(h), rt=rt)
     if rank == 0:
         torch.save({"losses": r.losses, "tokens": r.tokens, "bytes": r.bytes}, out)

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, _documents, tiny, write_shard
+from conftest import ROOT, _documents, tiny
 import train_gpt as tg
 
 sys.path.insert(0, str(ROOT / "tools"))
 from plot_log import FINAL_SCORE_RE, ROUNDTRIP_EXACT_RE, ROUNDTRIP_RE, TRAIN_RE  # noqa: E402
 
 CPU = torch.device("cpu")
-RT1 = tg.Runtime(0, 0, 1, CPU)
+RT1 = tg.Runtime.local()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -216,7 +216,7 @@ def _stream_bytes(stream: np.ndarray, luts) -> int:
 
 def _check_lut_equals_decoded_bytes(sp, texts, trials=25, seed=0):
     """Random document-aligned slices of a [BOS]+encode(text) stream: LUT bytes == UTF-8 bytes of the decoded
-    documents (data.md §b.1). Valid when no <unk> occurs (its surface " \u2047 " is not text)."""
+    documents (the challenge's BPB byte count). Valid when no <unk> occurs (its surface " \u2047 " is not text)."""
     luts = tg.build_bpb_luts(sp, sp.vocab_size())
     docs = [[tg.BOS_ID] + sp.encode(t) for t in texts]
     assert not any(sp.is_unknown(i) for d in docs for i in d)
@@ -247,7 +247,7 @@ def test_bpb_luts_match_decoded_bytes_real_tokenizer(sp):
     luts = _check_lut_equals_decoded_bytes(sp, ASCII_EDGE_TEXTS + docs)
     base, lead, boundary = (t.numpy() for t in luts)
     assert len(base) == len(lead) == len(boundary) == 1024
-    # spec (data.md §b): control/unknown are 0-byte boundaries; a leading U+2581 counts 1 byte except after a
+    # the challenge's rule (train_gpt.build_bpb_luts): control/unknown are 0-byte boundaries; a leading U+2581 counts 1 byte except after a
     # boundary token
     for i in (0, 1, 2, 3):
         assert base[i] == 0 and boundary[i] and not lead[i]
@@ -320,7 +320,7 @@ def _reference_bytes(val: torch.Tensor, luts) -> int:
 @pytest.mark.parametrize("cut", [None, 1000])
 def test_constant_model_scores_ln_v(dataset, sp, stride, cut):
     h = tiny(**dataset)
-    val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     if cut:
         val = val[:cut]  # not a multiple of the window: the last window is partial
     luts = tg.build_bpb_luts(sp, h.vocab_size)
@@ -336,7 +336,7 @@ def test_constant_model_scores_ln_v(dataset, sp, stride, cut):
 
 def test_constant_model_float32_logits(dataset, sp):
     h = tiny(**dataset)
-    val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     luts = tg.build_bpb_luts(sp, h.vocab_size)
     r = tg.run_pass(tg.EvalContext(h, RT1, val, luts), tg.FixedScorer(ConstantLogits(h.vocab_size, torch.float32)), stride=h.eval_stride)
     assert r.val_loss == pytest.approx(math.log(h.vocab_size), rel=1e-7)
@@ -347,13 +347,13 @@ def test_constant_model_float32_logits(dataset, sp):
 
 def test_valid_shard_roundtrips(tmp_path):
     tokens = np.arange(1000, dtype=np.int64) % 1024
-    write_shard(tmp_path / "ok.bin", tokens)
+    tg.write_shard(tmp_path / "ok.bin", tokens)
     assert np.array_equal(tg.load_shard(tmp_path / "ok.bin"), tokens)
 
 
 def _damaged(tmp_path, kind) -> Path:
-    p = tmp_path / f"fineweb_val_{kind}.bin"
-    write_shard(p, np.arange(100))
+    p = tmp_path / tg.SHARD_NAME.format(split="val", index=0)
+    tg.write_shard(p, np.arange(100))
     raw = bytearray(p.read_bytes())
     if kind == "magic":
         raw[0:4] = np.int32(12345).tobytes()
@@ -375,11 +375,11 @@ def test_bad_shards_name_the_file(tmp_path, kind):
     with pytest.raises(ValueError, match=re.escape(str(p))):
         tg.load_shard(p)
     with pytest.raises(ValueError, match=re.escape(str(p))):
-        tg.load_val_tokens(str(tmp_path / "fineweb_val_*.bin"), 8)
+        tg.load_val_tokens(str(tmp_path / tg.SHARD_GLOB.format(split="val")), 8)
 
 
 def test_missing_shards_name_the_pattern(tmp_path):
-    pattern = str(tmp_path / "nothing" / "fineweb_train_*.bin")
+    pattern = tiny(data_path=str(tmp_path / "nothing")).train_files
     with pytest.raises(FileNotFoundError, match=re.escape(pattern)):
         tg.shard_files(pattern)
     with pytest.raises(FileNotFoundError, match=re.escape(pattern)):
@@ -530,7 +530,7 @@ def _train_once(h, val, luts, capsys):
 
 def test_training_is_bit_reproducible(dataset, sp, capsys):
     h = tiny(**dataset, iterations=3)
-    val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     luts = tg.build_bpb_luts(sp, h.vocab_size)
     s1, p1, l1, init = _train_once(h, val, luts, capsys)
     s2, p2, l2, _ = _train_once(h, val, luts, capsys)
@@ -581,7 +581,7 @@ def test_cpu_run_writes_challenge_log_and_submission(dataset, tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step(dataset, sp, monkeypatch):
     h = tiny(**dataset, iterations=5)
-    val = tg.load_val_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.eval_seq_len)
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     luts = tg.build_bpb_luts(sp, h.vocab_size)
     torch.manual_seed(0)
     model = tg.build_model(h)
