@@ -1,20 +1,26 @@
-"""Tests for tools/pack.py, tools/plot_log.py and tools/make_submission.py (CPU only, no network, < 60 s)."""
+"""Tests for tools/pack.py, plot_log.py, make_submission.py and significance.py (CPU only, no network, < 60 s)."""
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import make_submission as ms  # noqa: E402
 import pack  # noqa: E402
 import plot_log  # noqa: E402
+import significance as sg  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -206,11 +212,22 @@ def test_numba_cache_fails_under_plain_exec_of_string(tmp_path):
 FINAL_BPB, FINAL_LOSS = 1.12345678, 1.89654321
 
 
-def synthetic_log(final_bpb=FINAL_BPB, final_loss=FINAL_LOSS, n_final=1, code_bytes=None, model_bytes=None):
+HPARAMS = dict(preset="", out_dir="runs/a", run_id="run-1337", seed=1337, iterations=20, matrix_lr=0.025,
+               author="A. Golfer", github_id="agolfer", ve_layers="9,10")
+
+
+def hparams_line(**kw):
+    return "hparams " + " ".join(f"{k}:{v}" for k, v in {**HPARAMS, **kw}.items())
+
+
+def synthetic_log(final_bpb=FINAL_BPB, final_loss=FINAL_LOSS, n_final=1, code_bytes=None, model_bytes=None,
+                  hparams=None, source="import os  # the logged source comes first", artifact=None):
     lines = [
-        'import os  # the logged source comes first',
+        source,
         '    log0(f"step:{step}/{h.iterations} train_loss:{loss:.4f} train_time:{t_ms:.0f}ms step_avg:{a:.2f}ms")',
-        "hparams: {'iterations': 20}",
+        "=" * 100,
+        "hparams: {'iterations': 20}",  # not the grammar's hparams line (no space after the word): ignored
+        hparams_line(**(hparams or {})),
         "step:0/20 val_loss:6.9312 val_bpb:4.1050 train_time:0ms step_avg:0.02ms",
     ]
     for s in range(1, 21):
@@ -222,6 +239,8 @@ def synthetic_log(final_bpb=FINAL_BPB, final_loss=FINAL_LOSS, n_final=1, code_by
     lines.append("peak memory allocated: 100 MiB reserved: 120 MiB")
     if model_bytes is not None:
         lines.append(f"Serialized model int6+brotli: {model_bytes} bytes")
+    if artifact is not None:
+        lines.append(f"artifact sha256:{artifact[0]} bytes:{artifact[1]} path:./final_model.int6.ptz")
     if code_bytes is not None:
         lines.append(f"Code size: {code_bytes} bytes")
         lines.append(f"Total submission size int6+brotli: {model_bytes + code_bytes} bytes")
@@ -303,17 +322,26 @@ def test_plot_empty_log_still_writes_png(tmp_path):
 
 @pytest.fixture
 def inputs(tmp_path):
-    """A fake run: readable script, its packed size as bytes_code, a log and a matching submission.json."""
+    """A fake run: readable script, its packed size as bytes_code, an artifact, a log and a matching
+    submission.json."""
     script = tmp_path / "train_gpt.py"
     script.write_text(SCRIPT, encoding="utf-8")
     code_bytes = len(pack.pack_source(SCRIPT))
     model_bytes = 15_000_000
+    artifact = tmp_path / ms.ARTIFACT_NAME
+    artifact.write_bytes(bytes(range(256)) * (model_bytes // 256) + b"\x07" * (model_bytes % 256))
+    sha = hashlib.sha256(artifact.read_bytes()).hexdigest()
     log = tmp_path / "run.txt"
-    log.write_text(synthetic_log(code_bytes=code_bytes, model_bytes=model_bytes))
+
+    def write_log(**kw):
+        log.write_text(synthetic_log(**{"code_bytes": code_bytes, "model_bytes": model_bytes,
+                                        "artifact": (sha, model_bytes), **kw}))
+
+    write_log()
     sub = dict(author="A. Golfer", github_id="agolfer", name="Tiny test record", blurb="A blurb.", date="2026-05-01",
                val_bpb=FINAL_BPB, val_loss=FINAL_LOSS, bytes_total=model_bytes + code_bytes, bytes_model=model_bytes,
                bytes_code=code_bytes, steps=20, train_seconds=599.1, eval_seconds=512.3, hardware="8xH100 SXM",
-               seed=1337, compressor="brotli")
+               seed=1337, compressor="brotli", run_id="run-1337", artifact_sha256=sha)
     sj = tmp_path / "submission.json"
     sj.write_text(json.dumps(sub, indent=2))
 
@@ -322,7 +350,8 @@ def inputs(tmp_path):
             sj.write_text(json.dumps({**sub, **overrides}, indent=2))
         return ms.make_submission(log, script, sj, tmp_path / out)
 
-    return dict(tmp=tmp_path, script=script, log=log, sj=sj, sub=sub, call=call)
+    return dict(tmp=tmp_path, script=script, log=log, sj=sj, sub=sub, call=call, artifact=artifact, sha=sha,
+                write_log=write_log)
 
 
 def test_make_submission_builds_folder(inputs):
@@ -405,3 +434,271 @@ def test_make_submission_ships_already_packed_script_as_is(inputs):
     packed.write_text(pack.pack_source(SCRIPT))
     out = ms.make_submission(inputs["log"], packed, inputs["sj"], inputs["tmp"] / "rec")
     assert (out / "train_gpt.py").read_bytes() == packed.read_bytes()
+
+
+# ----------------------------------------------------------------------------- make_submission: issue 10
+
+
+def test_make_submission_rejects_nan_in_json(inputs):
+    inputs["sj"].write_text(json.dumps(inputs["sub"]).replace(f"{FINAL_BPB}", "NaN"))  # json.loads would read it
+    with pytest.raises(ms.SubmissionError, match=r"NaN is not strict JSON"):
+        ms.make_submission(inputs["log"], inputs["script"], inputs["sj"], inputs["tmp"] / "rec")
+
+
+def test_make_submission_rejects_infinite_json_number(inputs):
+    with pytest.raises(ms.SubmissionError, match=r"Infinity is not strict JSON"):
+        inputs["call"](val_loss=math.inf)  # json.dumps writes Infinity, which json.loads reads back
+    inputs["sj"].write_text(json.dumps(inputs["sub"]).replace(f"{FINAL_LOSS}", "1e400"))  # strict JSON, reads as inf
+    with pytest.raises(ms.SubmissionError, match=r"submission.json val_loss=inf is not finite"):
+        ms.make_submission(inputs["log"], inputs["script"], inputs["sj"], inputs["tmp"] / "rec")
+
+
+def test_make_submission_rejects_repeated_json_key(inputs):
+    text = json.dumps(inputs["sub"]).replace('"val_bpb":', '"val_bpb": 0.5, "val_bpb":')  # last one wins in Python
+    inputs["sj"].write_text(text)
+    assert json.loads(text)["val_bpb"] == FINAL_BPB
+    with pytest.raises(ms.SubmissionError, match=r"repeats the key\(s\) val_bpb"):
+        ms.make_submission(inputs["log"], inputs["script"], inputs["sj"], inputs["tmp"] / "rec")
+
+
+def test_make_submission_rejects_non_finite_log_score(inputs):
+    inputs["write_log"](final_loss=math.inf, final_bpb=math.inf)  # prints "inf", as a diverged run would
+    inputs["sj"].write_text(json.dumps(inputs["sub"]).replace(f"{FINAL_LOSS}", "1e400").replace(f"{FINAL_BPB}",
+                                                                                                 "1e400"))
+    with pytest.raises(ms.SubmissionError, match=r"the log's final_score val_bpb=inf is not finite"):
+        ms.make_submission(inputs["log"], inputs["script"], inputs["sj"], inputs["tmp"] / "rec")
+
+
+def test_make_submission_requires_run_id_and_artifact_sha256(inputs):
+    sub = {k: v for k, v in inputs["sub"].items() if k not in ("run_id", "artifact_sha256")}
+    inputs["sj"].write_text(json.dumps(sub))
+    with pytest.raises(ms.SubmissionError, match=r"missing field\(s\): run_id, artifact_sha256"):
+        ms.make_submission(inputs["log"], inputs["script"], inputs["sj"], inputs["tmp"] / "rec")
+
+
+def test_make_submission_run_id_must_match_log(inputs):
+    with pytest.raises(ms.SubmissionError, match=r"run_id=other does not match the log's hparams run_id:run-1337"):
+        inputs["call"](run_id="other")
+
+
+def test_make_submission_seed_must_match_log(inputs):
+    with pytest.raises(ms.SubmissionError, match=r"seed=42 does not match the log's hparams seed:1337"):
+        inputs["call"](seed=42)
+
+
+def test_make_submission_artifact_sha256_must_match(inputs):
+    data = bytearray(inputs["artifact"].read_bytes())
+    data[123] ^= 1  # same size, other bytes
+    inputs["artifact"].write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(ms.SubmissionError, match=rf"has sha256 {digest} but submission.json "
+                                                 rf"artifact_sha256={inputs['sha']}"):
+        inputs["call"]()
+
+
+def test_make_submission_artifact_size_must_match(inputs):
+    with open(inputs["artifact"], "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ms.SubmissionError, match=r"is 15000001 bytes but submission.json bytes_model=15000000"):
+        inputs["call"]()
+
+
+def test_make_submission_artifact_missing_and_explicit_path(inputs):
+    moved = inputs["tmp"] / "elsewhere.ptz"
+    inputs["artifact"].rename(moved)
+    with pytest.raises(ms.SubmissionError, match=r"artifact .*final_model.int6.ptz not found"):
+        inputs["call"]()
+    r = run_py(ROOT / "tools" / "make_submission.py", "--log", inputs["log"], "--script", inputs["script"],
+               "--submission-json", inputs["sj"], "--out", inputs["tmp"] / "rec2", "--artifact", moved)
+    assert r.returncode == 0, r.stderr
+
+
+def test_make_submission_log_artifact_line_must_match(inputs):
+    inputs["write_log"](artifact=("0" * 64, 15_000_000))
+    with pytest.raises(ms.SubmissionError, match=rf"log's artifact line sha256:0{{64}} bytes:15000000 does not "
+                                                 rf"match artifact .* sha256:{inputs['sha']} bytes:15000000"):
+        inputs["call"]()
+
+
+def test_make_submission_refuses_validation_subset(inputs):
+    with pytest.raises(ms.SubmissionError, match=r"not a submission: the score uses a validation subset"):
+        inputs["call"](val_subset=True)
+    assert not (inputs["tmp"] / "rec").exists()
+
+
+def test_make_submission_accepts_eval_only(inputs):
+    """Guard for the refusal above: a run that only scored a saved artifact is a submission."""
+    inputs["log"].write_text(inputs["log"].read_text() + "eval_only artifact:./final_model.int6.ptz\n")
+    assert plot_log.parse_log(inputs["log"].read_text())["eval_only"] == "./final_model.int6.ptz"
+    out = inputs["call"](eval_only=True, val_subset=False)
+    assert json.loads((out / "submission.json").read_text())["eval_only"] is True
+
+
+# ----------------------------------------------------------------------------- plot_log: issue 10
+
+
+def test_plot_log_cli_fails_on_unrecognised_log(tmp_path):
+    log = tmp_path / "notes.txt"
+    log.write_text("hello\nthis is not a training log\n")
+    r = run_py(ROOT / "tools" / "plot_log.py", log, "--out", tmp_path / "x.png")
+    assert r.returncode == 2
+    assert f"{log}: no line of a train_gpt.py log" in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_hparams_line_of_the_script_parses_back(tmp_path):
+    """The grammar and the script agree: train_gpt.log_header's hparams line gives every field's str(value),
+    a path with a space included, and its logged source hashes to the script's bytes."""
+    h = dataclasses.replace(tg.Hyperparameters(), data_path="/data/with space/x", run_id="r-1")
+    path = tmp_path / "log.txt"
+    tg.init_logging(path, True)
+    try:
+        tg.log_header(h, tg.Runtime.local(), "sdpa")
+    finally:
+        tg.init_logging(None, True)
+    text = path.read_text(encoding="utf-8")
+    d = plot_log.parse_log(text)
+    assert d["hparams_count"] == 1
+    assert d["hparams"] == {k: str(v) for k, v in dataclasses.asdict(h).items()}
+    assert sg.logged_source_sha256(text) == hashlib.sha256(Path(tg.__file__).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- significance
+
+
+def seed_log(tmp, seed, val_loss, val_bpb=1.2, **hparams):
+    path = tmp / f"seed{seed}_{len(list(tmp.glob('seed*')))}.txt"
+    hp = dict(seed=seed, run_id=f"run-{seed}", out_dir=f"runs/s{seed}", **hparams)
+    path.write_text(synthetic_log(final_loss=val_loss, final_bpb=val_bpb, hparams=hp))
+    return path
+
+
+def test_significance_known_answer_record_test(tmp_path):
+    logs = [seed_log(tmp_path, s, v, b, author=a) for s, v, b, a in
+            ((1, 1.0, 1.5, "x"), (2, 1.1, 1.6, "y"), (3, 1.2, 1.8, ""))]  # seed, run_id, out_dir, author differ
+    record = 1.2
+    res = sg.analyse(logs, record_loss=record)
+    assert [s["seed"] for s in res["seeds"]] == [1, 2, 3]
+    assert [s["run_id"] for s in res["seeds"]] == ["run-1", "run-2", "run-3"]
+    assert [s["val_loss"] for s in res["seeds"]] == [1.0, 1.1, 1.2]
+    assert res["val_loss_mean"] == pytest.approx(1.1, abs=1e-12)
+    assert res["val_loss_std"] == pytest.approx(0.1, abs=1e-12)
+    assert res["val_bpb_mean"] == pytest.approx(statistics.mean([1.5, 1.6, 1.8]), abs=1e-12)
+    assert res["val_bpb_std"] == pytest.approx(statistics.stdev([1.5, 1.6, 1.8]), abs=1e-12)
+    t = (1.1 - (record - 0.005)) / (0.1 / math.sqrt(3))  # one-sample t with the 0.005-nat margin
+    rt = res["significance"]["record"]
+    assert rt["threshold"] == pytest.approx(1.195)
+    assert rt["t"] == pytest.approx(t, rel=1e-9)
+    assert rt["df"] == 2
+    assert rt["p"] == pytest.approx(stats.t.sf(-t, 2), rel=1e-9)  # P(T <= t), one-sided "less"
+    assert rt["passes"] is (rt["p"] < 0.01)
+    assert res["significance"]["ignored_fields"] == ["seed", "run_id", "author", "github_id", "out_dir"]
+
+
+def test_significance_record_test_passes_on_a_clear_win(tmp_path):
+    logs = [seed_log(tmp_path, s, v) for s, v in ((1, 1.000), (2, 1.001), (3, 1.002))]
+    assert sg.analyse(logs, record_loss=1.1)["significance"]["record"]["passes"] is True
+    assert sg.analyse(logs, record_loss=1.0055)["significance"]["record"]["passes"] is False  # < 0.005 better
+
+
+def welch_by_formula(a, b, margin):
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (statistics.mean(a) + margin - statistics.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    return t, df, stats.t.sf(-t, df)
+
+
+@pytest.mark.parametrize("cand,base,known_df", [
+    ((1.0, 1.1, 1.2), (1.2, 1.3, 1.4), 4.0),  # equal n, equal variance: df = 2 (n - 1)
+    ((1.0, 1.1, 1.2), (1.25, 1.3, 1.5, 1.45), None),
+])
+def test_significance_welch_known_answer(tmp_path, cand, base, known_df):
+    logs = [seed_log(tmp_path, i, v) for i, v in enumerate(cand)]
+    blogs = [seed_log(tmp_path, 100 + i, v, matrix_lr=0.03) for i, v in enumerate(base)]  # another config: fine
+    w = sg.analyse(logs, baseline=blogs)["significance"]["baseline"]
+    t, df, p = welch_by_formula(cand, base, 0.005)
+    if known_df is not None:
+        assert df == pytest.approx(known_df)
+    assert (w["t"], w["df"], w["p"]) == pytest.approx((t, df, p), rel=1e-9)
+    assert w["baseline_val_loss_mean"] == pytest.approx(statistics.mean(base))
+    assert [s["seed"] for s in w["seeds"]] == [100 + i for i in range(len(base))]
+    assert f"p = {p:.3g} ({'passes' if p < 0.01 else 'fails'} p < 0.01)" in sg.readme_section(
+        sg.analyse(logs, baseline=blogs))
+
+
+def test_significance_refuses_config_mismatch(tmp_path):
+    logs = [seed_log(tmp_path, 1, 1.0), seed_log(tmp_path, 2, 1.1, matrix_lr=0.03), seed_log(tmp_path, 3, 1.2)]
+    with pytest.raises(sg.SignificanceError, match=r"differ in matrix_lr:\n  matrix_lr: .*seed1_0.txt='0.025'  "
+                                                   r".*seed2_1.txt='0.03'  .*seed3_2.txt='0.025'"):
+        sg.analyse(logs, record_loss=1.2)
+
+
+def test_significance_refuses_different_source(tmp_path):
+    logs = [seed_log(tmp_path, 1, 1.0), seed_log(tmp_path, 2, 1.1)]
+    logs[1].write_text(logs[1].read_text().replace("import os", "import sys", 1))
+    with pytest.raises(sg.SignificanceError, match=r"differ in source_sha256"):
+        sg.analyse(logs, record_loss=1.2)
+
+
+def test_significance_refuses_repeated_seed(tmp_path):
+    logs = [seed_log(tmp_path, 1, 1.0), seed_log(tmp_path, 1, 1.1)]
+    with pytest.raises(sg.SignificanceError, match=r"repeat seed\(s\) \[1\]"):
+        sg.analyse(logs, record_loss=1.2)
+
+
+def test_significance_single_log_needs_two_for_a_t_test(tmp_path):
+    logs = [seed_log(tmp_path, 1, 1.0)]
+    res = sg.analyse(logs)  # a summary alone is fine
+    assert res["val_loss_mean"] == 1.0 and res["val_loss_std"] is None
+    with pytest.raises(sg.SignificanceError, match=r"a t-test needs at least 2 seed logs \(a sample std\), got 1"):
+        sg.analyse(logs, record_loss=1.2)
+    two = [seed_log(tmp_path, 2, 1.0), seed_log(tmp_path, 3, 1.1)]
+    with pytest.raises(sg.SignificanceError, match=r"at least 2 baseline logs .* got 1"):
+        sg.analyse(two, baseline=logs)
+
+
+def test_significance_refuses_identical_losses_and_bad_logs(tmp_path):
+    with pytest.raises(sg.SignificanceError, match=r"all 2 seeds have val_loss 1.0: no spread"):
+        sg.analyse([seed_log(tmp_path, 1, 1.0), seed_log(tmp_path, 2, 1.0)], record_loss=1.2)
+    nan = seed_log(tmp_path, 3, math.nan)
+    with pytest.raises(sg.SignificanceError, match=r"seed3.*final_score val_loss:nan .* is not finite"):
+        sg.analyse([nan, seed_log(tmp_path, 4, 1.0)])
+    with pytest.raises(sg.SignificanceError, match=r"missing\.txt"):
+        sg.analyse([tmp_path / "missing.txt"])
+    with pytest.raises(sg.SignificanceError, match=r"--alpha 0.0 must lie in \(0, 1\)"):
+        sg.analyse([nan], alpha=0.0)
+
+
+def test_significance_writes_into_record_folder(inputs):
+    tmp = inputs["tmp"]
+    out = inputs["call"]()
+    others = [seed_log(tmp, s, v, v - 0.7) for s, v in ((42, FINAL_LOSS + 0.002), (7, FINAL_LOSS - 0.001))]
+    logs = [inputs["log"], *others]
+    r = run_py(ROOT / "tools" / "significance.py", "--logs", *logs, "--record-loss", "1.95", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "## Seeds and significance" in r.stdout
+    sub = ms.load_submission_json(out / "submission.json")[1]  # still strict JSON
+    assert sub["val_bpb"] == FINAL_BPB and sub["run_id"] == "run-1337"  # the headline run is kept
+    assert [s["seed"] for s in sub["seeds"]] == [1337, 42, 7]
+    assert [s["log"] for s in sub["seeds"]] == ["train_seed1337.log", "train_seed42.log", "train_seed7.log"]
+    for s, p in zip(sub["seeds"], logs):
+        assert (out / s["log"]).read_bytes() == p.read_bytes()
+    losses = [FINAL_LOSS, FINAL_LOSS + 0.002, FINAL_LOSS - 0.001]
+    assert sub["val_loss_mean"] == pytest.approx(statistics.mean(losses), abs=1e-12)
+    assert sub["val_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-12)
+    assert sub["significance"]["record"]["df"] == 2 and 0 < sub["significance"]["record"]["p"] < 1
+    readme = (out / "README.md").read_text()
+    assert readme.count("## Seeds and significance") == 1 and "| 42 | `run-42` |" in readme
+    assert "= 1.94500000" in readme
+    assert sg.main(["--logs", *map(str, logs), "--record-loss", "1.96", "--out", str(out)]) == 0  # rerun replaces
+    readme2 = (out / "README.md").read_text()
+    assert readme2.count("## Seeds and significance") == 1 and "= 1.94500000" not in readme2
+    assert readme2.index("## Files") < readme2.index("= 1.95500000")
+
+
+def test_significance_refuses_folder_whose_log_is_not_a_seed(inputs):
+    out = inputs["call"]()
+    logs = [seed_log(inputs["tmp"], s, v) for s, v in ((1, 1.0), (2, 1.1))]
+    r = run_py(ROOT / "tools" / "significance.py", "--logs", *logs, "--out", out)
+    assert r.returncode == 2 and "train.log is none of the --logs" in r.stderr
+    assert "seeds" not in json.loads((out / "submission.json").read_text())

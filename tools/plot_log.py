@@ -2,10 +2,12 @@
 
     python3 tools/plot_log.py logs/RUN.txt [--out plot.png]
 
-The *_RE constants are the log grammar (aesthetics.md §4.7). Each is anchored (^...$) and strict about the number
-formats the script prints (.4f / .8f / .0f ms), so tests can use them to check that train_gpt.py's lines stay
-byte-compatible: `TRAIN_RE.fullmatch(line)`. A float field also accepts nan/inf/-inf, which is what a diverged run
-prints. Lines that match nothing (the logged source code, nvidia-smi, hparams) are ignored by parse_log.
+The *_RE constants are the log grammar: the lines train_gpt.py prints that tools read. Each is anchored (^...$)
+and strict about the number formats the script prints (.4f / .8f / .0f ms), so tests can use them to check that
+train_gpt.py's lines stay byte-compatible: `TRAIN_RE.fullmatch(line)`. A float field also accepts nan/inf/-inf,
+which is what a diverged run prints. Lines that match nothing (the logged source code, nvidia-smi, ...) are ignored
+by parse_log; the `hparams k:v k:v ...` line is split by parse_hparams. `plot_log.py` exits 2 on a log with no line
+it recognises.
 """
 
 from __future__ import annotations
@@ -58,9 +60,16 @@ STOPPING_EARLY_RE = re.compile(
 MODEL_BYTES_RE = re.compile(r"^Serialized model (?P<format>\S+): (?P<bytes>\d+) bytes$")
 CODE_BYTES_RE = re.compile(r"^Code size: (?P<bytes>\d+) bytes$")
 TOTAL_BYTES_RE = re.compile(r"^Total submission size (?P<format>\S+): (?P<bytes>\d+) bytes$")
+# artifact sha256:{hex} bytes:{n} path:{path}   (the file the score was measured on)
+ARTIFACT_RE = re.compile(r"^artifact sha256:(?P<sha256>[0-9a-f]{64}) bytes:(?P<bytes>\d+) path:(?P<path>.+)$")
+# eval_only artifact:{path}   (a run that scored a saved artifact without training)
+EVAL_ONLY_RE = re.compile(r"^eval_only artifact:(?P<path>.+)$")
+# hparams {k}:{v} {k}:{v} ...   (every Hyperparameters field, str(v); values may be empty)
+HPARAMS_RE = re.compile(r"^hparams (?P<fields>[A-Za-z_]\w*:.*)$")
+_HPARAM_KEY_RE = re.compile(r"^[A-Za-z_]\w*:")
 
 _INT_FIELDS = {"step", "iterations", "bytes"}
-_STR_FIELDS = {"stage", "format"}
+_STR_FIELDS = {"stage", "format", "sha256", "path"}
 
 
 def _fields(m: re.Match) -> dict:
@@ -75,6 +84,24 @@ def _fields(m: re.Match) -> dict:
     return out
 
 
+def parse_hparams(fields: str) -> dict[str, str]:
+    """`k:v k:v ...` -> {k: v} (strings, as logged). A space-separated piece that is not `name:` continues the
+    previous value, so a path with a space survives; a repeated key is an error (the line is then not one config)."""
+    out: dict[str, str] = {}
+    key = None
+    for piece in fields.split(" "):
+        if _HPARAM_KEY_RE.match(piece):
+            key, value = piece.split(":", 1)
+            if key in out:
+                raise ValueError(f"hparams line repeats the field {key!r}")
+            out[key] = value
+        elif key is None:
+            raise ValueError(f"hparams line does not start with name:value: {fields[:60]!r}")
+        else:
+            out[key] += " " + piece
+    return out
+
+
 def parse_log(text: str) -> dict:
     """Parse a log's text. Returns a dict:
 
@@ -86,9 +113,12 @@ def parse_log(text: str) -> dict:
     final_score_count: how many final_score lines there are (a valid log has exactly 1)
     stopping_early: {train_time_ms, step, iterations} or None
     model_bytes / code_bytes / total_bytes: ints from the size lines, or None
+    artifact: {sha256, bytes, path} from the last `artifact` line, or None; eval_only: its artifact path, or None
+    hparams: {field: value as logged} from the last hparams line, or None; hparams_count: how many there are
     """
     d: dict = dict(train=[], val=[], stages={}, roundtrip=None, roundtrip_exact=None, final_score=None,
-                   final_score_count=0, stopping_early=None, model_bytes=None, code_bytes=None, total_bytes=None)
+                   final_score_count=0, stopping_early=None, model_bytes=None, code_bytes=None, total_bytes=None,
+                   artifact=None, eval_only=None, hparams=None, hparams_count=0)
     for line in text.splitlines():
         line = line.rstrip("\r")
         if not line or line[0] in " \t":
@@ -116,7 +146,19 @@ def parse_log(text: str) -> dict:
             d["code_bytes"] = int(m["bytes"])
         elif m := TOTAL_BYTES_RE.match(line):
             d["total_bytes"] = int(m["bytes"])
+        elif m := ARTIFACT_RE.match(line):
+            d["artifact"] = _fields(m)
+        elif m := EVAL_ONLY_RE.match(line):
+            d["eval_only"] = m["path"]
+        elif m := HPARAMS_RE.match(line):
+            d["hparams"] = parse_hparams(m["fields"])
+            d["hparams_count"] += 1
     return d
+
+
+def recognised_anything(parsed: dict) -> bool:
+    """Whether parse_log found any line of the grammar (False for an empty or foreign file)."""
+    return any(v is not None and v != [] and v != {} for k, v in parsed.items() if not k.endswith("_count"))
 
 
 def plot_log(parsed: dict, out_path: str | Path, title: str = "") -> Path:
@@ -167,7 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="PNG path (default: LOG with .png suffix)")
     a = p.parse_args(argv)
     log = Path(a.log)
-    d = parse_log(log.read_text(encoding="utf-8", errors="replace"))
+    try:
+        d = parse_log(log.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, ValueError) as e:
+        print(f"error: {log}: {e}", file=sys.stderr)
+        return 2
+    if not recognised_anything(d):
+        print(f"error: {log}: no line of a train_gpt.py log (step, val, final_score, sizes, hparams); nothing to plot",
+              file=sys.stderr)
+        return 2
     out = plot_log(d, a.out or log.with_suffix(".png"), title=log.name)
     fs = d["final_score"]
     print(f"train points: {len(d['train'])}  val points: {len(d['val'])}  "
