@@ -197,8 +197,20 @@ def test_edge_cases():
     toks = np.array([65535, 0, 65535, 0, 65535, 0], np.uint16)  # extreme token ids survive the packing
     tok, _, _ = ng.ngram_candidates(toks, 1, 1, 4, 2, 1)
     assert tok[:, 0].tolist() == [-1, -1, -1, 0, 65535, 0]
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="tokens"):
         ng.ngram_candidates(np.array([70000]))
+    for kw, name in ((dict(top_k=0), "top_k"), (dict(table_bits=40), "table_bits"), (dict(min_count=0), "min_count"),
+                     (dict(min_order=3, max_order=2), "min_order")):
+        with pytest.raises(ValueError, match=name):
+            ng.ngram_candidates(toks, **kw)
+
+
+def test_defaults_are_the_run_defaults():
+    import inspect
+    import train_gpt as tg
+    sig = inspect.signature(tg.ngram_candidates).parameters
+    for arg in ("min_order", "max_order", "table_bits", "top_k", "min_count"):
+        assert sig[arg].default == getattr(tg.Hyperparameters, f"ngram_{arg}"), arg
 
 
 # ---------------------------------------------------------------- fallbacks (no JIT, no numba)

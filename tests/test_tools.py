@@ -553,7 +553,7 @@ def test_hparams_line_of_the_script_parses_back(tmp_path):
     path = tmp_path / "log.txt"
     tg.init_logging(path, True)
     try:
-        tg.log_header(h, tg.Runtime.local(), "sdpa")
+        tg.log_header(h, tg.Runtime.local())
     finally:
         tg.init_logging(None, True)
     text = path.read_text(encoding="utf-8")
