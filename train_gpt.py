@@ -152,13 +152,25 @@ class Hyperparameters:
     # Int6 QAT
     qat_enabled: bool = False  # fake-quant from step 0
     late_qat_threshold: float = 0.15  # turn fake-quant on once the LR multiplier drops below this
+    # Full-Hessian GPTQ (calibrated on training batches inside the training budget)
+    gptq_enabled: bool = False
+    gptq_calib_batches: int = 16
+    gptq_reserve_seconds: float = -1.0  # training stops this early for the collection; < 0: measured default
+    gptq_damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    gptq_block_size: int = 128
     # Artifact
     compressor: str = "auto"  # auto (smallest of all) | lzma | zstd | brotli, each optionally "+shuffle"
+    artifact_margin_bytes: int = 0  # the code count is exact, so no margin is needed
+    fit_max_prune_fraction: float = 0.05  # fitting may zero at most this fraction of the int6 values
     # Evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_seqs: int = 32
     eval_budget_seconds: float = 600.0
+    eval_margin_seconds: float = 20.0  # the guard plans the declared score to land this much inside the budget
+    eval_only: str = ""  # path of an artifact: skip training, evaluate it exactly as a full run would
+    val_max_tokens: int = 0  # 0 = the whole validation set; else a subset (smoke runs only, never a score)
+    float_diagnostic: bool = True  # score the float model before export (plain windows)
     sliding_diagnostic: bool = True  # also report plain sliding windows (no adaptation) as a diagnostic
     ttt_enabled: bool = True
     ttt_lr: float = 0.002
@@ -199,6 +211,13 @@ class Hyperparameters:
             (1 <= self.ngram_min_order <= self.ngram_max_order, "need 1 <= NGRAM_MIN_ORDER <= NGRAM_MAX_ORDER"),
             (self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0, "TTT_CHUNK_TOKENS must be > 0 and TTT_EPOCHS >= 0"),
             (self.iterations > 0 and self.vocab_size > 0, "ITERATIONS and VOCAB_SIZE must be > 0"),
+            (self.eval_budget_seconds > 0, f"EVAL_BUDGET_SECONDS must be > 0, got {self.eval_budget_seconds}"),
+            (self.eval_margin_seconds >= 0, f"EVAL_MARGIN_SECONDS must be >= 0, got {self.eval_margin_seconds}"),
+            (self.artifact_margin_bytes >= 0, f"ARTIFACT_MARGIN_BYTES must be >= 0, got {self.artifact_margin_bytes}"),
+            (0 <= self.fit_max_prune_fraction <= 1, f"FIT_MAX_PRUNE_FRACTION must be in [0, 1], got {self.fit_max_prune_fraction}"),
+            (self.val_max_tokens >= 0, f"VAL_MAX_TOKENS must be >= 0 (0 = all), got {self.val_max_tokens}"),
+            (self.gptq_calib_batches >= 1 and self.gptq_block_size >= 1 and self.gptq_damp >= 0,
+             "GPTQ_CALIB_BATCHES and GPTQ_BLOCK_SIZE must be >= 1 and GPTQ_DAMP >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
