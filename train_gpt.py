@@ -1869,31 +1869,31 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
     log0(f"compile_warmup steps:{h.warmup_steps} qat_variants:{2 if both and h.warmup_steps >= 2 else 1}")
 
 
-def train(ctx: EvalContext, model: GPT) -> tuple[int, float, object]:
+def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, float, object]:
     """The timed loop; returns (steps, train_ms, the compiled model). Validation pauses the clock; the cap is
-    agreed across ranks."""
+    agreed across ranks. `clock` (seconds) is injectable so tests can drive the wallclock schedule and cap."""
     h, rt = ctx.h, ctx.rt
     fwd = make_compile_fn(h, rt.device)(model)
     opt = Optimizers(h, model, rt)
     train_glob = h.train_files
-    t_c = time.perf_counter()
+    t_c = clock()
     compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(train_glob, rt))
-    log0(f"compile_time:{1000 * (time.perf_counter() - t_c):.0f}ms")
+    log0(f"compile_time:{1000 * (clock() - t_c):.0f}ms")
     loader = DistributedTokenLoader(train_glob, rt)
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     train_ms, step, qat_on, stop, elapsed_ms = 0.0, 0, False, False, 0.0
     cap_ms = 1000 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else float("inf")
     sync(rt.device)
-    t0 = time.perf_counter()
+    t0 = clock()
     while True:
         last = step == h.iterations or stop
         if h.val_loss_every > 0 and (last or step % h.val_loss_every == 0):
             sync(rt.device)
-            train_ms += 1000 * (time.perf_counter() - t0)
+            train_ms += 1000 * (clock() - t0)
             r = run_pass(ctx, FixedScorer(fwd), stride=h.eval_seq_len)
             log0(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
                  f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            t0 = time.perf_counter()
+            t0 = clock()
         if last:
             break
         mult = lr_multiplier(h, step, elapsed_ms)  # the rank-agreed time: every rank takes the same LR
@@ -1908,7 +1908,7 @@ def train(ctx: EvalContext, model: GPT) -> tuple[int, float, object]:
         if ema is not None:
             ema.update()
         step += 1
-        now_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        now_ms = train_ms + 1000 * (clock() - t0)
         # One tiny all-reduce per step: a non-finite loss on any rank, the global mean loss, and the mean elapsed
         # time, which drives the LR schedule, late QAT and the wallclock cap identically on every rank.
         sums = all_reduce_(torch.tensor([float(not math.isfinite(loss)), loss, now_ms], device=rt.device,
@@ -1923,7 +1923,7 @@ def train(ctx: EvalContext, model: GPT) -> tuple[int, float, object]:
         if stop and step < h.iterations:
             log0(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
     if h.val_loss_every <= 0:
-        train_ms += 1000 * (time.perf_counter() - t0)
+        train_ms += 1000 * (clock() - t0)
     if ema is not None:
         if step >= h.ema_min_steps:
             ema.apply()
