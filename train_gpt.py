@@ -337,16 +337,22 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
     return t
 
 
-def all_reduce_flat_(tensors: list[Tensor], scale: float = 1.0) -> None:
-    """Sum (then scale) a list of tensors across ranks in place, as one flat buffer: one collective, not many."""
+def all_reduce_flat_(tensors: list[Tensor], scale: float = 1.0, async_op: bool = False):
+    """Sum (then scale) a list of tensors across ranks in place, as one flat buffer: one collective, not many.
+    async_op=True returns a `finish()` to call before the tensors are read; the collective runs meanwhile."""
     if not dist.is_initialized() or not tensors:
-        return
+        return (lambda: None) if async_op else None
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    all_reduce_(flat)
-    if scale != 1.0:
-        flat.mul_(scale)
-    for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(f.view_as(t))
+    work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
+
+    def finish() -> None:
+        work.wait()
+        if scale != 1.0:
+            flat.mul_(scale)
+        for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(f.view_as(t))
+
+    return finish if async_op else finish()
 
 
 def autocast(device: torch.device):
@@ -803,7 +809,8 @@ def build_model(h: Hyperparameters) -> GPT:
 # 6. Optimizer
 #
 # Muon on the 4 banks, AdamW on embeddings and control tensors. With several ranks the bank gradients are
-# reduce-scattered so each rank orthogonalizes only its shard of matrices, then the updates are all-gathered.
+# reduce-scattered so each rank orthogonalizes only its shard of matrices, then the updates are all-gathered;
+# the collectives are asynchronous and overlap with compute (Parallel Muon, Optimizers.step).
 # Unlike the record (which clipped each rank's local gradient), the clip uses the norm of the averaged
 # gradient, so 1, 2, 4 and 8 ranks take the same step.
 
@@ -826,49 +833,89 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
     return (X.mT if transposed else X).to(G.dtype)
 
 
+def _collective(fn, *args, wait: bool):
+    """Launch an async collective (the tensor-API names warn with FutureWarning on some builds); wait=True
+    completes it at once, which is the synchronous step that bench_cpu.py and the tests compare against."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        work = fn(*args, async_op=True)
+    if wait:
+        work.wait()
+    return work
+
+
 class Muon:
     """Muon for 3-D banks (slots, rows, cols): Nesterov momentum, Newton-Schulz orthogonalization, update scaled
     by sqrt(max(1, rows/cols)), decoupled weight decay W <- W (1 - lr wd) - lr s U. Each rank owns
-    ceil(slots/world) slots (the bank is zero-padded) and keeps momentum only for them."""
+    ceil(slots/world) slots (the bank is zero-padded) and keeps momentum only for them.
 
-    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, steps: int, rt: Runtime):
+    Overlap (several ranks): the reduce-scatters start together, biggest bank first, and the caller works while
+    they fly; each bank's all-gather then runs under the next bank's Newton-Schulz. overlap=False waits on every
+    collective at launch: the same arithmetic in the same order, so the two modes agree bit for bit."""
+
+    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, steps: int, rt: Runtime, overlap: bool = True):
         self.banks, self.base_lr, self.wd, self.steps, self.rt = banks, lr, wd, steps, rt
-        self.lr, self.momentum = lr, 0.0
+        self.lr, self.momentum, self.overlap = lr, 0.0, overlap
         self.shard = {id(p): -(-p.size(0) // rt.world_size) for p in banks}
         self.buf = {id(p): torch.zeros(self.shard[id(p)], *p.shape[1:], device=p.device) for p in banks}
+        self.order = sorted(range(len(banks)), key=lambda i: -banks[i].numel())  # biggest first
 
-    def reduce_grads(self) -> list[Tensor]:
-        """Average the bank gradients and return this rank's shard of each (world 1: the whole bank)."""
-        shards, world = [], self.rt.world_size
-        for p in self.banks:
-            n = self.shard[id(p)]
+    def launch_reduce(self) -> list:
+        """Start averaging every bank gradient (reduce-scatter, biggest bank first); returns the pending shards."""
+        pending, world = [None] * len(self.banks), self.rt.world_size
+        for i in self.order:
+            p = self.banks[i]
             if world == 1:
-                shards.append(p.grad)
+                pending[i] = (p.grad, None)
                 continue
+            n = self.shard[id(p)]
             g = torch.zeros(n * world, *p.shape[1:], device=p.device, dtype=p.grad.dtype)
             g[:p.size(0)] = p.grad
             out = torch.empty(n, *p.shape[1:], device=p.device, dtype=g.dtype)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                dist.reduce_scatter_tensor(out, g)
-            shards.append(out.div_(world))
-        return shards
+            pending[i] = (out, _collective(dist.reduce_scatter_tensor, out, g, wait=not self.overlap))
+        return pending
+
+    def finish_reduce(self, pending: list, norms: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """This rank's averaged shard of each bank (world 1: the whole bank), waited for in launch order, and each
+        shard's float32 sum of squares when norms is set (computed as it lands, under the later transfers)."""
+        shards, sq = [None] * len(self.banks), [None] * len(self.banks)
+        for i in self.order:
+            out, work = pending[i]
+            if work is not None:
+                work.wait()
+                out.div_(self.rt.world_size)
+            shards[i] = out
+            if norms:
+                sq[i] = out.float().pow(2).sum()
+        return shards, sq
 
     @torch.no_grad()
-    def step(self, shards: list[Tensor]) -> None:
-        world = self.rt.world_size
-        for p, g in zip(self.banks, shards):
+    def step(self, shards: list[Tensor], under_first_gather=None) -> None:
+        """Orthogonalize each shard, biggest bank first; bank i's update lands after bank i+1's Newton-Schulz.
+        under_first_gather (e.g. the AdamW step) runs while the first all-gather is in flight."""
+        prev = None
+        for j, i in enumerate(self.order):
+            p, g = self.banks[i], shards[i]
             buf = self.buf[id(p)]
             buf.mul_(self.momentum).add_(g)
             u = zeropower_via_newtonschulz5(g.add(buf, alpha=self.momentum), self.steps)
             u = u * math.sqrt(max(1.0, p.size(1) / p.size(2)))
-            if world > 1:
-                full = torch.empty(u.size(0) * world, *u.shape[1:], device=u.device, dtype=u.dtype)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    dist.all_gather_into_tensor(full, u.contiguous())
-                u = full[:p.size(0)]
-            p.mul_(1 - self.lr * self.wd).sub_(u.to(p.dtype), alpha=self.lr)
+            cur = (p, u, None)
+            if self.rt.world_size > 1:
+                full = torch.empty(u.size(0) * self.rt.world_size, *u.shape[1:], device=u.device, dtype=u.dtype)
+                cur = (p, full, _collective(dist.all_gather_into_tensor, full, u.contiguous(), wait=not self.overlap))
+            if j == 0 and under_first_gather is not None:
+                under_first_gather()
+            if prev is not None:
+                self._apply(*prev)
+            prev = cur
+        if prev is not None:
+            self._apply(*prev)
+
+    def _apply(self, p: nn.Parameter, u: Tensor, work) -> None:
+        if work is not None:
+            work.wait()
+        p.mul_(1 - self.lr * self.wd).sub_(u[:p.size(0)].to(p.dtype), alpha=self.lr)
 
     def state_dict(self) -> dict:
         return {k: v.clone() for k, v in self.buf.items()}
@@ -881,14 +928,14 @@ class Muon:
 class Optimizers:
     """Muon (banks) + AdamW (token tables; scalars and small matrices), one LR multiplier for all."""
 
-    def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime):
+    def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
         self.h, self.rt = h, rt
         named = dict(model.named_parameters())
         self.banks = [named[n] for n in BANK_NAMES]
         token = [p for n, p in named.items() if n in TOKEN_PARAM_NAMES]
         scalar = [p for n, p in named.items() if n not in TOKEN_PARAM_NAMES and n not in BANK_NAMES]
         self.replicated = token + scalar
-        self.muon = Muon(self.banks, h.matrix_lr, h.muon_wd, h.muon_backend_steps, rt)
+        self.muon = Muon(self.banks, h.matrix_lr, h.muon_wd, h.muon_backend_steps, rt, overlap)
         kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd)
         if rt.device.type == "cuda":
             kw["fused"] = True
@@ -904,21 +951,33 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads."""
+        """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads.
+
+        Order: the replicated gradients' one flat all-reduce (small, ~4 MB), then the bank reduce-scatters, biggest
+        first, all in flight at once (NCCL runs one communicator's collectives in launch order, so the small one
+        goes first). While the banks fly, the replicated gradients land and their norm is taken. The clip needs
+        every reduced gradient, so with a clip AdamW runs under Muon's first all-gather, without one under the
+        reduce-scatters. The arithmetic is that of the plain sequence, bit for bit."""
         for p in self.replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        bank_shards = self.muon.reduce_grads()
+        clip = self.h.grad_clip_norm > 0
         grads = [p.grad for p in self.replicated]
-        all_reduce_flat_(grads, 1.0 / self.rt.world_size)
-        if self.h.grad_clip_norm > 0:
-            sq = torch.stack([g.float().pow(2).sum() for g in bank_shards])
-            bank_sq = all_reduce_(sq.sum()) if self.rt.world_size > 1 else sq.sum()
+        finish = all_reduce_flat_(grads, 1.0 / self.rt.world_size, async_op=self.muon.overlap)
+        pending = self.muon.launch_reduce()
+        if finish is not None:
+            finish()
+        if clip:
             rep_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        else:
+            self.adam.step()
+        bank_shards, sq = self.muon.finish_reduce(pending, norms=clip)
+        if clip:
+            sq = torch.stack(sq)
+            bank_sq = all_reduce_(sq.sum()) if self.rt.world_size > 1 else sq.sum()
             coef = (self.h.grad_clip_norm / ((bank_sq + rep_sq).sqrt() + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads + bank_shards, coef)
-        self.adam.step()
-        self.muon.step(bank_shards)
+        self.muon.step(bank_shards, under_first_gather=self.adam.step if clip else None)
         for p in self.replicated + self.banks:
             p.grad = None
 
