@@ -55,6 +55,8 @@ except ImportError:
 
 SHARD_GLOB = "fineweb_{split}_*.bin"  # the challenge's shard names: fineweb_train_000000.bin, fineweb_val_000000.bin
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
+# Attention kernels (section 2): FlashAttention 3/2, SDPA pinned to one CUDA backend, SDPA's own dispatch.
+ATTN_BACKENDS = ("fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
 _GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # shared with other tools
 
@@ -113,7 +115,7 @@ class Hyperparameters:
     val_loss_every: int = 4000
     train_log_every: int = 500
     torch_compile: str = "auto"  # auto: on for CUDA, off for CPU
-    attn_backend: str = "auto"  # auto: fa3 -> fa2 -> sdpa
+    attn_backend: str = "auto"  # auto: the fastest correct kernel, measured at start-up on CUDA; CPU: sdpa
     author: str = ""
     github_id: str = ""
     # Model
@@ -205,7 +207,8 @@ class Hyperparameters:
              "TRAIN_BATCH_TOKENS must be a multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches of whole sequences)"),
             (all(0 <= i < self.num_layers for i in self.ve_layer_list), "VE_LAYERS must be layer indices < NUM_LAYERS"),
             (self.torch_compile in ("auto", "0", "1"), f"TORCH_COMPILE must be auto, 0 or 1, got {self.torch_compile!r}"),
-            (self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), f"ATTN_BACKEND must be auto, fa3, fa2 or sdpa, got {self.attn_backend!r}"),
+            (self.attn_backend in ("auto",) + ATTN_BACKENDS,
+             f"ATTN_BACKEND must be auto or one of {','.join(ATTN_BACKENDS)}, got {self.attn_backend!r}"),
             (self.compressor.split("+")[0] in ("auto", "lzma", "zstd", "brotli"), f"COMPRESSOR unknown: {self.compressor!r}"),
             (self.preset in ("",) + tuple(PRESETS), f"PRESET must be one of {sorted(PRESETS)}, got {self.preset!r}"),
             (1 <= self.ngram_min_order <= self.ngram_max_order, "need 1 <= NGRAM_MIN_ORDER <= NGRAM_MAX_ORDER"),
@@ -378,14 +381,17 @@ def flash_kernels(device: torch.device) -> dict:
     return found
 
 
-def resolve_attention(requested: str, device: torch.device) -> str:
-    """FA3 -> FA2 -> SDPA for "auto"; a forced backend fails here if it is not importable on this device."""
-    available = list(flash_kernels(device)) + ["sdpa"]
-    if requested == "auto":
-        return available[0]
-    if requested not in available:
-        raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
-    return requested
+# SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash takes grouped KV heads
+# natively; the efficient kernel rejects them on older builds and cuDNN's does not check head counts, so those two
+# see K/V expanded (always correct, and the measurement charges them for the copy).
+SDPA_BACKENDS = {"sdpa_cudnn": ("CUDNN_ATTENTION", True), "sdpa_flash": ("FLASH_ATTENTION", False),
+                 "sdpa_efficient": ("EFFICIENT_ATTENTION", True)}
+ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs (bf16 resolution is 2^-8)
+
+
+def attention_candidates(device: torch.device) -> list[str]:
+    """The kernels that can run here, in fallback order: FA3, FA2, SDPA, then SDPA pinned to each backend."""
+    return list(flash_kernels(device)) + ["sdpa"] + (list(SDPA_BACKENDS) if device.type == "cuda" else [])
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -394,11 +400,27 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return y.transpose(1, 2)
 
 
+def sdpa_pinned(kernel: str, expand: bool):
+    """SDPA restricted to one backend (torch.compile traces the sdpa_kernel context and bakes the choice in)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, kernel)
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if expand and q.size(2) != k.size(2):  # query head j reads KV head j // (H // KV)
+            k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+        with sdpa_kernel([backend]):
+            return _sdpa(q, k, v)
+
+    return attend
+
+
 def attention_kernel(backend: str):
     """Causal attention fn(q, k, v): q (B, T, H, D); k, v (B, T, KV, D), consecutive query heads sharing a KV
     head. An unresolved "auto" means SDPA: start-up resolves the backend before any model is built."""
     if backend in ("auto", "sdpa"):
         return _sdpa
+    if backend in SDPA_BACKENDS:
+        return sdpa_pinned(*SDPA_BACKENDS[backend])
     if backend == "fa3":
         from flash_attn_interface import flash_attn_func as fa
     else:
@@ -411,6 +433,87 @@ def attention_kernel(backend: str):
     return flash
 
 
+def _attention_inputs(shape, device, requires_grad: bool):
+    B, T, H, KV, D = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, T, n, D, device=device, generator=g).bfloat16() for n in (H, KV, KV))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def attention_error(backend: str, shape, device) -> float:
+    """Max |kernel - fp32 reference| of one causal attention on bf16 inputs of the run's shape (batch 1)."""
+    q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device, False)
+    with torch.no_grad():
+        y = attention_kernel(backend)(q, k, v).float()
+        rep = q.size(2) // k.size(2)
+        ref = _sdpa(q.float(), *(t.float().repeat_interleave(rep, dim=2) for t in (k, v)))
+    return (y - ref).abs().max().item()
+
+
+def time_attention(backend: str, shape, device, reps: int = 3) -> float:
+    """ms of one forward + backward at the run's shape (B, T, H, KV, D), bf16, after one untimed call."""
+    fn = attention_kernel(backend)
+    q, k, v = _attention_inputs(shape, device, True)
+    dy = torch.randn_like(q)
+    for i in range(reps + 1):
+        if i == 1:
+            sync(device)
+            t0 = time.perf_counter()
+        fn(q, k, v).backward(dy)
+    sync(device)
+    return 1000 * (time.perf_counter() - t0) / reps
+
+
+def measure_attention(cands: list[str], shape, device, compile_check: bool = False) -> dict:
+    """{backend: ms} for every candidate, or {backend: why it is out}: it raised, missed the fp32 reference by more
+    than ATTN_TOLERANCE, or (compile_check: FlashAttention builds are opaque to torch.compile) failed to trace."""
+    out = {}
+    for b in cands:
+        try:
+            err = attention_error(b, shape, device)
+            if not err <= ATTN_TOLERANCE:
+                out[b] = f"mismatch({err:.3g})"
+                continue
+            if compile_check and b in ("fa3", "fa2"):
+                q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device, True)
+                torch.compile(attention_kernel(b), fullgraph=True, dynamic=False)(q, k, v).sum().backward()
+            out[b] = time_attention(b, shape, device)
+        except Exception as e:  # a kernel that cannot run these shapes is simply not a candidate
+            out[b] = f"failed({type(e).__name__})"
+    return out
+
+
+def resolve_attention(requested: str, device: torch.device, shape=None, notes: list | None = None,
+                      compile_check: bool = False) -> str:
+    """A forced backend must be importable here (and on CUDA, given the run's shape, run and match the fp32
+    reference). "auto": on CUDA with a shape, the fastest candidate that matches, timed once (forward + backward)
+    and agreed across ranks (slowest rank's time per kernel); one line of times goes to `notes`. Else FA3 ->
+    FA2 -> SDPA."""
+    available = attention_candidates(device)
+    if requested != "auto":
+        if requested not in available:
+            raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
+        if device.type == "cuda" and shape is not None:
+            why = measure_attention([requested], shape, device, compile_check)[requested]
+            if isinstance(why, str):
+                raise ValueError(f"ATTN_BACKEND={requested} does not work on this device at shape {shape}: {why}")
+        return requested
+    if device.type != "cuda" or shape is None:
+        return available[0]
+    table = measure_attention(available, shape, device, compile_check)
+    ms = torch.tensor([v if isinstance(v, float) else math.inf for v in table.values()], device=device)
+    ms = all_reduce_(ms, dist.ReduceOp.MAX).tolist()
+    if not math.isfinite(min(ms)):
+        raise RuntimeError(f"no attention kernel works at shape {shape}: {table}")
+    choice = available[min(range(len(ms)), key=lambda i: ms[i])]
+    if notes is not None:
+        cells = [f"{b}:{m:.3f}" if math.isfinite(m) else f"{b}:{table[b] if isinstance(table[b], str) else 'out(other rank)'}"
+                 for b, m in zip(available, ms)]
+        notes.append("attention_select shape:B{}xT{}xH{}/KV{}xD{} bf16 fwd+bwd_ms ".format(*shape) + " ".join(cells)
+                     + f" chosen:{choice}")
+    return choice
+
+
 def compile_enabled(h: Hyperparameters, device: torch.device) -> bool:
     return h.torch_compile == "1" or (h.torch_compile == "auto" and device.type == "cuda")
 
@@ -421,9 +524,17 @@ def make_compile_fn(h: Hyperparameters, device: torch.device):
     return lambda m: m
 
 
-def resolve_startup(h: Hyperparameters, rt: Runtime) -> Hyperparameters:
-    """Everything decided once at start-up goes into the hyperparameters, so the hparams line shows it."""
-    return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=resolve_attention(h.attn_backend, rt.device))
+def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
+    """(B, T, H, KV, D) of one training micro-batch on one rank (world x grad accumulation = 8 micro-batches)."""
+    return (h.train_batch_tokens // (8 * h.train_seq_len), h.train_seq_len, h.num_heads, h.num_kv_heads,
+            h.model_dim // h.num_heads)
+
+
+def resolve_startup(h: Hyperparameters, rt: Runtime, notes: list | None = None) -> Hyperparameters:
+    """Everything decided once at start-up goes into the hyperparameters, so the hparams line shows it. The
+    attention measurement (CUDA) takes seconds here, before the timed training starts."""
+    backend = resolve_attention(h.attn_backend, rt.device, attention_shape(h), notes, compile_enabled(h, rt.device))
+    return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=backend)
 
 
 # -----------------------------------------------------------------------------
@@ -2057,10 +2168,12 @@ def diagnostic(ctx: EvalContext, name: str, fwd, stride: int, decimals: int = 8)
 
 
 def run(h: Hyperparameters, rt: Runtime) -> int:
-    h = resolve_startup(h, rt)
+    h = resolve_startup(h, rt, notes := [])
     out = Path(h.out_dir)
     init_logging(out / "logs" / f"{h.run_id}.txt", rt.is_main)
     log_header(h, rt)
+    for line in notes:  # the attention measurement's table (CUDA)
+        log0(line)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     val = load_val_tokens(h.val_files, h.eval_seq_len)
