@@ -613,7 +613,10 @@ class DistributedTokenLoader:
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.rt.world_size * self.rt.grad_accum_steps)
         span = self.stream.take((local + 1) * self.rt.world_size)[self.rt.rank * (local + 1):][:local + 1]
-        t = torch.from_numpy(span.astype(np.int64)).to(self.rt.device, non_blocking=True)
+        t = torch.from_numpy(span.astype(np.int64))
+        if self.rt.device.type == "cuda":  # pinned: the copy is truly asynchronous, the host runs ahead
+            t = t.pin_memory()
+        t = t.to(self.rt.device, non_blocking=True)
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
 
 
@@ -2039,6 +2042,15 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
     log0(f"compile_warmup steps:{h.warmup_steps} qat_variants:{2 if both and h.warmup_steps >= 2 else 1}")
 
 
+def step_clock(loss: Tensor, now_ms: float) -> list[float]:
+    """The timed loop's only host-device sync per step: [ranks with a non-finite loss, summed loss, summed elapsed
+    ms], built on the device (no host tensor copied per step) and read back once. now_ms is taken when the step is
+    queued, so the clock trails the device by at most one step; the final train time is read after this sync."""
+    bad = (~torch.isfinite(loss)).double()
+    vec = torch.stack((bad, loss.double(), torch.full((), now_ms, dtype=torch.float64, device=loss.device)))
+    return all_reduce_(vec).tolist()
+
+
 def train(ctx: EvalContext, model: GPT) -> tuple[int, float, object]:
     """The timed loop; returns (steps, train_ms, the compiled model). Validation pauses the clock; the cap is
     agreed across ranks."""
@@ -2074,15 +2086,14 @@ def train(ctx: EvalContext, model: GPT) -> tuple[int, float, object]:
             log0(f"qat:on step:{step} lr_mult:{mult:.4f} fake_quant_elements:{n} bank_elements:{banks}")
             qat_on = True
         opt.set_schedule(step, mult)
-        loss = train_step(h, rt, fwd, opt, loader, qat).item()
+        loss = train_step(h, rt, fwd, opt, loader, qat)  # a device tensor: read only in step_clock's one sync
         if ema is not None:
             ema.update()
         step += 1
         now_ms = train_ms + 1000 * (time.perf_counter() - t0)
         # One tiny all-reduce per step: a non-finite loss on any rank, the global mean loss, and the mean elapsed
         # time, which drives the LR schedule, late QAT and the wallclock cap identically on every rank.
-        sums = all_reduce_(torch.tensor([float(not math.isfinite(loss)), loss, now_ms], device=rt.device,
-                                        dtype=torch.float64)).tolist()
+        sums = step_clock(loss, now_ms)
         loss, elapsed_ms = sums[1] / rt.world_size, sums[2] / rt.world_size
         if sums[0] > 0:
             raise FloatingPointError(f"non-finite train loss ({loss}) at step {step}")
