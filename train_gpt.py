@@ -55,6 +55,8 @@ except ImportError:
 
 SHARD_GLOB = "fineweb_{split}_*.bin"  # the challenge's shard names: fineweb_train_000000.bin, fineweb_val_000000.bin
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
+# Attention kernels (section 2): FlashAttention 3/2, SDPA pinned to one CUDA backend, SDPA's own dispatch.
+ATTN_BACKENDS = ("fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
 _GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # shared with other tools
 
@@ -113,7 +115,7 @@ class Hyperparameters:
     val_loss_every: int = 4000
     train_log_every: int = 500
     torch_compile: str = "auto"  # auto: on for CUDA, off for CPU
-    attn_backend: str = "auto"  # auto: fa3 -> fa2 -> sdpa
+    attn_backend: str = "auto"  # auto: the fastest correct kernel, measured at start-up on CUDA; CPU: sdpa
     author: str = ""
     github_id: str = ""
     # Model
@@ -205,7 +207,8 @@ class Hyperparameters:
              "TRAIN_BATCH_TOKENS must be a multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches of whole sequences)"),
             (all(0 <= i < self.num_layers for i in self.ve_layer_list), "VE_LAYERS must be layer indices < NUM_LAYERS"),
             (self.torch_compile in ("auto", "0", "1"), f"TORCH_COMPILE must be auto, 0 or 1, got {self.torch_compile!r}"),
-            (self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), f"ATTN_BACKEND must be auto, fa3, fa2 or sdpa, got {self.attn_backend!r}"),
+            (self.attn_backend in ("auto",) + ATTN_BACKENDS,
+             f"ATTN_BACKEND must be auto or one of {','.join(ATTN_BACKENDS)}, got {self.attn_backend!r}"),
             (self.compressor.split("+")[0] in ("auto", "lzma", "zstd", "brotli"), f"COMPRESSOR unknown: {self.compressor!r}"),
             (self.preset in ("",) + tuple(PRESETS), f"PRESET must be one of {sorted(PRESETS)}, got {self.preset!r}"),
             (1 <= self.ngram_min_order <= self.ngram_max_order, "need 1 <= NGRAM_MIN_ORDER <= NGRAM_MAX_ORDER"),
@@ -337,16 +340,22 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
     return t
 
 
-def all_reduce_flat_(tensors: list[Tensor], scale: float = 1.0) -> None:
-    """Sum (then scale) a list of tensors across ranks in place, as one flat buffer: one collective, not many."""
+def all_reduce_flat_(tensors: list[Tensor], scale: float = 1.0, async_op: bool = False):
+    """Sum (then scale) a list of tensors across ranks in place, as one flat buffer: one collective, not many.
+    async_op=True returns a `finish()` to call before the tensors are read; the collective runs meanwhile."""
     if not dist.is_initialized() or not tensors:
-        return
+        return (lambda: None) if async_op else None
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    all_reduce_(flat)
-    if scale != 1.0:
-        flat.mul_(scale)
-    for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(f.view_as(t))
+    work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
+
+    def finish() -> None:
+        work.wait()
+        if scale != 1.0:
+            flat.mul_(scale)
+        for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(f.view_as(t))
+
+    return finish if async_op else finish()
 
 
 def autocast(device: torch.device):
@@ -372,14 +381,17 @@ def flash_kernels(device: torch.device) -> dict:
     return found
 
 
-def resolve_attention(requested: str, device: torch.device) -> str:
-    """FA3 -> FA2 -> SDPA for "auto"; a forced backend fails here if it is not importable on this device."""
-    available = list(flash_kernels(device)) + ["sdpa"]
-    if requested == "auto":
-        return available[0]
-    if requested not in available:
-        raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
-    return requested
+# SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash takes grouped KV heads
+# natively; the efficient kernel rejects them on older builds and cuDNN's does not check head counts, so those two
+# see K/V expanded (always correct, and the measurement charges them for the copy).
+SDPA_BACKENDS = {"sdpa_cudnn": ("CUDNN_ATTENTION", True), "sdpa_flash": ("FLASH_ATTENTION", False),
+                 "sdpa_efficient": ("EFFICIENT_ATTENTION", True)}
+ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs (bf16 resolution is 2^-8)
+
+
+def attention_candidates(device: torch.device) -> list[str]:
+    """The kernels that can run here, in fallback order: FA3, FA2, SDPA, then SDPA pinned to each backend."""
+    return list(flash_kernels(device)) + ["sdpa"] + (list(SDPA_BACKENDS) if device.type == "cuda" else [])
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -388,11 +400,27 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return y.transpose(1, 2)
 
 
+def sdpa_pinned(kernel: str, expand: bool):
+    """SDPA restricted to one backend (torch.compile traces the sdpa_kernel context and bakes the choice in)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, kernel)
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if expand and q.size(2) != k.size(2):  # query head j reads KV head j // (H // KV)
+            k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+        with sdpa_kernel([backend]):
+            return _sdpa(q, k, v)
+
+    return attend
+
+
 def attention_kernel(backend: str):
     """Causal attention fn(q, k, v): q (B, T, H, D); k, v (B, T, KV, D), consecutive query heads sharing a KV
     head. An unresolved "auto" means SDPA: start-up resolves the backend before any model is built."""
     if backend in ("auto", "sdpa"):
         return _sdpa
+    if backend in SDPA_BACKENDS:
+        return sdpa_pinned(*SDPA_BACKENDS[backend])
     if backend == "fa3":
         from flash_attn_interface import flash_attn_func as fa
     else:
@@ -405,6 +433,87 @@ def attention_kernel(backend: str):
     return flash
 
 
+def _attention_inputs(shape, device, requires_grad: bool):
+    B, T, H, KV, D = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, T, n, D, device=device, generator=g).bfloat16() for n in (H, KV, KV))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def attention_error(backend: str, shape, device) -> float:
+    """Max |kernel - fp32 reference| of one causal attention on bf16 inputs of the run's shape (batch 1)."""
+    q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device, False)
+    with torch.no_grad():
+        y = attention_kernel(backend)(q, k, v).float()
+        rep = q.size(2) // k.size(2)
+        ref = _sdpa(q.float(), *(t.float().repeat_interleave(rep, dim=2) for t in (k, v)))
+    return (y - ref).abs().max().item()
+
+
+def time_attention(backend: str, shape, device, reps: int = 3) -> float:
+    """ms of one forward + backward at the run's shape (B, T, H, KV, D), bf16, after one untimed call."""
+    fn = attention_kernel(backend)
+    q, k, v = _attention_inputs(shape, device, True)
+    dy = torch.randn_like(q)
+    for i in range(reps + 1):
+        if i == 1:
+            sync(device)
+            t0 = time.perf_counter()
+        fn(q, k, v).backward(dy)
+    sync(device)
+    return 1000 * (time.perf_counter() - t0) / reps
+
+
+def measure_attention(cands: list[str], shape, device, compile_check: bool = False) -> dict:
+    """{backend: ms} for every candidate, or {backend: why it is out}: it raised, missed the fp32 reference by more
+    than ATTN_TOLERANCE, or (compile_check: FlashAttention builds are opaque to torch.compile) failed to trace."""
+    out = {}
+    for b in cands:
+        try:
+            err = attention_error(b, shape, device)
+            if not err <= ATTN_TOLERANCE:
+                out[b] = f"mismatch({err:.3g})"
+                continue
+            if compile_check and b in ("fa3", "fa2"):
+                q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device, True)
+                torch.compile(attention_kernel(b), fullgraph=True, dynamic=False)(q, k, v).sum().backward()
+            out[b] = time_attention(b, shape, device)
+        except Exception as e:  # a kernel that cannot run these shapes is simply not a candidate
+            out[b] = f"failed({type(e).__name__})"
+    return out
+
+
+def resolve_attention(requested: str, device: torch.device, shape=None, notes: list | None = None,
+                      compile_check: bool = False) -> str:
+    """A forced backend must be importable here (and on CUDA, given the run's shape, run and match the fp32
+    reference). "auto": on CUDA with a shape, the fastest candidate that matches, timed once (forward + backward)
+    and agreed across ranks (slowest rank's time per kernel); one line of times goes to `notes`. Else FA3 ->
+    FA2 -> SDPA."""
+    available = attention_candidates(device)
+    if requested != "auto":
+        if requested not in available:
+            raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
+        if device.type == "cuda" and shape is not None:
+            why = measure_attention([requested], shape, device, compile_check)[requested]
+            if isinstance(why, str):
+                raise ValueError(f"ATTN_BACKEND={requested} does not work on this device at shape {shape}: {why}")
+        return requested
+    if device.type != "cuda" or shape is None:
+        return available[0]
+    table = measure_attention(available, shape, device, compile_check)
+    ms = torch.tensor([v if isinstance(v, float) else math.inf for v in table.values()], device=device)
+    ms = all_reduce_(ms, dist.ReduceOp.MAX).tolist()
+    if not math.isfinite(min(ms)):
+        raise RuntimeError(f"no attention kernel works at shape {shape}: {table}")
+    choice = available[min(range(len(ms)), key=lambda i: ms[i])]
+    if notes is not None:
+        cells = [f"{b}:{m:.3f}" if math.isfinite(m) else f"{b}:{table[b] if isinstance(table[b], str) else 'out(other rank)'}"
+                 for b, m in zip(available, ms)]
+        notes.append("attention_select shape:B{}xT{}xH{}/KV{}xD{} bf16 fwd+bwd_ms ".format(*shape) + " ".join(cells)
+                     + f" chosen:{choice}")
+    return choice
+
+
 def compile_enabled(h: Hyperparameters, device: torch.device) -> bool:
     return h.torch_compile == "1" or (h.torch_compile == "auto" and device.type == "cuda")
 
@@ -415,9 +524,17 @@ def make_compile_fn(h: Hyperparameters, device: torch.device):
     return lambda m: m
 
 
-def resolve_startup(h: Hyperparameters, rt: Runtime) -> Hyperparameters:
-    """Everything decided once at start-up goes into the hyperparameters, so the hparams line shows it."""
-    return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=resolve_attention(h.attn_backend, rt.device))
+def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
+    """(B, T, H, KV, D) of one training micro-batch on one rank (world x grad accumulation = 8 micro-batches)."""
+    return (h.train_batch_tokens // (8 * h.train_seq_len), h.train_seq_len, h.num_heads, h.num_kv_heads,
+            h.model_dim // h.num_heads)
+
+
+def resolve_startup(h: Hyperparameters, rt: Runtime, notes: list | None = None) -> Hyperparameters:
+    """Everything decided once at start-up goes into the hyperparameters, so the hparams line shows it. The
+    attention measurement (CUDA) takes seconds here, before the timed training starts."""
+    backend = resolve_attention(h.attn_backend, rt.device, attention_shape(h), notes, compile_enabled(h, rt.device))
+    return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=backend)
 
 
 # -----------------------------------------------------------------------------
@@ -496,7 +613,10 @@ class DistributedTokenLoader:
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.rt.world_size * self.rt.grad_accum_steps)
         span = self.stream.take((local + 1) * self.rt.world_size)[self.rt.rank * (local + 1):][:local + 1]
-        t = torch.from_numpy(span.astype(np.int64)).to(self.rt.device, non_blocking=True)
+        t = torch.from_numpy(span.astype(np.int64))
+        if self.rt.device.type == "cuda":  # pinned: the copy is truly asynchronous, the host runs ahead
+            t = t.pin_memory()
+        t = t.to(self.rt.device, non_blocking=True)
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
 
 
@@ -803,7 +923,8 @@ def build_model(h: Hyperparameters) -> GPT:
 # 6. Optimizer
 #
 # Muon on the 4 banks, AdamW on embeddings and control tensors. With several ranks the bank gradients are
-# reduce-scattered so each rank orthogonalizes only its shard of matrices, then the updates are all-gathered.
+# reduce-scattered so each rank orthogonalizes only its shard of matrices, then the updates are all-gathered;
+# the collectives are asynchronous and overlap with compute (Parallel Muon, Optimizers.step).
 # Unlike the record (which clipped each rank's local gradient), the clip uses the norm of the averaged
 # gradient, so 1, 2, 4 and 8 ranks take the same step.
 
@@ -826,49 +947,89 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
     return (X.mT if transposed else X).to(G.dtype)
 
 
+def _collective(fn, *args, wait: bool):
+    """Launch an async collective (the tensor-API names warn with FutureWarning on some builds); wait=True
+    completes it at once, which is the synchronous step that bench_cpu.py and the tests compare against."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        work = fn(*args, async_op=True)
+    if wait:
+        work.wait()
+    return work
+
+
 class Muon:
     """Muon for 3-D banks (slots, rows, cols): Nesterov momentum, Newton-Schulz orthogonalization, update scaled
     by sqrt(max(1, rows/cols)), decoupled weight decay W <- W (1 - lr wd) - lr s U. Each rank owns
-    ceil(slots/world) slots (the bank is zero-padded) and keeps momentum only for them."""
+    ceil(slots/world) slots (the bank is zero-padded) and keeps momentum only for them.
 
-    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, steps: int, rt: Runtime):
+    Overlap (several ranks): the reduce-scatters start together, biggest bank first, and the caller works while
+    they fly; each bank's all-gather then runs under the next bank's Newton-Schulz. overlap=False waits on every
+    collective at launch: the same arithmetic in the same order, so the two modes agree bit for bit."""
+
+    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, steps: int, rt: Runtime, overlap: bool = True):
         self.banks, self.base_lr, self.wd, self.steps, self.rt = banks, lr, wd, steps, rt
-        self.lr, self.momentum = lr, 0.0
+        self.lr, self.momentum, self.overlap = lr, 0.0, overlap
         self.shard = {id(p): -(-p.size(0) // rt.world_size) for p in banks}
         self.buf = {id(p): torch.zeros(self.shard[id(p)], *p.shape[1:], device=p.device) for p in banks}
+        self.order = sorted(range(len(banks)), key=lambda i: -banks[i].numel())  # biggest first
 
-    def reduce_grads(self) -> list[Tensor]:
-        """Average the bank gradients and return this rank's shard of each (world 1: the whole bank)."""
-        shards, world = [], self.rt.world_size
-        for p in self.banks:
-            n = self.shard[id(p)]
+    def launch_reduce(self) -> list:
+        """Start averaging every bank gradient (reduce-scatter, biggest bank first); returns the pending shards."""
+        pending, world = [None] * len(self.banks), self.rt.world_size
+        for i in self.order:
+            p = self.banks[i]
             if world == 1:
-                shards.append(p.grad)
+                pending[i] = (p.grad, None)
                 continue
+            n = self.shard[id(p)]
             g = torch.zeros(n * world, *p.shape[1:], device=p.device, dtype=p.grad.dtype)
             g[:p.size(0)] = p.grad
             out = torch.empty(n, *p.shape[1:], device=p.device, dtype=g.dtype)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                dist.reduce_scatter_tensor(out, g)
-            shards.append(out.div_(world))
-        return shards
+            pending[i] = (out, _collective(dist.reduce_scatter_tensor, out, g, wait=not self.overlap))
+        return pending
+
+    def finish_reduce(self, pending: list, norms: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """This rank's averaged shard of each bank (world 1: the whole bank), waited for in launch order, and each
+        shard's float32 sum of squares when norms is set (computed as it lands, under the later transfers)."""
+        shards, sq = [None] * len(self.banks), [None] * len(self.banks)
+        for i in self.order:
+            out, work = pending[i]
+            if work is not None:
+                work.wait()
+                out.div_(self.rt.world_size)
+            shards[i] = out
+            if norms:
+                sq[i] = out.float().pow(2).sum()
+        return shards, sq
 
     @torch.no_grad()
-    def step(self, shards: list[Tensor]) -> None:
-        world = self.rt.world_size
-        for p, g in zip(self.banks, shards):
+    def step(self, shards: list[Tensor], under_first_gather=None) -> None:
+        """Orthogonalize each shard, biggest bank first; bank i's update lands after bank i+1's Newton-Schulz.
+        under_first_gather (e.g. the AdamW step) runs while the first all-gather is in flight."""
+        prev = None
+        for j, i in enumerate(self.order):
+            p, g = self.banks[i], shards[i]
             buf = self.buf[id(p)]
             buf.mul_(self.momentum).add_(g)
             u = zeropower_via_newtonschulz5(g.add(buf, alpha=self.momentum), self.steps)
             u = u * math.sqrt(max(1.0, p.size(1) / p.size(2)))
-            if world > 1:
-                full = torch.empty(u.size(0) * world, *u.shape[1:], device=u.device, dtype=u.dtype)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    dist.all_gather_into_tensor(full, u.contiguous())
-                u = full[:p.size(0)]
-            p.mul_(1 - self.lr * self.wd).sub_(u.to(p.dtype), alpha=self.lr)
+            cur = (p, u, None)
+            if self.rt.world_size > 1:
+                full = torch.empty(u.size(0) * self.rt.world_size, *u.shape[1:], device=u.device, dtype=u.dtype)
+                cur = (p, full, _collective(dist.all_gather_into_tensor, full, u.contiguous(), wait=not self.overlap))
+            if j == 0 and under_first_gather is not None:
+                under_first_gather()
+            if prev is not None:
+                self._apply(*prev)
+            prev = cur
+        if prev is not None:
+            self._apply(*prev)
+
+    def _apply(self, p: nn.Parameter, u: Tensor, work) -> None:
+        if work is not None:
+            work.wait()
+        p.mul_(1 - self.lr * self.wd).sub_(u[:p.size(0)].to(p.dtype), alpha=self.lr)
 
     def state_dict(self) -> dict:
         return {k: v.clone() for k, v in self.buf.items()}
@@ -881,14 +1042,14 @@ class Muon:
 class Optimizers:
     """Muon (banks) + AdamW (token tables; scalars and small matrices), one LR multiplier for all."""
 
-    def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime):
+    def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
         self.h, self.rt = h, rt
         named = dict(model.named_parameters())
         self.banks = [named[n] for n in BANK_NAMES]
         token = [p for n, p in named.items() if n in TOKEN_PARAM_NAMES]
         scalar = [p for n, p in named.items() if n not in TOKEN_PARAM_NAMES and n not in BANK_NAMES]
         self.replicated = token + scalar
-        self.muon = Muon(self.banks, h.matrix_lr, h.muon_wd, h.muon_backend_steps, rt)
+        self.muon = Muon(self.banks, h.matrix_lr, h.muon_wd, h.muon_backend_steps, rt, overlap)
         kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd)
         if rt.device.type == "cuda":
             kw["fused"] = True
@@ -904,21 +1065,33 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads."""
+        """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads.
+
+        Order: the replicated gradients' one flat all-reduce (small, ~4 MB), then the bank reduce-scatters, biggest
+        first, all in flight at once (NCCL runs one communicator's collectives in launch order, so the small one
+        goes first). While the banks fly, the replicated gradients land and their norm is taken. The clip needs
+        every reduced gradient, so with a clip AdamW runs under Muon's first all-gather, without one under the
+        reduce-scatters. The arithmetic is that of the plain sequence, bit for bit."""
         for p in self.replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        bank_shards = self.muon.reduce_grads()
+        clip = self.h.grad_clip_norm > 0
         grads = [p.grad for p in self.replicated]
-        all_reduce_flat_(grads, 1.0 / self.rt.world_size)
-        if self.h.grad_clip_norm > 0:
-            sq = torch.stack([g.float().pow(2).sum() for g in bank_shards])
-            bank_sq = all_reduce_(sq.sum()) if self.rt.world_size > 1 else sq.sum()
+        finish = all_reduce_flat_(grads, 1.0 / self.rt.world_size, async_op=self.muon.overlap)
+        pending = self.muon.launch_reduce()
+        if finish is not None:
+            finish()
+        if clip:
             rep_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        else:
+            self.adam.step()
+        bank_shards, sq = self.muon.finish_reduce(pending, norms=clip)
+        if clip:
+            sq = torch.stack(sq)
+            bank_sq = all_reduce_(sq.sum()) if self.rt.world_size > 1 else sq.sum()
             coef = (self.h.grad_clip_norm / ((bank_sq + rep_sq).sqrt() + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads + bank_shards, coef)
-        self.adam.step()
-        self.muon.step(bank_shards)
+        self.muon.step(bank_shards, under_first_gather=self.adam.step if clip else None)
         for p in self.replicated + self.banks:
             p.grad = None
 
@@ -1869,6 +2042,15 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
     log0(f"compile_warmup steps:{h.warmup_steps} qat_variants:{2 if both and h.warmup_steps >= 2 else 1}")
 
 
+def step_clock(loss: Tensor, now_ms: float) -> list[float]:
+    """The timed loop's only host-device sync per step: [ranks with a non-finite loss, summed loss, summed elapsed
+    ms], built on the device (no host tensor copied per step) and read back once. now_ms is taken when the step is
+    queued, so the clock trails the device by at most one step; the final train time is read after this sync."""
+    bad = (~torch.isfinite(loss)).double()
+    vec = torch.stack((bad, loss.double(), torch.full((), now_ms, dtype=torch.float64, device=loss.device)))
+    return all_reduce_(vec).tolist()
+
+
 def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, float, object]:
     """The timed loop; returns (steps, train_ms, the compiled model). Validation pauses the clock; the cap is
     agreed across ranks. `clock` (seconds) is injectable so tests can drive the wallclock schedule and cap."""
@@ -1904,15 +2086,14 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
             log0(f"qat:on step:{step} lr_mult:{mult:.4f} fake_quant_elements:{n} bank_elements:{banks}")
             qat_on = True
         opt.set_schedule(step, mult)
-        loss = train_step(h, rt, fwd, opt, loader, qat).item()
+        loss = train_step(h, rt, fwd, opt, loader, qat)  # a device tensor: read only in step_clock's one sync
         if ema is not None:
             ema.update()
         step += 1
         now_ms = train_ms + 1000 * (clock() - t0)
         # One tiny all-reduce per step: a non-finite loss on any rank, the global mean loss, and the mean elapsed
         # time, which drives the LR schedule, late QAT and the wallclock cap identically on every rank.
-        sums = all_reduce_(torch.tensor([float(not math.isfinite(loss)), loss, now_ms], device=rt.device,
-                                        dtype=torch.float64)).tolist()
+        sums = step_clock(loss, now_ms)
         loss, elapsed_ms = sums[1] / rt.world_size, sums[2] / rt.world_size
         if sums[0] > 0:
             raise FloatingPointError(f"non-finite train loss ({loss}) at step {step}")
@@ -1998,10 +2179,12 @@ def diagnostic(ctx: EvalContext, name: str, fwd, stride: int, decimals: int = 8)
 
 
 def run(h: Hyperparameters, rt: Runtime) -> int:
-    h = resolve_startup(h, rt)
+    h = resolve_startup(h, rt, notes := [])
     out = Path(h.out_dir)
     init_logging(out / "logs" / f"{h.run_id}.txt", rt.is_main)
     log_header(h, rt)
+    for line in notes:  # the attention measurement's table (CUDA)
+        log0(line)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     val = load_val_tokens(h.val_files, h.eval_seq_len)

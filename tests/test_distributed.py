@@ -1,4 +1,5 @@
-"""Multi-process tests on gloo (CPU): the sharded Muon step and a whole torchrun run must match one process.
+"""Multi-process tests on gloo (CPU): the sharded Muon step (overlapped = synchronous, bit for bit) and a whole
+torchrun run must match one process.
 
 Workers are this file run as a script (`python tests/test_distributed.py muon RANK WORLD OUT`), so nothing
 depends on how pytest imports test modules. Total < 60 s on 2 cores.
@@ -60,11 +61,11 @@ def exact_grads(model, seed: int) -> dict:
     return {n: torch.randint(-64, 65, p.shape, generator=g).float() / 4096 for n, p in model.named_parameters()}
 
 
-def muon_run(rank: int, world: int, clip: float) -> dict:
+def muon_run(rank: int, world: int, clip: float, overlap: bool = True) -> dict:
     h = muon_config(clip)
     torch.manual_seed(h.seed)
     model = tg.build_model(h)
-    opt = tg.Optimizers(h, model, tg.Runtime(rank, rank, world, CPU))
+    opt = tg.Optimizers(h, model, tg.Runtime(rank, rank, world, CPU), overlap=overlap)
     sign = 1.0 if rank == 0 else -1.0
     for step in range(MUON_STEPS):  # a different gradient each step: scale changes are not invisible to NS
         G, D = exact_grads(model, 100 + step), exact_grads(model, 200 + step)
@@ -83,7 +84,7 @@ def muon_worker(rank: int, world: int, out: str) -> None:
     # then connects the ranks over 127.0.0.1 (GLOO_SOCKET_IFNAME=lo) on ports the OS assigns.
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
     try:
-        results = {clip: muon_run(rank, world, clip) for clip in CLIPS}
+        results = {(clip, overlap): muon_run(rank, world, clip, overlap) for clip in CLIPS for overlap in (True, False)}
     finally:
         dist.destroy_process_group()
     torch.save(results, f"{out}.rank{rank}")
@@ -110,8 +111,11 @@ def test_two_rank_muon_step_matches_one_rank(tmp_path):
     init = dict(tg.build_model(muon_config(0.0)).named_parameters())
     for clip in CLIPS:
         for name, want in ref[clip].items():
-            assert torch.equal(ranks[0][clip][name], ranks[1][clip][name]), f"clip={clip} {name}: ranks disagree"
-            got = ranks[0][clip][name]
+            got = ranks[0][clip, True][name]
+            for r in range(2):  # the overlapped step (async collectives) is the synchronous step, bit for bit
+                assert torch.equal(ranks[r][clip, True][name], ranks[r][clip, False][name]), \
+                    f"clip={clip} {name}: rank {r} overlapped != synchronous"
+            assert torch.equal(got, ranks[1][clip, True][name]), f"clip={clip} {name}: ranks disagree"
             moved = (want - init[name]).norm()
             assert moved > 0, name  # every parameter took a step
             rel = ((got - want).norm() / want.norm().clamp(min=1e-12)).item()
