@@ -726,6 +726,52 @@ def _fake_quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
     return w + (wq.to(w.dtype) - w).detach()
 
 
+def _gptq_inverse_factor(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of H^-1 (batched), H damped by a fraction of its mean diagonal. A column with zero
+    diagonal (an input never active in calibration) gets the mean diagonal, so it is rounded alone. A
+    factorization that fails (singular H with little damping) is retried with 10x the damping."""
+    H = H.detach().float().clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    mean = diag.mean(-1, keepdim=True)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+    diag.copy_(torch.where(diag > 0, diag, mean))
+    eye = torch.eye(H.size(-1), device=H.device, dtype=H.dtype)
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(H + eye * (damp * mean)[..., None])
+        if not bool((info != 0).any()):
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        damp = max(10 * damp, 1e-4)
+    raise ValueError(f"GPTQ: Hessian not positive definite even with damping {damp:g}")
+
+
+def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int, qmax: int = INT6_MAX) -> Tensor:
+    """GPTQ on a fixed grid: codes (S, R, C) of matrices w (S, R, C) with input Hessians H (S, C, C) and per-row
+    scales (S, R). Columns go in order of decreasing H diagonal (most active inputs first); each column is rounded
+    to the grid and its error, scaled by the Cholesky factor of H^-1, is pushed onto the columns not yet rounded
+    (lazily, per block of block_size columns), which minimizes ||(W - Q) X^T|| greedily. With H = I every column is
+    plain round-to-nearest: GPTQ only changes where the inputs are correlated."""
+    w, s = w.detach().float(), scale.float().unsqueeze(-1)
+    S, R, C = w.shape
+    perm = H.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
+    W = w.gather(2, perm[:, None, :].expand(S, R, C)).clone()
+    Hp = H.gather(1, perm[:, :, None].expand(S, C, C)).gather(2, perm[:, None, :].expand(S, C, C))
+    U = _gptq_inverse_factor(Hp, damp)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        W1, U1 = W[:, :, i1:i2].clone(), U[:, i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            col = W1[:, :, j:j + 1]
+            q = (col / s).round().clamp(-qmax, qmax)
+            Q[:, :, i1 + j:i1 + j + 1] = q
+            e = (col - q * s) / U1[:, j, j][:, None, None]
+            W1[:, :, j:] -= e * U1[:, j:j + 1, j:]
+            E1[:, :, j:j + 1] = e
+        W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
+    return Q.gather(2, perm.argsort(dim=-1)[:, None, :].expand(S, R, C))
+
+
 def fake_quant_int6(w: Tensor) -> Tensor:
     return _fake_quant(w, int6_scales(w), INT6_MAX)
 
@@ -743,6 +789,10 @@ def fake_quant_int8(w: Tensor) -> Tensor:
 
 BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")  # int6, Muon
 TOKEN_PARAM_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")  # int8, AdamW token group
+# The input each bank's slots multiply (GPTQ's Hessians): Q and K, V read the attention input of their layer, O
+# the attention output, MLP up the normed MLP input, MLP down the activation. One entry per half of a 2L bank.
+BANK_INPUTS = {"qo_bank": ("attn_in", "attn_out"), "kv_bank": ("attn_in", "attn_in"), "mlp_up_bank": ("mlp_in",),
+               "mlp_down_bank": ("mlp_act",)}
 BIGRAM_MULTS = (36313, 27191)
 
 
@@ -838,6 +888,8 @@ class GPT(nn.Module):
         self.ve = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if self.ve_layers else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
         self.rotary = Rotary(h.rope_dims, h.rope_base)
+        self.tap = None  # fn(site, layer, x), set only while GPTQ collects the bank inputs (BANK_INPUTS sites)
+        self.hessians = None  # {bank: (slots, C, C)} from that collection; the export quantizes with them
         self._init_weights(h)
 
     @torch.no_grad()
@@ -892,13 +944,19 @@ class GPT(nn.Module):
         mix = blk.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + blk.attn_scale.to(x.dtype) * self._attn(i, blk, rms_norm(x) * blk.ln_factor, w, ve, cos, sin)
-        up = F.linear(rms_norm(x) * blk.ln_factor, w["mlp_up_bank"][i].to(x.dtype))
-        mlp = F.linear(F.leaky_relu(up, 0.5).square(), w["mlp_down_bank"][i].to(x.dtype))
+        up = F.linear(self._tap("mlp_in", i, rms_norm(x) * blk.ln_factor), w["mlp_up_bank"][i].to(x.dtype))
+        mlp = F.linear(self._tap("mlp_act", i, F.leaky_relu(up, 0.5).square()), w["mlp_down_bank"][i].to(x.dtype))
         return x + blk.mlp_scale.to(x.dtype) * mlp
+
+    def _tap(self, site: str, i: int, x: Tensor) -> Tensor:
+        if self.tap is not None:
+            self.tap(site, i, x)
+        return x
 
     def _attn(self, i: int, blk: Block, x: Tensor, w: dict, ve, cos, sin) -> Tensor:
         B, T, _ = x.shape
         L, H, KV, hd = self.L, self.H, self.KV, self.hd
+        x = self._tap("attn_in", i, x)
         q = F.linear(x, w["qo_bank"][i].to(x.dtype)).view(B, T, H, hd)
         k = F.linear(x, w["kv_bank"][i].to(x.dtype)).view(B, T, KV, hd)
         v = F.linear(x, w["kv_bank"][L + i].to(x.dtype))
@@ -912,7 +970,7 @@ class GPT(nn.Module):
             yg = y.view(B, T, KV, H // KV, hd)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, hd)
-        return F.linear(y.reshape(B, T, H * hd), w["qo_bank"][L + i].to(x.dtype))
+        return F.linear(self._tap("attn_out", i, y.reshape(B, T, H * hd)), w["qo_bank"][L + i].to(x.dtype))
 
 
 def build_model(h: Hyperparameters) -> GPT:
@@ -1127,20 +1185,27 @@ CODECS = ("lzma", "zstd", "brotli")
 ARTIFACT_LIMIT_BYTES = 16_000_000  # the challenge's cap: code + compressed model, decimal
 
 
-def quantize_model(model: GPT) -> dict:
-    """{name: (kind, tensors...)}: banks int6 (quantized as banks, exactly as QAT sees them), embedding tables
-    int8, the rest fp16 with its original dtype recorded."""
-    out = {}
+def quantize_model(model: GPT, hessians: dict | None = None, damp: float = Hyperparameters.gptq_damp,
+                   block_size: int = Hyperparameters.gptq_block_size) -> dict:
+    """{name: (kind, tensors...)}: banks int6 (quantized as banks, on exactly the grid QAT sees: GPTQ where
+    `hessians` has the bank, else GPTQ-lite round-to-nearest), embedding tables int8, the rest fp16 with its
+    original dtype recorded."""
+    out, methods, t0 = {}, [], time.perf_counter()
     for name, t in model.state_dict().items():
-        dtype, t = str(t.dtype).replace("torch.", ""), t.detach().float().cpu()
+        dtype, t = str(t.dtype).replace("torch.", ""), t.detach().float()
         if name in BANK_NAMES:
-            s = int6_scales(t)
-            out[name] = ("int6", _quant(t, s, INT6_MAX).to(torch.int8), s.half())
-        elif name in TOKEN_PARAM_NAMES:
+            s, H = int6_scales(t), (hessians or {}).get(name)
+            codes = gptq_codes(t, H.to(t.device), s, damp, block_size) if H is not None else _quant(t, s, INT6_MAX)
+            out[name] = ("int6", codes.to(torch.int8).cpu(), s.half().cpu())
+            methods.append(f"{name}:{'gptq' if H is not None else 'gptq-lite'}")
+            continue
+        t = t.cpu()
+        if name in TOKEN_PARAM_NAMES:
             s = int8_scales(t)
             out[name] = ("int8", _quant(t, s, INT8_MAX).to(torch.int8), s.half())
         else:
             out[name] = ("fp16", t.half(), dtype)
+    log0(f"quant_method {' '.join(methods)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
     return out
 
 
@@ -1301,7 +1366,7 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
     """Rank 0 quantizes, compresses and writes atomically; the others wait at the barrier."""
     size, codec = 0, ""
     if rt.is_main:
-        raw = serialize(quantize_model(model))
+        raw = serialize(quantize_model(model, model.hessians, h.gptq_damp, h.gptq_block_size))
         blob, codec, sizes = compress_payload(raw, h.compressor)
         write_atomic(path, blob)
         size = len(blob)
@@ -2051,6 +2116,81 @@ def step_clock(loss: Tensor, now_ms: float) -> list[float]:
     return all_reduce_(vec).tolist()
 
 
+GPTQ_RESERVE_MARGIN, GPTQ_RESERVE_SLACK_S = 2.0, 1.0  # measured default: 2x the estimate (as the records) + 1 s
+
+
+@torch.no_grad()
+def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tensor]:
+    """H = mean x^T x (fp32) of every bank matrix's inputs over `batches` batches of `loader` on each rank (the
+    training stream: never validation data), averaged across ranks so every rank holds the same H. Runs the
+    eager model, whose taps see the inputs; returns {bank: (slots, C, C)} in slot order (BANK_INPUTS)."""
+    d, hidden = model.tok_emb.embedding_dim, model.mlp_up_bank.size(1)
+    sizes = {"attn_in": d, "attn_out": d, "mlp_in": d, "mlp_act": hidden}
+    acc = {site: torch.zeros(model.L, c, c, device=rt.device) for site, c in sizes.items()}
+
+    def tap(site: str, i: int, x: Tensor) -> None:
+        xf = x.detach().reshape(-1, x.size(-1)).float()
+        acc[site][i].addmm_(xf.T, xf)
+
+    model.tap, rows = tap, 0
+    try:
+        for _ in range(batches):
+            x, _ = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+            with autocast(rt.device):
+                model(x)
+            rows += x.numel()
+    finally:
+        model.tap = None
+    for t in acc.values():
+        t.div_(rows)
+    all_reduce_flat_(list(acc.values()), 1.0 / rt.world_size)
+    return {bank: torch.cat([acc[site] for site in sites]) for bank, sites in BANK_INPUTS.items()}
+
+
+def hessian_diagonals(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
+    """{bank: (slots, C)}: how much each input column matters, e.g. for choosing which weights to prune."""
+    return {bank: H.diagonal(dim1=-2, dim2=-1) for bank, H in hessians.items()}
+
+
+def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
+    """Seconds the timed loop stops early so that the Hessian collection fits in MAX_WALLCLOCK_SECONDS: the
+    GPTQ_RESERVE_SECONDS setting, or (< 0) measured here on one batch (after one warm-up batch) of a throwaway
+    loader, scaled to GPTQ_CALIB_BATCHES with a margin. The slowest rank's figure, so all ranks agree."""
+    if not h.gptq_enabled or h.max_wallclock_seconds <= 0:
+        return 0.0
+    source = "set"
+    reserve = h.gptq_reserve_seconds
+    if reserve < 0:
+        loader = DistributedTokenLoader(train_glob, rt)
+        collect_hessians(h, rt, model, loader, 1)
+        sync(rt.device)
+        t0 = time.perf_counter()
+        collect_hessians(h, rt, model, loader, 1)
+        sync(rt.device)
+        per_batch = time.perf_counter() - t0
+        reserve = GPTQ_RESERVE_MARGIN * h.gptq_calib_batches * per_batch + GPTQ_RESERVE_SLACK_S
+        reserve = all_reduce_(torch.tensor(reserve, device=rt.device, dtype=torch.float64), dist.ReduceOp.MAX).item()
+        source = f"measured per_batch:{1000 * per_batch:.1f}ms"
+    if reserve >= h.max_wallclock_seconds:
+        raise ValueError(f"GPTQ reserve {reserve:.1f}s ({source}) leaves no training time under "
+                         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_BATCHES or set GPTQ_RESERVE_SECONDS")
+    log0(f"gptq_reserve:{1000 * reserve:.0f}ms {source} calib_batches:{h.gptq_calib_batches}")
+    return reserve
+
+
+def gptq_calibrate(h, rt, model: GPT, loader) -> float:
+    """Collect the Hessians of the final weights on fresh training batches into model.hessians; returns the ms
+    spent, which count as training time."""
+    sync(rt.device)
+    t0 = time.perf_counter()
+    model.hessians = collect_hessians(h, rt, model, loader, h.gptq_calib_batches)
+    sync(rt.device)
+    ms = 1000 * (time.perf_counter() - t0)
+    log0(f"gptq_calibration batches:{h.gptq_calib_batches} ranks:{rt.world_size} "
+         f"tokens:{h.gptq_calib_batches * h.train_batch_tokens // rt.grad_accum_steps} time:{ms:.0f}ms")
+    return ms
+
+
 def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, float, object]:
     """The timed loop; returns (steps, train_ms, the compiled model). Validation pauses the clock; the cap is
     agreed across ranks. `clock` (seconds) is injectable so tests can drive the wallclock schedule and cap."""
@@ -2061,6 +2201,7 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
     t_c = clock()
     compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(train_glob, rt))
     log0(f"compile_time:{1000 * (clock() - t_c):.0f}ms")
+    h = replace(h, max_wallclock_seconds=h.max_wallclock_seconds - gptq_reserve(h, rt, model, train_glob))
     loader = DistributedTokenLoader(train_glob, rt)
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     train_ms, step, qat_on, stop, elapsed_ms = 0.0, 0, False, False, 0.0
@@ -2111,6 +2252,8 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
             log0(f"ema:applied decay:{h.ema_decay} steps:{step}")
         else:
             log0(f"ema:skipped steps:{step} < EMA_MIN_STEPS={h.ema_min_steps} (the average still holds the init)")
+    if h.gptq_enabled:
+        train_ms += gptq_calibrate(h, rt, model, loader)
     return step, train_ms, fwd
 
 
