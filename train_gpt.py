@@ -293,9 +293,12 @@ class Runtime:
 
 def init_runtime() -> Runtime:
     """Plain python3 (1 process) or torchrun; NCCL on CUDA, gloo on CPU. World size must divide 8."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world = (_parse_value(k, d, os.environ.get(k, str(d)))
+                               for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     if world < 1 or 8 % world != 0:
         raise ValueError(f"WORLD_SIZE={world} must divide 8 so that grad accumulation keeps the global batch")
+    if not (0 <= rank < world and local_rank >= 0):
+        raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world}) and LOCAL_RANK={local_rank} >= 0")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -386,6 +386,20 @@ def test_config_mismatch_raises_valueerror(tmp_path, other):
         tg.load_artifact(path, tiny(**other), "cpu")
 
 
+def test_config_mismatch_names_missing_and_unexpected_tensors(tmp_path):
+    """Tensors the model needs but the artifact lacks are "missing"; tensors the artifact has but the model lacks
+    are "unexpected". The bigram path's tensors exist only with BIGRAM_VOCAB_SIZE > 0: test both directions."""
+    bigram = sorted(set(tg.build_model(tiny()).state_dict()) - set(tg.build_model(tiny(bigram_vocab_size=0)).state_dict()))
+    assert bigram
+    for kw, load_kw, missing, unexpected in ((dict(bigram_vocab_size=0), {}, bigram, []),
+                                             ({}, dict(bigram_vocab_size=0), [], bigram)):
+        (tmp_path / str(len(missing))).mkdir()
+        _, path = _export(tmp_path / str(len(missing)), **kw)
+        with pytest.raises(ValueError) as err:
+            tg.load_artifact(path, tiny(**load_kw), "cpu")
+        assert f"missing {missing[:5]}, unexpected {unexpected[:5]}" in str(err.value)
+
+
 # ----------------------------------------------------------------------------- 5. size accounting
 
 

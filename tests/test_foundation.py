@@ -170,6 +170,24 @@ def test_value_embedding_layers_must_exist():
         tiny(num_layers=4, ve_layers="9,10")
 
 
+@pytest.mark.parametrize("env, message", [
+    (dict(WORLD_SIZE="0"), "WORLD_SIZE=0 must divide 8"),  # was ZeroDivisionError
+    (dict(WORLD_SIZE="-1"), "WORLD_SIZE=-1 must divide 8"),  # 8 % -1 == 0: was accepted, grad accumulation -8
+    (dict(WORLD_SIZE="3"), "WORLD_SIZE=3 must divide 8"),
+    (dict(WORLD_SIZE="two"), "WORLD_SIZE='two'"),
+    (dict(WORLD_SIZE="2", RANK="2"), "RANK=2 must be in [0, WORLD_SIZE=2)"),
+    (dict(RANK="-1"), "RANK=-1 must be in [0, WORLD_SIZE=1)"),
+    (dict(LOCAL_RANK="-1"), "LOCAL_RANK=-1 >= 0"),
+])
+def test_bad_launch_env_is_a_valueerror_naming_the_variable(monkeypatch, env, message):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tg.init_runtime()
+
+
 def test_import_does_no_work(tmp_path):
     code = ("import sys, json, os\n"
             "import train_gpt\n"
