@@ -94,6 +94,12 @@ PRESETS = {
     # One GPU, record model: ~8x the 8-GPU step time, so ~700 steps in 600 s. The record's 3500-step warmdown
     # would start the LR at ~20% and switch QAT on early; warm down over the last third instead.
     "1gpu": dict(preset="1gpu", warmdown_iters=250, muon_momentum_warmup_steps=200),
+    # A pipeline check on one GPU, ~3 minutes end to end with compile: the record model (so the artifact has a
+    # full run's size), 30 s of training at 1/6 of the batch with the warmdown and late QAT at its end, and a
+    # 131,072-token validation subset. Exits 0 whatever the size; never a score (VAL_MAX_TOKENS marks it).
+    "smoke": dict(preset="smoke", iterations=100000, max_wallclock_seconds=30.0, warmup_steps=2, warmdown_iters=40,
+                  train_batch_tokens=131072, val_loss_every=0, train_log_every=25, muon_momentum_warmup_steps=100,
+                  val_max_tokens=131072),
 }
 
 
@@ -623,11 +629,17 @@ class DistributedTokenLoader:
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
 
 
-def load_val_tokens(pattern: str, seq_len: int) -> Tensor:
+def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0) -> Tensor:
+    """The validation split in whole sequences of seq_len targets (+1 input). max_tokens > 0 keeps only the first
+    max_tokens targets (rounded down to whole sequences): a subset for smoke runs, never a score."""
     tokens = np.concatenate([load_shard(f) for f in shard_files(pattern)])
     usable = ((len(tokens) - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ValueError(f"validation split {pattern} is shorter than one sequence of {seq_len}")
+    if max_tokens > 0:
+        if max_tokens < seq_len:
+            raise ValueError(f"VAL_MAX_TOKENS={max_tokens} is shorter than one sequence of EVAL_SEQ_LEN={seq_len}")
+        usable = min(usable, max_tokens // seq_len * seq_len)
     return torch.from_numpy(tokens[:usable + 1].astype(np.int32))
 
 
@@ -2324,6 +2336,11 @@ def diagnostic(ctx: EvalContext, name: str, fwd, stride: int, decimals: int = 8)
     return r
 
 
+def score_label(h: Hyperparameters) -> str:
+    """A run on a validation subset never logs a final_score (the line the submission tools read)."""
+    return "subset_score" if h.val_max_tokens > 0 else "final_score"
+
+
 def run(h: Hyperparameters, rt: Runtime) -> int:
     h = resolve_startup(h, rt, notes := [])
     out = Path(h.out_dir)
@@ -2333,9 +2350,11 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
         log0(line)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    val = load_val_tokens(h.val_files, h.eval_seq_len)
+    val = load_val_tokens(h.val_files, h.eval_seq_len, h.val_max_tokens)
     ctx = EvalContext(h, rt, val, tuple(t.to(rt.device) for t in load_tokenizer_luts(h)))
     log0(f"train_shards:{len(shard_files(h.train_files))} val_tokens:{val.numel() - 1}")
+    if h.val_max_tokens > 0:
+        log0(f"val_subset tokens:{val.numel() - 1} (VAL_MAX_TOKENS={h.val_max_tokens}): a pipeline check, not a score")
     model = build_model(h).to(rt.device)
     log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
     steps, train_ms, fwd = train(ctx, model)
@@ -2353,9 +2372,17 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
     eval_s = time.perf_counter() - t_eval
     for k in final.losses:
         log0(f"ablation track:{k} val_loss:{final.losses[k]:.8f} val_bpb:{final.bpbs[k]:.8f}")
-    log0(f"final_score val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval_time:{1000 * final.seconds:.0f}ms")
+    log0(f"{score_label(h)} val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval_time:{1000 * final.seconds:.0f}ms")
     log0(f"eval_total_time:{1000 * eval_s:.0f}ms budget:{1000 * h.eval_budget_seconds:.0f}ms")
     return finish(h, rt, final, steps, train_ms, eval_s, model_bytes, codec)
+
+
+def smoke_size_verdict(total: int, code_bytes: int, model_bytes: int) -> str:
+    side = f"over the limit by {total - ARTIFACT_LIMIT_BYTES}" if total > ARTIFACT_LIMIT_BYTES else \
+        f"within the limit by {ARTIFACT_LIMIT_BYTES - total}"
+    return (f"size_verdict: smoke run, not a submission: bytes_total {total} (code {code_bytes} + model {model_bytes}) "
+            f"is {side} of {ARTIFACT_LIMIT_BYTES}; a full run is judged on these bytes (barely trained weights "
+            f"compress differently from a full run's)")
 
 
 def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec) -> int:
@@ -2376,8 +2403,11 @@ def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec
                date=time.strftime("%Y-%m-%d"), val_bpb=round(final.val_bpb, 8), val_loss=round(final.val_loss, 8),
                bytes_total=total, bytes_model=model_bytes, bytes_code=code_bytes, steps=steps,
                train_seconds=round(train_ms / 1000, 3), eval_seconds=round(eval_s, 3), hardware=hardware,
-               seed=h.seed, compressor=codec)
+               seed=h.seed, compressor=codec, val_subset=h.val_max_tokens > 0)
     write_atomic(Path(h.out_dir) / "submission.json", (json.dumps(sub, indent=2) + "\n").encode())
+    if h.preset == "smoke":  # a pipeline check: the verdict names the bytes, the exit code does not depend on them
+        log0(smoke_size_verdict(total, code_bytes, model_bytes))
+        return 0
     if total > ARTIFACT_LIMIT_BYTES:
         log0(f"ERROR: bytes_total {total} exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit "
              f"(code {code_bytes} + model {model_bytes})")

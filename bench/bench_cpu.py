@@ -2,6 +2,7 @@
 """CPU throughput of train_gpt.py's training step, on synthetic random tokens (no data files needed).
 
     python3 bench/bench_cpu.py [--steps 20] [--warmup 3] [--full-steps 3] [--threads 1,2] [--skip-full]
+    python3 bench/bench_cpu.py --overlap cpu [--steps 20]      # (c) only
 
 (a) PRESET=cpu config, one optimizer step exactly as train_step does it on 1 process: 8 micro-batches of
     TRAIN_BATCH_TOKENS/8 tokens (forward + backward each), then Optimizers.step. Also once with QAT on.
@@ -9,6 +10,8 @@
     (forward + backward) plus one Optimizers.step (Muon on the full banks + AdamW). The real run accumulates
     8 micro-batches of 48 x 2048 tokens per optimizer step, so (b)'s tokens/s understates what the optimizer
     cost amortizes to; the forward+backward column is the per-token number to compare.
+(c) --overlap cpu|full: Optimizers.step on 2 gloo ranks (1 thread each), overlapped Parallel Muon vs the
+    synchronous step (every collective waited at launch), alternating, on fixed random gradients; `--steps` each.
 All numbers are CPU, fp32 (autocast is off on CPU), eager (no torch.compile).
 """
 from __future__ import annotations
@@ -63,14 +66,73 @@ def bench(h: tg.Hyperparameters, micro_seqs: int, accum: int, steps: int, warmup
                 last_loss=losses[-1])
 
 
+def overlap_worker(rank: int, world: int, store: str, preset: str, steps: int) -> None:
+    """One gloo rank: time Optimizers.step overlapped and synchronous, alternating, on fixed random gradients."""
+    import json
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    h = tg.Hyperparameters.from_env({"PRESET": preset} if preset else {})
+    times = {True: [], False: []}
+    opts = {}
+    for overlap in (True, False):
+        torch.manual_seed(h.seed)
+        model = tg.build_model(h)
+        opts[overlap] = (model, tg.Optimizers(h, model, tg.Runtime(rank, rank, world, torch.device("cpu")), overlap))
+    g = torch.Generator().manual_seed(rank)
+    grads = {n: torch.randn(p.shape, generator=g) * 1e-3 for n, p in opts[True][0].named_parameters()}
+    for i in range(2 * (steps + 1)):
+        overlap = i % 2 == 0
+        model, opt = opts[overlap]
+        opt.set_schedule(i // 2, 1.0)
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.step()
+        dist.barrier()
+        if i >= 2:  # the first pair is warmup
+            times[overlap].append(1000 * (time.perf_counter() - t0))
+    same = all(torch.equal(a, b) for a, b in zip(opts[True][0].parameters(), opts[False][0].parameters()))
+    dist.destroy_process_group()
+    if rank == 0:
+        Path(store + ".json").write_text(json.dumps(dict(overlap=times[True], sync=times[False], identical=same)))
+
+
+def bench_overlap(preset: str, steps: int) -> None:
+    """2 gloo ranks on this CPU: the overlapped Parallel Muon step vs the synchronous one (same arithmetic)."""
+    import json
+    import subprocess
+    import tempfile
+    store = str(Path(tempfile.mkdtemp()) / "store")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen([sys.executable, __file__, "--overlap-worker", str(r), store, preset or "full", str(steps)],
+                              env=env) for r in range(2)]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit("overlap bench: a worker failed")
+    r = json.loads(Path(store + ".json").read_text())
+    med = statistics.median
+    print(f"Optimizers.step, 2 gloo ranks x 1 thread on this CPU, config {preset or 'FULL default'}, {steps} steps each "
+          f"(load avg {os.getloadavg()[0]:.2f}: other processes share these cores)")
+    print(f"  overlapped  : median {med(r['overlap']):9.1f} ms  min {min(r['overlap']):9.1f} ms")
+    print(f"  synchronous : median {med(r['sync']):9.1f} ms  min {min(r['sync']):9.1f} ms")
+    print(f"  parameters after the steps identical bit for bit: {r['identical']}")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--overlap-worker":
+        rank, store, preset, steps = int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+        return overlap_worker(rank, 2, store, "" if preset == "full" else preset, steps)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--full-steps", type=int, default=3)
     ap.add_argument("--threads", default="1,2", help="intra-op thread counts to try for (a)")
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--overlap", choices=("cpu", "full"), help="only (c): overlapped vs synchronous Muon, 2 gloo ranks")
     args = ap.parse_args()
+    if args.overlap:
+        return bench_overlap("" if args.overlap == "full" else args.overlap, args.steps)
 
     default_threads = torch.get_num_threads()
     print(f"CPU benchmark: {platform.processor() or platform.machine()}, os.cpu_count={os.cpu_count()}, "
