@@ -75,7 +75,7 @@ def test_wallclock_warmdown_late_qat_and_cap(dataset, ctx_parts, monkeypatch, ca
     h = tiny(**dataset, **CAPPED)
     run, steps, train_ms, out = _train(h, ctx_parts, monkeypatch, capsys)
     assert steps == 9 and train_ms == 9 * STEP_MS
-    assert f"stopping_early: wallclock_cap train_time:2250ms step:9/100" in out.splitlines()
+    assert "stopping_early: wallclock_cap train_time:2250ms step:9/100" in out.splitlines()
     mults = [m for _, m in run.schedule]
     assert [s for s, _ in run.schedule] == list(range(9))
     assert mults[:6] == [1.0] * 6  # before the warmdown
