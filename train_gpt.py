@@ -10,13 +10,16 @@ from __future__ import annotations
 import base64
 import copy
 import difflib
+import errno
 import glob
+import hashlib
 import json
 import lzma
 import math
 import mmap
 import os
 import platform
+import shutil
 import struct
 import subprocess
 import sys
@@ -59,6 +62,25 @@ SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
 ATTN_BACKENDS = ("fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
 _GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # shared with other tools
+_ALIASES = {"MAX_STEPS": "ITERATIONS", "NUM_ITERATIONS": "ITERATIONS", "STEPS": "ITERATIONS", "WARMDOWN": "WARMDOWN_ITERS",
+            "VOCAB": "VOCAB_SIZE", "DATA_DIR": "DATA_PATH", "OUT_PATH": "OUT_DIR", "SEQ_LEN": "TRAIN_SEQ_LEN"}  # hints
+
+
+def _looks_like_a_knob(name: str, knobs: list[str]) -> bool:
+    """A variable that is not a field but reads like one, so a typo never trains the default silently: a close
+    match of a field (VOCAB_SIZ); a field's own prefix, except the ones other tools share (TTT_EPOCH); a name made
+    only of our fields' words (SEQ_LEN, DATA_DIR, MAX_STEPS), or one word that starts a field (VOCAB, WARMDOWN).
+    The machine's variables (PATH, HOME, RANK, WORLD_SIZE, CUDA_*, TORCH_*, NCCL_*, PYTHON*) share no such form."""
+    words = {w for k in knobs for w in k.split("_")}
+    parts = name.split("_")
+    if name in _ALIASES or difflib.get_close_matches(name, knobs, n=1, cutoff=0.9):
+        return True
+    if len(parts) > 1 and parts[0] + "_" not in _GENERIC_PREFIXES and any(k.startswith(parts[0] + "_") for k in knobs):
+        return True
+    close = lambda w: w in words or bool(difflib.get_close_matches(w, words, n=1, cutoff=0.88))  # noqa: E731
+    if len(parts) > 1:
+        return all(p and close(p) for p in parts)
+    return any(k.startswith(name + "_") for k in knobs)
 
 
 def _parse_value(name: str, default, text: str):
@@ -204,6 +226,7 @@ class Hyperparameters:
     hedge_eta: float = 1.0
 
     def __post_init__(self):
+        self._check_numbers()  # first: the consistency checks below divide by some of these
         checks = [
             (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
             (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
@@ -215,7 +238,8 @@ class Hyperparameters:
             (self.torch_compile in ("auto", "0", "1"), f"TORCH_COMPILE must be auto, 0 or 1, got {self.torch_compile!r}"),
             (self.attn_backend in ("auto",) + ATTN_BACKENDS,
              f"ATTN_BACKEND must be auto or one of {','.join(ATTN_BACKENDS)}, got {self.attn_backend!r}"),
-            (self.compressor.split("+")[0] in ("auto", "lzma", "zstd", "brotli"), f"COMPRESSOR unknown: {self.compressor!r}"),
+            (self.compressor in [c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle")],
+             f"COMPRESSOR must be auto, lzma, zstd or brotli, optionally +shuffle, got {self.compressor!r}"),
             (self.preset in ("",) + tuple(PRESETS), f"PRESET must be one of {sorted(PRESETS)}, got {self.preset!r}"),
             (1 <= self.ngram_min_order <= self.ngram_max_order, "need 1 <= NGRAM_MIN_ORDER <= NGRAM_MAX_ORDER"),
             (self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0, "TTT_CHUNK_TOKENS must be > 0 and TTT_EPOCHS >= 0"),
@@ -231,8 +255,45 @@ class Hyperparameters:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        self.ngram_beta_list  # parses
+        if not all(math.isfinite(b) for b in self.ngram_beta_list):
+            raise ValueError(f"NGRAM_BETAS={self.ngram_betas!r} must be finite numbers")
         self.ve_layer_list
+
+    def _check_numbers(self) -> None:
+        """Every numeric knob in its valid range, named with its value: a bad one fails here, not after training.
+        The n-gram limits are section 8's kernel limits (this runs once the module is loaded)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name.upper()}={v} must be a finite number")
+        L, fraction = self.num_layers, lambda v: 0 <= v < 1
+        rules = [  # (field, ok, rule)
+            *[(n, getattr(self, n) >= 1, ">= 1") for n in (
+                "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim", "num_heads",
+                "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps", "eval_seq_len", "eval_batch_seqs",
+                "ttt_batch_seqs", "ngram_min_count")],
+            *[(n, getattr(self, n) >= 0, ">= 0") for n in (
+                "warmdown_iters", "warmup_steps", "max_wallclock_seconds", "val_loss_every", "train_log_every",
+                "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps",
+                "muon_wd", "adam_wd", "grad_clip_norm", "ema_min_steps", "ttt_lr", "ttt_proj_lr_mult",
+                "ttt_fc_lr_mult", "bias_lr", "hedge_eta")],
+            *[(n, fraction(getattr(self, n)), "in [0, 1)") for n in (
+                "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum",
+                "ttt_polyak_decay")],
+            *[(n, getattr(self, n) > 0, "> 0") for n in ("mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip")],
+            ("vocab_size", 2 <= self.vocab_size <= 65536, "in [2, 65536] (shards hold uint16 token ids)"),
+            ("bigram_vocab_size", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "0 (off) or >= 2"),
+            ("rope_dims", self.rope_dims == 0 or self.rope_dims >= 4, "0 (off) or >= 4"),
+            ("xsa_last_n", 0 <= self.xsa_last_n <= L, f"in [0, NUM_LAYERS={L}]"),
+            ("ttt_freeze_blocks", 0 <= self.ttt_freeze_blocks <= L, f"in [0, NUM_LAYERS={L}]"),
+            ("late_qat_threshold", 0 <= self.late_qat_threshold <= 1, "in [0, 1]"),
+            ("ngram_max_order", self.ngram_max_order <= 127, "<= 127"),
+            ("ngram_table_bits", 0 <= self.ngram_table_bits <= NG_MAX_TABLE_BITS, f"in [0, {NG_MAX_TABLE_BITS}]"),
+            ("ngram_top_k", 1 <= self.ngram_top_k <= NG_MAX_TOP_K, f"in [1, {NG_MAX_TOP_K}]"),
+        ]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"{name.upper()}={getattr(self, name)} must be {rule}")
 
     @property
     def train_files(self) -> str:
@@ -255,11 +316,10 @@ class Hyperparameters:
         """Read every field from its upper-cased env var; PRESET picks named defaults first."""
         env = os.environ if env is None else env
         by_env = {f.name.upper(): f for f in fields(cls)}
-        prefixes = {name.split("_")[0] + "_" for name in by_env if "_" in name} - _GENERIC_PREFIXES
-        unknown = sorted(k for k in env if k not in by_env and (any(k.startswith(p) for p in prefixes)
-                                                                or difflib.get_close_matches(k, by_env, n=1, cutoff=0.9)))
+        unknown = sorted(k for k in env if k not in by_env and _looks_like_a_knob(k, list(by_env)))
         if unknown:
-            hint = difflib.get_close_matches(unknown[0], list(by_env), n=1)
+            hint = _ALIASES.get(unknown[0]) or difflib.get_close_matches(unknown[0], list(by_env), n=1, cutoff=0.5)
+            hint = [hint] if isinstance(hint, str) else hint
             raise ValueError(f"unknown env var {unknown[0]}" + (f" (did you mean {hint[0]}?)" if hint else "")
                              + "; every knob is a Hyperparameters field")
         preset = env.get("PRESET", "")
@@ -322,9 +382,28 @@ _LOG = {"path": None, "main": True}
 
 
 def init_logging(path: Path | None, is_main: bool) -> None:
-    _LOG.update(path=path, main=is_main)
+    """Point log0 at a new run log. Rank 0 creates it exclusively: a reused RUN_ID would append a second run
+    to the old log (two hparams lines, two final scores), so it is an error naming that log."""
     if path is not None and is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            open(path, "x").close()
+        except FileExistsError:
+            raise FileExistsError(f"RUN_ID: the run log {path} already exists; pick a new RUN_ID "
+                                  f"(or leave it unset for a fresh uuid)") from None
+    _LOG.update(path=path, main=is_main)
+
+
+def log_failure(exc: BaseException, rank: int) -> None:
+    """An uncaught error ends the run log (traceback tail + one FAILED line), so the record says why."""
+    import traceback
+    path = _LOG["path"]
+    if path is None or not path.exists():
+        return
+    tail = "".join(traceback.format_exception(exc)).rstrip().splitlines()[-12:]
+    what = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(tail) + f"\nFAILED: rank:{rank} {what}\n")
 
 
 def log0(msg: str, console: bool = True) -> None:
@@ -556,7 +635,8 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
 
 
-def load_shard(path) -> np.ndarray:
+def shard_num_tokens(path) -> int:
+    """Header and file size only (fast on 80 shards): the token count of a well-formed, non-empty shard."""
     path = Path(path)
     size = path.stat().st_size
     header_bytes = SHARD_HEADER_INTS * 4
@@ -568,7 +648,20 @@ def load_shard(path) -> np.ndarray:
     n = int(header[2])
     if size != header_bytes + 2 * n:
         raise ValueError(f"shard {path}: file size {size} != {header_bytes} + 2*{n} (truncated or corrupt)")
-    return np.fromfile(path, dtype="<u2", count=n, offset=header_bytes)
+    if n == 0:
+        raise ValueError(f"shard {path}: holds no tokens (an empty shard would stall the train stream)")
+    return n
+
+
+def load_shard(path, vocab_size: int = 0) -> np.ndarray:
+    """The shard's tokens; with vocab_size, a token id >= vocab_size is an error naming the file and the id
+    (one vectorized max, instead of an IndexError or a device assert mid-run)."""
+    n = shard_num_tokens(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
+    if vocab_size and (top := int(tokens.max())) >= vocab_size:
+        at = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE={vocab_size} (first bad id {tokens[at]} at index {at})")
+    return tokens
 
 
 def write_shard(path, tokens) -> None:
@@ -591,20 +684,26 @@ def shard_files(pattern: str) -> list[str]:
     return files
 
 
+def check_shards(pattern: str) -> int:
+    """Start-up validation of every shard's header and size; returns the total token count."""
+    return sum(shard_num_tokens(f) for f in shard_files(pattern))
+
+
 class TokenStream:
     """The sorted train shards as one endless stream (no shuffling, as in the record)."""
 
-    def __init__(self, pattern: str):
-        self.files = shard_files(pattern)
+    def __init__(self, pattern: str, vocab_size: int = 0):
+        self.files, self.vocab_size = shard_files(pattern), vocab_size
+        check_shards(pattern)  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
         self.file_idx, self.pos = 0, 0
-        self.tokens = load_shard(self.files[0])
+        self.tokens = load_shard(self.files[0], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = load_shard(self.files[self.file_idx], self.vocab_size), 0
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos += k
@@ -616,8 +715,8 @@ class DistributedTokenLoader:
     """Each micro-step takes world x (local_tokens + 1) contiguous tokens; rank r uses the r-th span, so the
     global batch is the same set of sequences on 1, 2, 4 or 8 ranks."""
 
-    def __init__(self, pattern: str, rt: Runtime):
-        self.stream, self.rt = TokenStream(pattern), rt
+    def __init__(self, pattern: str, rt: Runtime, vocab_size: int = 0):
+        self.stream, self.rt = TokenStream(pattern, vocab_size), rt
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.rt.world_size * self.rt.grad_accum_steps)
@@ -629,10 +728,11 @@ class DistributedTokenLoader:
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
 
 
-def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0) -> Tensor:
-    """The validation split in whole sequences of seq_len targets (+1 input). max_tokens > 0 keeps only the first
-    max_tokens targets (rounded down to whole sequences): a subset for smoke runs, never a score."""
-    tokens = np.concatenate([load_shard(f) for f in shard_files(pattern)])
+def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0, vocab_size: int = 0) -> Tensor:
+    """The validation split in whole sequences of seq_len targets (+1 input), ids checked against vocab_size.
+    max_tokens > 0 keeps only the first max_tokens targets (rounded down to whole sequences): a subset for smoke
+    runs, never a score."""
+    tokens = np.concatenate([load_shard(f, vocab_size) for f in shard_files(pattern)])
     usable = ((len(tokens) - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ValueError(f"validation split {pattern} is shorter than one sequence of {seq_len}")
@@ -671,6 +771,8 @@ def token_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
 
 def load_tokenizer_luts(h: Hyperparameters):
     import sentencepiece as spm
+    if Path(h.tokenizer_path).is_dir():
+        raise IsADirectoryError(f"TOKENIZER_PATH={h.tokenizer_path} is a directory, not a SentencePiece .model file")
     if not Path(h.tokenizer_path).is_file():
         raise FileNotFoundError(f"TOKENIZER_PATH={h.tokenizer_path} does not exist")
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
@@ -1345,8 +1447,29 @@ def decompress_artifact(blob: bytes, path="artifact") -> bytes:
     return raw
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove `.NAME.tmp<PID>` files that a killed write left beside `path` (their process is gone)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside the target, fsync, rename: a crash never leaves a partial file at `path`."""
+    """Write to a temp file beside the target, fsync, rename: a crash never leaves a partial file at `path`.
+    An I/O error (a full disk: ENOSPC carries no file name) is re-raised naming the path."""
+    path = Path(path)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -1354,9 +1477,41 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"writing {path} ({len(data)} bytes): {e.strerror or e}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def require_free_space(path: Path, n_params: int) -> None:
+    """Before training: room in path's folder for the artifact (bounded by its raw payload, <= 2 bytes/param),
+    its temp copy and the logs, so that a full disk fails now and not after the run is paid for."""
+    need = 2 * (2 * n_params + (1 << 20))
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        raise OSError(e.errno, f"OUT_DIR {folder}: {e.strerror or e}") from e
+    if free < need:
+        raise OSError(errno.ENOSPC, f"OUT_DIR {folder} has {free} bytes free; the artifact {path} needs up to {need}")
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """The artifact file a score is measured on: what the log's `artifact` line and submission.json record."""
+    path: Path
+    bytes: int
+    sha256: str
+    codec: str
+
+    @classmethod
+    def of(cls, path: Path) -> "ArtifactInfo":
+        blob = Path(path).read_bytes()
+        if len(blob) < 18 or blob[:4] != ARTIFACT_MAGIC or blob[4] >= len(CODECS):
+            decompress_artifact(blob, path)  # raises, naming the file (load_artifact checks the body)
+        codec = CODECS[blob[4]] + ("+shuffle" if blob[5] else "")
+        return cls(Path(path), len(blob), hashlib.sha256(blob).hexdigest(), codec)
 
 
 def load_artifact(path: Path, h: Hyperparameters, device) -> GPT:
@@ -2017,9 +2172,10 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
     experts = experts or Experts(ctx.h, None, None, None)
     tally = Tally.zeros(len(experts.tracks), ctx.rt.device)
     updaters = [c for c in (experts.bias, experts.hedge) if c is not None] + [scorer]
-    warned = False
+    warned, expert_sums = False, torch.zeros(experts.n_experts, dtype=torch.float64, device=ctx.rt.device)
     for span in (spans := plan_chunks(ctx, stride, chunk_tokens)):
         scored = _score_chunk(ctx, scorer.current(), experts, span, tally, recorder)
+        expert_sums += scored.expert_nll
         for comp in updaters:
             comp.update(scored)
         c, n = span.index, span.n_chunks
@@ -2030,11 +2186,22 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
             log0(f"WARNING: eval time {time.perf_counter() - budget_start:.1f}s exceeds "
                  f"EVAL_BUDGET_SECONDS={ctx.h.eval_budget_seconds}")
     del spans
-    all_reduce_flat_([tally.nll, tally.tokens, tally.bytes])
+    all_reduce_flat_([tally.nll, tally.tokens, tally.bytes, expert_sums])
     tokens, nbytes = int(tally.tokens.item()), int(tally.bytes.item())
     losses = {k: tally.nll[i].item() / tokens for i, k in enumerate(experts.tracks)}
     bpbs = {k: v / math.log(2) * tokens / nbytes for k, v in losses.items()}
+    _require_finite(label or f"eval stride:{stride}", losses, experts, expert_sums)
     return EvalResult(losses, bpbs, experts.final, tokens, nbytes, time.perf_counter() - t0)
+
+
+def _require_finite(what: str, losses: dict, experts: Experts, expert_sums: Tensor) -> None:
+    """A non-finite score is an error, never a result: every track, and every expert the mixture weighs.
+    The sums are all-reduced, so every rank raises together."""
+    names = ["neural" if experts.bias is None else "neural+bias"] + [f"ngram beta:{b}" for b in experts.betas]
+    bad = [f"track {k}={v}" for k, v in losses.items() if not math.isfinite(v)]
+    bad += [f"expert {n} nll_sum={s}" for n, s in zip(names, expert_sums.tolist()) if not math.isfinite(s)]
+    if bad:
+        raise FloatingPointError(f"{what}: non-finite score ({', '.join(bad)})")
 
 
 def _score_chunk(ctx: EvalContext, model, experts: Experts, span: ChunkSpan, tally: Tally, recorder) -> ScoredChunk:
@@ -2092,6 +2259,14 @@ class EMA:
             p.copy_(s)
 
 
+def require_finite_weights(model: nn.Module, when: str) -> None:
+    """The per-step check sees the loss before each update; the last update (or the EMA) can still leave
+    non-finite weights, which would export and score as NaN. Checked once, after the loop."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"non-finite weights {when}: {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else ""))
+
+
 def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
     loss_sum = torch.zeros((), device=rt.device)
     for _ in range(rt.grad_accum_steps):
@@ -2104,22 +2279,31 @@ def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
     return loss_sum / rt.grad_accum_steps
 
 
+def warmup_steps(h: Hyperparameters, device: torch.device) -> int:
+    """WARMUP_STEPS, but never fewer than the graphs to build when compiling (TORCH_COMPILE=1 on CPU with the
+    cpu preset's 0): otherwise step 1 compiles inside the timed window and the logged compile time is 0."""
+    if not compile_enabled(h, device):
+        return h.warmup_steps
+    return max(h.warmup_steps, 2 if not h.qat_enabled and h.late_qat_threshold > 0 else 1)
+
+
 def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
     """Run real steps so torch.compile builds every graph the timed loop needs (with and without QAT), then
     restore the initial weights, optimizer state and data order: the timed run starts from the true init."""
-    if h.warmup_steps <= 0:
+    n_steps = warmup_steps(h, rt.device)
+    if n_steps <= 0:
         return
     model_state = copy.deepcopy(model.state_dict())
     opt_state = opt.state_dict()
     both = not h.qat_enabled and h.late_qat_threshold > 0
     loader = loader_factory()
-    for i in range(h.warmup_steps):
+    for i in range(n_steps):
         opt.set_schedule(0, 1.0)
         train_step(h, rt, fwd, opt, loader, qat=h.qat_enabled or (both and i % 2 == 1))
     model.load_state_dict(model_state)
     opt.load_state_dict(opt_state)
     sync(rt.device)
-    log0(f"compile_warmup steps:{h.warmup_steps} qat_variants:{2 if both and h.warmup_steps >= 2 else 1}")
+    log0(f"compile_warmup steps:{n_steps} qat_variants:{2 if both and n_steps >= 2 else 1}")
 
 
 def step_clock(loss: Tensor, now_ms: float) -> list[float]:
@@ -2214,10 +2398,10 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
     opt = Optimizers(h, model, rt)
     train_glob = h.train_files
     t_c = clock()
-    compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(train_glob, rt))
+    compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(train_glob, rt, h.vocab_size))
     log0(f"compile_time:{1000 * (clock() - t_c):.0f}ms")
     h = replace(h, max_wallclock_seconds=h.max_wallclock_seconds - gptq_reserve(h, rt, model, train_glob))
-    loader = DistributedTokenLoader(train_glob, rt)
+    loader = DistributedTokenLoader(train_glob, rt, h.vocab_size)
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     train_ms, step, qat_on, stop, elapsed_ms = 0.0, 0, False, False, 0.0
     cap_ms = 1000 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else float("inf")
@@ -2267,6 +2451,7 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
             log0(f"ema:applied decay:{h.ema_decay} steps:{step}")
         else:
             log0(f"ema:skipped steps:{step} < EMA_MIN_STEPS={h.ema_min_steps} (the average still holds the init)")
+    require_finite_weights(model, f"after step {step}")
     if h.gptq_enabled:
         train_ms += gptq_calibrate(h, rt, model, loader)
     return step, train_ms, fwd
@@ -2331,7 +2516,10 @@ def timed(label: str, fn, *args, **kw):
 
 def diagnostic(ctx: EvalContext, name: str, fwd, stride: int, decimals: int = 8) -> EvalResult:
     """One plain-scoring diagnostic (no adaptation), logged once, with its time."""
-    r = run_pass(ctx, FixedScorer(fwd), stride)
+    try:
+        r = run_pass(ctx, FixedScorer(fwd), stride)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{name}: {e}") from None
     log0(f"{name} val_loss:{r.val_loss:.{decimals}f} val_bpb:{r.val_bpb:.{decimals}f} eval_time:{1000 * r.seconds:.0f}ms")
     return r
 
@@ -2350,18 +2538,52 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
         log0(line)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    val = load_val_tokens(h.val_files, h.eval_seq_len, h.val_max_tokens)
+    val = load_val_tokens(h.val_files, h.eval_seq_len, h.val_max_tokens, h.vocab_size)
     ctx = EvalContext(h, rt, val, tuple(t.to(rt.device) for t in load_tokenizer_luts(h)))
-    log0(f"train_shards:{len(shard_files(h.train_files))} val_tokens:{val.numel() - 1}")
     if h.val_max_tokens > 0:
         log0(f"val_subset tokens:{val.numel() - 1} (VAL_MAX_TOKENS={h.val_max_tokens}): a pipeline check, not a score")
+    if h.eval_only:
+        return score_artifact(ctx, start_eval_only(h, rt, val), time.perf_counter())
+    log0(f"train_shards:{len(shard_files(h.train_files))} train_tokens:{check_shards(h.train_files)} val_tokens:{val.numel() - 1}")
     model = build_model(h).to(rt.device)
     log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    path = out / "final_model.int6.ptz"
+    require_free_space(path, sum(p.numel() for p in model.parameters()))
     steps, train_ms, fwd = train(ctx, model)
     t_eval = time.perf_counter()
     diagnostic(ctx, "final_float", fwd, h.eval_seq_len)
-    path = out / "final_model.int6.ptz"
-    model_bytes, codec = timed("export", export_artifact, h, rt, model, path)
+    retire_submission(h, rt)
+    timed("export", export_artifact, h, rt, model, path)
+    return score_artifact(ctx, path, t_eval, steps, train_ms)
+
+
+def start_eval_only(h: Hyperparameters, rt: Runtime, val: Tensor) -> Path:
+    """EVAL_ONLY=<artifact>: no training; the artifact is scored exactly as a full run scores its own."""
+    path = Path(h.eval_only)
+    if not path.is_file():
+        raise FileNotFoundError(f"EVAL_ONLY={h.eval_only}: no such artifact file")
+    log0(f"eval_only artifact:{path}")
+    log0(f"val_tokens:{val.numel() - 1}")
+    retire_submission(h, rt)
+    return path
+
+
+def retire_submission(h: Hyperparameters, rt: Runtime) -> None:
+    """From here on OUT_DIR's artifact is this run's: an older submission.json beside it would describe another
+    run if this one dies, so it moves aside (the new one is written only at the very end)."""
+    sub = Path(h.out_dir) / "submission.json"
+    if rt.is_main and sub.exists():
+        stale = sub.with_name("submission.json.stale")
+        os.replace(sub, stale)
+        log0(f"moved the previous {sub} to {stale}: it describes another run")
+
+
+def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int = 0, train_ms: float = 0.0) -> int:
+    """Every score after training comes from the artifact file, identified by its sha256 in the log."""
+    h, rt = ctx.h, ctx.rt
+    art = ArtifactInfo.of(path)
+    log0(f"artifact sha256:{art.sha256} bytes:{art.bytes} path:{art.path}")
+    model_bytes, codec = art.bytes, art.codec
     model = timed("artifact_load", load_artifact, path, h, rt.device)
     fwd = make_compile_fn(h, rt.device)(model)  # the loaded model is compiled once: diagnostics and TTT share it
     r = diagnostic(ctx, "final_int8_zlib_roundtrip", fwd, h.eval_seq_len, decimals=4)
@@ -2374,7 +2596,7 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
         log0(f"ablation track:{k} val_loss:{final.losses[k]:.8f} val_bpb:{final.bpbs[k]:.8f}")
     log0(f"{score_label(h)} val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval_time:{1000 * final.seconds:.0f}ms")
     log0(f"eval_total_time:{1000 * eval_s:.0f}ms budget:{1000 * h.eval_budget_seconds:.0f}ms")
-    return finish(h, rt, final, steps, train_ms, eval_s, model_bytes, codec)
+    return finish(h, rt, final, steps, train_ms, eval_s, model_bytes, codec, art)
 
 
 def smoke_size_verdict(total: int, code_bytes: int, model_bytes: int) -> str:
@@ -2385,8 +2607,9 @@ def smoke_size_verdict(total: int, code_bytes: int, model_bytes: int) -> str:
             f"compress differently from a full run's)")
 
 
-def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec) -> int:
-    """Size accounting and submission.json; a total over 16,000,000 bytes is an error after everything is written."""
+def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec, art: ArtifactInfo | None = None) -> int:
+    """Size accounting and submission.json; a total over 16,000,000 bytes is an error after everything is written.
+    `art` ties submission.json to the artifact and the log (run_id, sha256); a non-finite score never gets here."""
     code = Path(__file__).read_bytes()
     code_bytes, total = len(code), len(code) + model_bytes
     log0(f"Code size: {code_bytes} bytes")
@@ -2403,8 +2626,15 @@ def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec
                date=time.strftime("%Y-%m-%d"), val_bpb=round(final.val_bpb, 8), val_loss=round(final.val_loss, 8),
                bytes_total=total, bytes_model=model_bytes, bytes_code=code_bytes, steps=steps,
                train_seconds=round(train_ms / 1000, 3), eval_seconds=round(eval_s, 3), hardware=hardware,
-               seed=h.seed, compressor=codec, val_subset=h.val_max_tokens > 0)
-    write_atomic(Path(h.out_dir) / "submission.json", (json.dumps(sub, indent=2) + "\n").encode())
+               seed=h.seed, compressor=codec, run_id=h.run_id, val_subset=h.val_max_tokens > 0)
+    if art is not None:
+        sub.update(artifact_sha256=art.sha256, artifact=str(art.path))
+    if h.eval_only:
+        sub.update(eval_only=True)
+    bad = {k: v for k, v in sub.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"submission.json not written: non-finite {bad}")
+    write_atomic(Path(h.out_dir) / "submission.json", (json.dumps(sub, indent=2, allow_nan=False) + "\n").encode())
     if h.preset == "smoke":  # a pipeline check: the verdict names the bytes, the exit code does not depend on them
         log0(smoke_size_verdict(total, code_bytes, model_bytes))
         return 0
@@ -2416,12 +2646,22 @@ def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec
 
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # torchrun stops the other ranks with SIGTERM: log it like any error
+
+
 def main() -> int:
+    import signal
     h = Hyperparameters.from_env()
     rt = init_runtime()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return run(h, rt)
+    except BaseException as e:
+        log_failure(e, rt.rank)
+        raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -110,8 +110,8 @@ def test_unrelated_env_vars_are_ignored():
            "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
            "LOCAL_WORLD_SIZE": "1", "TORCHELASTIC_RUN_ID": "x", "TORCH_COMPILE_DISABLE": "1", "NCCL_DEBUG": "INFO",
            "PYTHONPATH": "/x", "TOKENIZERS_PARALLELISM": "false", "MAX_JOBS": "4", "TORCH_HOME": "/t",
-           "TORCH_COMPILE_DEBUG": "1", "DATA_DIR": "/d", "MODEL_DIR": "/m", "NUM_WORKERS": "2", "PYTHONHASHSEED": "0",
-           "RUN_NAME": "r", "OUT": "o", "SEED_FILE": "s"}
+           "TORCH_COMPILE_DEBUG": "1", "NUM_WORKERS": "2", "PYTHONHASHSEED": "0",
+           "RUN_NAME": "r", "SEED_FILE": "s"}  # DATA_DIR, MODEL_DIR, OUT read like our knobs: tests/test_faults.py
     assert tg.Hyperparameters.from_env(env) == tg.Hyperparameters()
 
 
