@@ -106,12 +106,12 @@ PRESETS = {
     "cpu": dict(
         preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
         tokenizer_path="./data/standin/tokenizers/fineweb_1024_bpe.model",
-        iterations=100000, max_wallclock_seconds=240.0, warmdown_iters=150, warmup_steps=0,
-        train_batch_tokens=8192, train_seq_len=256, val_loss_every=0, train_log_every=50,
+        iterations=420, max_wallclock_seconds=0.0, warmdown_iters=150, warmup_steps=0,
+        train_batch_tokens=8192, train_seq_len=256, val_loss_every=0, train_log_every=10,
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_vocab_size=512, bigram_dim=32,
         xsa_last_n=2, ve_dim=32, ve_layers="2,3", matrix_lr=0.03, scalar_lr=0.03, tied_embed_lr=0.05,
         muon_momentum_warmup_steps=100, eval_seq_len=256, eval_stride=128, eval_batch_seqs=64,
-        ttt_epochs=1, ttt_batch_seqs=32,
+        ttt_epochs=1, ttt_batch_seqs=32, float_diagnostic=False, sliding_diagnostic=False,
     ),
     # One GPU, record model: ~8x the 8-GPU step time, so ~700 steps in 600 s. The record's 3500-step warmdown
     # would start the LR at ~20% and switch QAT on early; warm down over the last third instead.
@@ -213,6 +213,7 @@ class Hyperparameters:
     ttt_proj_lr_mult: float = 3.0  # attention-output and MLP-down slices
     ttt_fc_lr_mult: float = 0.5  # MLP-up slices
     ttt_polyak_decay: float = 0.998  # 0 disables the averaged scoring copy
+    ttt_polyak_bias_correct: bool = True  # average the trained iterates only (0: plain EMA from the start weights)
     ngram_enabled: bool = True
     ngram_min_order: int = 2  # order k = the k previous tokens
     ngram_max_order: int = 6
@@ -1943,7 +1944,12 @@ class OnlineBias:
 class HedgeMixer:
     """Online multiplicative weights over normalized experts: p_mix = sum_k w_k p_k is scored; after a chunk
     is scored, w_k <- w_k exp(-eta * mean loss_k over the chunk), renormalized. Losses are all-reduced, so the
-    weights are identical on every rank."""
+    weights are identical on every rank.
+
+    Bound: since p_mix >= w_k p_k for every k, each token's loss obeys -log p_mix <= -log p_k + log(1/w_k), with
+    w_k the weight when the token is scored. Summed over the pass, the mixture loses to any expert k (the plain
+    neural one included, which is why it is in the pool) by at most sum_chunks n_c log(1/w_k,c): log K per token
+    in the first chunk, ~0 once Hedge has settled on k."""
 
     def __init__(self, n_experts: int, eta: float, device):
         self.eta = eta
@@ -1976,8 +1982,10 @@ class Experts:
     """Turns neural logits into the scored distributions. Sees inputs and logits, never targets.
 
     Tracks: neural = softmax(z); neural+bias = softmax(z + r); neural+bias+ngram = softmax(z + r + beta_1 b);
-    mixture = Hedge over [neural+bias, softmax(z + r + beta_j b) for each beta]. Every track is a full
-    distribution over the vocabulary; b scatters beta-free log-count boosts of the prefix-only candidates."""
+    mixture = Hedge over the pool [neural, neural+bias, softmax(z + r + beta_j b) for each beta]. The plain
+    neural expert is in the pool so that a harmful bias or n-gram boost is mixed away (HedgeMixer's bound). Every
+    track is a full distribution over the vocabulary; b scatters beta-free log-count boosts of the prefix-only
+    candidates."""
 
     def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None):
         self.bias, self.cands, self.hedge = bias, cands, hedge
@@ -1985,7 +1993,12 @@ class Experts:
         names = ["neural"] + (["neural+bias"] if bias else []) + (["neural+bias+ngram"] if self.betas else [])
         self.tracks = names + (["mixture"] if hedge else [])
         self.final = self.tracks[-1]
-        self.n_experts = 1 + len(self.betas)
+        self.n_experts = self.pool_size(bias is not None, len(self.betas))
+
+    @staticmethod
+    def pool_size(has_bias: bool, n_betas: int) -> int:
+        """Hedge's pool: neural, neural+bias (with a bias), one n-gram expert per beta."""
+        return 1 + int(has_bias) + n_betas
 
     def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         lp_neural = logits.log_softmax(-1)
@@ -1994,12 +2007,13 @@ class Experts:
         if self.bias is not None:
             z = logits + self.bias.biases(x, lp_neural.exp())
             out["neural+bias"] = z.log_softmax(-1)
-        experts = [z.log_softmax(-1) if self.bias is None else out["neural+bias"]]
+        experts = [lp_neural] + ([out["neural+bias"]] if self.bias is not None else [])
         if self.betas:
             tok, logc = (torch.from_numpy(a[(pos + 1).cpu().numpy()]).to(logits.device) for a in self.cands)
             boost = torch.zeros_like(logits).scatter_add_(1, tok.long().clamp(min=0), logc * (tok >= 0))
+            first = len(experts)
             experts += [(z + beta * boost).log_softmax(-1) for beta in self.betas]
-            out["neural+bias+ngram"] = experts[1]
+            out["neural+bias+ngram"] = experts[first]
         if self.hedge is not None:
             out["mixture"] = self.hedge.mix(experts)
         return out, experts
@@ -2011,6 +2025,13 @@ class TestTimeTrainer:
     before the clip, so they neither move nor shrink the clip of the trained ones; the per-slice LR multipliers
     are applied after clipping (equivalent for SGD+momentum without weight decay). With Polyak on, a separate
     averaged copy, updated after every optimizer step, does the scoring; the raw weights keep training.
+
+    The average is bias-corrected (as Adam corrects its moments): after update t it is
+        avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}),   a_t = (1 - d) / (1 - d^t),
+    i.e. the d-weighted mean of the trained iterates theta_1..theta_t alone, without the starting weights. With
+    t << 1/(1-d) updates (the CPU pass: ~30) it is close to their uniform mean, so it moves with training; a plain
+    EMA from the start weights would still hold (d^t =) ~94% of them. With t >> 1/(1-d) (the record: ~5,700
+    updates, d^t ~ 1e-5) a_t -> 1-d and it is the plain EMA, unchanged.
 
     `fwd` is the already-compiled `model`: the diagnostics and TTT share one compilation."""
 
@@ -2034,7 +2055,7 @@ class TestTimeTrainer:
         for p in self.params:  # a rank with no sequences in a chunk still joins the all-reduce with zeros
             p.grad = torch.zeros_like(p)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-        self.avg = None
+        self.avg, self.n_updates = None, 0
         if h.ttt_polyak_decay > 0:
             self.avg = copy.deepcopy(model).requires_grad_(False)
             self.avg_fn = compile_fn(self.avg)
@@ -2045,6 +2066,8 @@ class TestTimeTrainer:
 
     def update(self, scored: ScoredChunk) -> None:
         h, rt = self.h, self.rt
+        if scored.index == 0:
+            self._log_plan(scored.n_chunks)
         if scored.is_last or h.ttt_epochs == 0:
             return
         T = h.eval_seq_len
@@ -2076,11 +2099,27 @@ class TestTimeTrainer:
         for p, mult in self.lr_mult.items():
             p.grad.mul_(mult)
         self.opt.step()
+        self.n_updates += 1
         if self.avg is not None:
-            d = self.h.ttt_polyak_decay
+            rate = self.polyak_rate(self.h.ttt_polyak_decay, self.n_updates, self.h.ttt_polyak_bias_correct)
             with torch.no_grad():
                 for pa, p in zip(self.avg.parameters(), self.model.parameters()):
-                    pa.mul_(d).add_(p.detach(), alpha=1 - d)
+                    pa.lerp_(p.detach(), rate)
+
+    @staticmethod
+    def polyak_rate(decay: float, t: int, bias_correct: bool = True) -> float:
+        """a_t of the average after update t >= 1: bias-corrected, 1 at t = 1 (the first iterate replaces the
+        start weights); else the plain EMA's constant 1 - d."""
+        return (1 - decay) / (1 - decay ** t) if bias_correct else 1 - decay
+
+    def _log_plan(self, n_chunks: int) -> None:
+        """Log the planned updates and the start weights' share of the final averaged copy."""
+        d, n, bc = self.h.ttt_polyak_decay, (n_chunks - 1) * self.h.ttt_epochs, self.h.ttt_polyak_bias_correct
+        avg = "polyak:off" if self.avg is None else (f"polyak_decay:{d} bias_corrected:{int(bc)} "
+                                                     f"start_weight:{float(n == 0) if bc else d ** n:.4f}")
+        if self.avg is not None and n > 0:
+            avg += f" final_rate:{self.polyak_rate(d, n, bc):.4f}"
+        log0(f"ttt lr:{self.h.ttt_lr} epochs:{self.h.ttt_epochs} chunks:{n_chunks} planned_updates:{n} {avg}")
 
 
 class FixedScorer:
@@ -2179,7 +2218,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
         for comp in updaters:
             comp.update(scored)
         c, n = span.index, span.n_chunks
-        if label and ((c + 1) % max(1, n // 10) == 0 or c + 1 == n):
+        if label and ((c + 1) % max(1, n // 100) == 0 or c + 1 == n):  # <= ~100 points: a curve, not a flood
             _log_progress(label, span, t0, experts.tracks, tally)
         if budget_start is not None and not warned and time.perf_counter() - budget_start > ctx.h.eval_budget_seconds:
             warned = True
@@ -2404,6 +2443,7 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
     loader = DistributedTokenLoader(train_glob, rt, h.vocab_size)
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     train_ms, step, qat_on, stop, elapsed_ms = 0.0, 0, False, False, 0.0
+    warm_on = False
     cap_ms = 1000 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else float("inf")
     sync(rt.device)
     t0 = clock()
@@ -2420,6 +2460,9 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
             break
         mult = lr_multiplier(h, step, elapsed_ms)  # the rank-agreed time: every rank takes the same LR
         qat = h.qat_enabled or (h.late_qat_threshold > 0 and mult < h.late_qat_threshold)
+        if mult < 1 and not warm_on:
+            log0(f"warmdown:start step:{step} lr_mult:{mult:.4f}")
+            warm_on = True
         if qat and not qat_on:
             n = sum(t.numel() for t in model.qat_tensors().values())
             banks = sum(getattr(model, b).numel() for b in BANK_NAMES)
@@ -2497,7 +2540,7 @@ def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=Non
              f"build_ms:{1000 * (time.perf_counter() - t0):.0f}")
     bias = OnlineBias(h, h.vocab_size, rt.device) if h.bias_enabled else None
     betas = h.ngram_beta_list if cands is not None else ()
-    hedge = HedgeMixer(1 + len(betas), h.hedge_eta, rt.device) if h.hedge_enabled else None
+    hedge = HedgeMixer(Experts.pool_size(bias is not None, len(betas)), h.hedge_eta, rt.device) if h.hedge_enabled else None
     experts = Experts(h, bias, cands, hedge)
     scorer = TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)) if h.ttt_enabled else FixedScorer(fwd)
     r = run_pass(ctx, scorer, h.eval_stride, experts, h.ttt_chunk_tokens, recorder=recorder, label="pass",
@@ -2551,7 +2594,8 @@ def run(h: Hyperparameters, rt: Runtime) -> int:
     require_free_space(path, sum(p.numel() for p in model.parameters()))
     steps, train_ms, fwd = train(ctx, model)
     t_eval = time.perf_counter()
-    diagnostic(ctx, "final_float", fwd, h.eval_seq_len)
+    if h.float_diagnostic:
+        diagnostic(ctx, "final_float", fwd, h.eval_seq_len)
     retire_submission(h, rt)
     timed("export", export_artifact, h, rt, model, path)
     return score_artifact(ctx, path, t_eval, steps, train_ms)

@@ -13,6 +13,13 @@
 (c) --overlap cpu|full: Optimizers.step on 2 gloo ranks (1 thread each), overlapped Parallel Muon vs the
     synchronous step (every collective waited at launch), alternating, on fixed random gradients; `--steps` each.
 All numbers are CPU, fp32 (autocast is off on CPU), eager (no torch.compile).
+
+    python3 bench/bench_cpu.py --bf16 [--bf16-steps 30]
+
+(c) bf16 autocast on CPU against fp32, at equal steps: the PRESET=cpu model trained --bf16-steps steps on the real
+    train shards (same seed, same batches, the same LR schedule compressed to those steps), once in fp32 and once
+    under torch.autocast("cpu", bfloat16); tokens/s, the mean train loss of the last 5 steps, and the fp32 loss of
+    both final models on the first 64 x 256 validation tokens. train_gpt uses bf16 autocast on CUDA only.
 """
 from __future__ import annotations
 
@@ -117,6 +124,54 @@ def bench_overlap(preset: str, steps: int) -> None:
     print(f"  overlapped  : median {med(r['overlap']):9.1f} ms  min {min(r['overlap']):9.1f} ms")
     print(f"  synchronous : median {med(r['sync']):9.1f} ms  min {min(r['sync']):9.1f} ms")
     print(f"  parameters after the steps identical bit for bit: {r['identical']}")
+def train_bf16_vs_fp32(h: tg.Hyperparameters, steps: int, bf16: bool) -> dict:
+    """(c): `steps` optimizer steps of the real training step on the train shards, fp32 or under CPU bf16
+    autocast; returns tokens/s (median step), the last 5 steps' mean loss and the fp32 held loss of the result."""
+    h = replace(h, iterations=steps, warmdown_iters=max(steps // 3, 1), max_wallclock_seconds=0.0)
+    torch.manual_seed(h.seed)
+    model = tg.build_model(h)
+    rt = tg.Runtime.local()
+    opt = tg.Optimizers(h, model, rt)
+    loader = tg.DistributedTokenLoader(h.train_files, rt)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else tg.nullcontext
+    step_ms, losses = [], []
+    for step in range(steps):
+        opt.set_schedule(step, tg.lr_multiplier(h, step, 0.0))
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(rt.grad_accum_steps):
+            x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+            with ctx():
+                loss = model(x, y)
+            (loss / rt.grad_accum_steps).backward()
+            loss_sum += loss.item()
+        opt.step()
+        step_ms.append(1000 * (time.perf_counter() - t0))
+        losses.append(loss_sum / rt.grad_accum_steps)
+    val = tg.load_val_tokens(h.val_files, h.train_seq_len)[:64 * h.train_seq_len + 1].long()
+    with torch.no_grad():
+        held = model(val[:-1].view(64, -1), val[1:].view(64, -1)).item()
+    med = statistics.median(step_ms[1:] if steps > 1 else step_ms)
+    return dict(step_ms=med, tok_s=h.train_batch_tokens / (med / 1000), last5=statistics.mean(losses[-5:]),
+                held=held, cpu_s=time.process_time())
+
+
+def main_bf16(steps: int) -> None:
+    h = tg.Hyperparameters.from_env({"PRESET": "cpu"})
+    print(f"(c) bf16 autocast vs fp32 on CPU, PRESET=cpu, {steps} steps, threads {torch.get_num_threads()}, "
+          f"load avg {os.getloadavg()[0]:.2f} (shared cores: compare the two rows, not absolute numbers)")
+    rows = []
+    for bf16 in (False, True):
+        c0 = time.process_time()
+        r = train_bf16_vs_fp32(h, steps, bf16)
+        r["cpu_s"] -= c0
+        rows.append(("bf16 autocast" if bf16 else "fp32", r))
+    print(f"{'precision':14s} {'ms/step':>9s} {'tok/s':>8s} {'cpu s':>8s} {'last5 train loss':>16s} {'held loss (fp32)':>16s}")
+    for name, r in rows:
+        print(f"{name:14s} {r['step_ms']:9.1f} {r['tok_s']:8.0f} {r['cpu_s']:8.1f} {r['last5']:16.4f} {r['held']:16.4f}")
+    f, b = rows[0][1], rows[1][1]
+    print(f"bf16/fp32: speed x{b['tok_s'] / f['tok_s']:.2f} (median step), cpu time x{b['cpu_s'] / f['cpu_s']:.2f}, "
+          f"held loss {b['held'] - f['held']:+.4f}")
 
 
 def main() -> None:
@@ -129,10 +184,14 @@ def main() -> None:
     ap.add_argument("--full-steps", type=int, default=3)
     ap.add_argument("--threads", default="1,2", help="intra-op thread counts to try for (a)")
     ap.add_argument("--skip-full", action="store_true")
-    ap.add_argument("--overlap", choices=("cpu", "full"), help="only (c): overlapped vs synchronous Muon, 2 gloo ranks")
+    ap.add_argument("--overlap", choices=("cpu", "full"), help="only: overlapped vs synchronous Muon, 2 gloo ranks")
+    ap.add_argument("--bf16", action="store_true", help="only: bf16 autocast vs fp32 training on CPU")
+    ap.add_argument("--bf16-steps", type=int, default=30)
     args = ap.parse_args()
     if args.overlap:
         return bench_overlap("" if args.overlap == "full" else args.overlap, args.steps)
+    if args.bf16:
+        return main_bf16(args.bf16_steps)
 
     default_threads = torch.get_num_threads()
     print(f"CPU benchmark: {platform.processor() or platform.machine()}, os.cpu_count={os.cpu_count()}, "

@@ -702,3 +702,72 @@ def test_significance_refuses_folder_whose_log_is_not_a_seed(inputs):
     r = run_py(ROOT / "tools" / "significance.py", "--logs", *logs, "--out", out)
     assert r.returncode == 2 and "train.log is none of the --logs" in r.stderr
     assert "seeds" not in json.loads((out / "submission.json").read_text())
+
+
+# ----------------------------------------------------------------------------- plot_log: issue 11 (the picture)
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+PASS_LINES = [f"pass chunk:{c}/3 elapsed:{1.5 * c:.1f}s eta:{1.5 * (3 - c):.1f}s rank0_bpb neural:{2.3 - 0.01 * c:.4f} "
+              f"neural+bias:{2.28 - 0.01 * c:.4f} neural+bias+ngram:{2.2 - 0.01 * c:.4f} mixture:{2.1 - 0.01 * c:.4f}"
+              for c in (1, 2, 3)]
+ABLATION_LINES = [f"ablation track:{k} val_loss:{3 + v:.8f} val_bpb:{2 + v:.8f}"
+                  for k, v in (("neural", 0.3), ("neural+bias", 0.28), ("neural+bias+ngram", 0.2), ("mixture", 0.1))]
+
+
+def eval_log():
+    lines = [f"step:{s}/30 train_loss:{6 - 0.1 * s:.4f} train_time:{100 * s}ms step_avg:100.00ms" for s in range(10, 31, 10)]
+    lines.insert(1, "warmdown:start step:16 lr_mult:0.9333")
+    lines.insert(3, "qat:on step:28 lr_mult:0.1333 fake_quant_elements:10 bank_elements:8")
+    lines += ["final_int8_zlib_roundtrip val_loss:3.4000 val_bpb:2.3100 eval_time:1000ms",
+              "final_int8_zlib_roundtrip_exact val_loss:3.40000000 val_bpb:2.31000000"]
+    return "\n".join(lines + PASS_LINES + ABLATION_LINES + ["final_score val_loss:3.10000000 val_bpb:2.10000000 eval_time:4500ms"])
+
+
+def test_parse_pass_progress_ablation_and_schedule_marks():
+    d = plot_log.parse_log(eval_log())
+    assert (d["warmdown_step"], d["qat_step"]) == (16, 28)
+    pts = d["passes"]["pass"]
+    assert [p["chunk"] for p in pts] == [1, 2, 3] and pts[-1]["n_chunks"] == 3 and pts[1]["elapsed_s"] == 3.0
+    assert pts[2]["bpb"] == {"neural": 2.27, "neural+bias": 2.25, "neural+bias+ngram": 2.17, "mixture": 2.07}
+    assert list(d["ablation"]) == ["neural", "neural+bias", "neural+bias+ngram", "mixture"]
+    assert d["ablation"]["mixture"] == dict(val_loss=3.1, val_bpb=2.1)
+    assert [name for name, _ in plot_log.plan_panels(d)] == ["train", "pass:pass", "bars"]  # no val panel
+    bars = [name for name, _, _ in plot_log._bars(d)]
+    assert bars == ["neural", "neural+bias", "neural+bias+ngram", "mixture", "final_int8_zlib_roundtrip"]
+
+
+def test_plot_with_val_and_pass_panels_writes_png(tmp_path):
+    d = plot_log.parse_log(synthetic_log() + eval_log())
+    assert [name for name, _ in plot_log.plan_panels(d)] == ["train", "val", "pass:pass", "bars"]
+    out = plot_log.plot_log(d, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("regex,line", [
+    ("PASS_RE", "pass chunk:3/31 elapsed:12.3s eta:100.2s rank0_bpb neural:2.301 mixture:2.1000"),  # .3f
+    ("PASS_RE", "pass chunk:3/31 elapsed:12.3s eta:100.2s rank0_bpb:2.1362"),  # the old one-number line
+    ("WARMDOWN_RE", "warmdown:start step:16"),
+    ("ABLATION_RE", "ablation track:neural val_loss:3.4475 val_bpb:2.2412"),
+])
+def test_new_regexes_reject_drifted_lines(regex, line):
+    assert not getattr(plot_log, regex).fullmatch(line)
+
+
+def test_progress_line_of_the_script_parses_back(capsys):
+    tracks = ["neural", "neural+bias", "neural+bias+ngram", "mixture"]
+    tally = tg.Tally.zeros(len(tracks), "cpu")
+    tally.nll += torch.tensor([4.0, 3.5, 3.0, 2.5], dtype=torch.float64)
+    tally.bytes += 3.0
+    span = tg.ChunkSpan(4, 31, np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64))
+    capsys.readouterr()
+    tg._log_progress("pass", span, time.perf_counter(), tracks, tally)
+    line = capsys.readouterr().out.strip()
+    m = plot_log.PASS_RE.fullmatch(line)
+    assert m, line
+    pts = plot_log.parse_log(line)["passes"]["pass"]
+    assert pts[0]["chunk"] == 5 and list(pts[0]["bpb"]) == tracks
+    assert pts[0]["bpb"]["mixture"] == pytest.approx(2.5 / math.log(2) / 3, abs=1e-4)
