@@ -19,6 +19,19 @@ Weight states:
   student  SYNTHETIC: as gauss but Student-t (nu=4) entries: dense and heavy-tailed, closer to trained weights, whose
            int6 histogram is peaked (the record reached ~4.7 bits per weight with lzma).
 Target: bytes_total <= 15,950,000 (16,000,000 cap minus a 50,000-byte margin).
+
+    python3 bench/bench_artifact.py --fit-check [--nu 0] [--compressor auto] [--max-prune 0.3]
+
+Fit check: a full-config model with SYNTHETIC dense Gaussian (or Student-t, --nu) bank and table entries, whose
+artifact starts over 16 MB (Gaussian: ~18.4 MB), goes through train_gpt.fit_to_budget with the run's model budget (16,000,000 - shipped code bytes -
+ARTIFACT_MARGIN_BYTES) and prints the run's `fit ...` line; then real bytes (the shipping codec), the entropy
+proxy and the int6 rel_error against the pruned fraction.
+
+    python3 bench/bench_artifact.py --cpu-force 0.8 [--cpu-steps 300] [--val-tokens 262144]
+
+Forced fit: trains the PRESET=cpu model for --cpu-steps steps (train_gpt.train on the stand-in shards), then fits
+its artifact into --cpu-force x its natural size (FIT_MAX_PRUNE_FRACTION=1) and reports the plain-window bpb
+(stride = window) of both artifacts on the first --val-tokens validation tokens.
 """
 from __future__ import annotations
 
@@ -35,12 +48,10 @@ from pathlib import Path
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import pack  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 TARGET = 15_950_000
@@ -140,8 +151,102 @@ def bench_state(model: tg.GPT, shuffles) -> dict:
     return dict(raw=len(raw), quant_s=t_quant, serialize_s=t_ser, rows=rows, errors=errors(model, deq))
 
 
+def student_dense(model: tg.GPT, nu: float, seed: int) -> None:
+    """SYNTHETIC: unit-variance Student-t(nu) bank and table entries at the init rows' std (see `synthetic`)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if class_of(name) == "fp16 passthrough":
+                continue
+            torch.manual_seed(seed + p.numel())
+            x = torch.distributions.StudentT(nu).sample(p.shape) * ((nu - 2) / nu) ** 0.5
+            p.copy_(x * (1.0 / p.size(-1) ** 0.5 if name in tg.BANK_NAMES else 0.02))
+
+
+def fit_check(a) -> int:
+    h = tg.Hyperparameters.from_env({})
+    torch.manual_seed(h.seed)
+    model = tg.build_model(h)
+    if a.nu > 0:
+        student_dense(model, a.nu, h.seed)
+    else:
+        synthetic(model, "gauss", h.seed)
+    code = tg.shipped_code_bytes(ROOT / "train_gpt.py")
+    budget = tg.model_budget_bytes(h, code)
+    weights_desc = f"Student-t nu={a.nu}" if a.nu > 0 else "Gaussian (the 'gauss' state)"
+    print(f"fit check on CPU ({os.cpu_count()} cores, shared machine): full config, SYNTHETIC dense {weights_desc} "
+          f"weights; shipped code {code:,} B -> model budget {budget:,} B; compressor {a.compressor}; "
+          f"FIT_MAX_PRUNE_FRACTION {a.max_prune}", flush=True)
+    t0 = time.perf_counter()
+    q = tg.quantize_model(model)
+    weights = {n: t for n, t in model.state_dict().items() if n in tg.BANK_NAMES}
+    print(f"quantize {time.perf_counter() - t0:.1f}s", flush=True)
+    try:
+        _, codec, sizes, st = tg.fit_to_budget(q, weights, a.compressor, budget, a.max_prune)
+        print(tg.fit_line(st), flush=True)
+        print("unpruned sizes: " + " ".join(f"{k}:{v}" for k, v in sizes.items()), flush=True)
+    except RuntimeError as e:
+        print(f"fit failed: {e}", flush=True)
+        codec = tg.compress_payload(tg.serialize(q), a.compressor)[1]
+    n_values = sum(q[n][1].numel() for n in tg.BANK_NAMES)
+    fracs = [float(f) for f in a.fractions.split(",")]
+    order = tg.prune_order(q, int(max(fracs) * n_values))
+    proxy = tg._SizeProxy(q, order)
+    print(f"\n{'pruned fraction':>15s} {'pruned':>10s} {'model bytes (' + codec + ')':>28s} {'bytes_total':>12s} "
+          f"{'proxy bytes':>12s} {'int6 rel_error':>15s} {'comp s':>7s}")
+    for f in fracs:
+        k = min(int(f * n_values), len(order[0]))
+        qk = tg.pruned(q, order, k)
+        t0 = time.perf_counter()
+        n = len(tg.compress_payload(tg.serialize(qk), codec)[0])
+        print(f"{f:>15.3f} {k:>10,d} {n:>28,d} {n + code:>12,d} {proxy(k):>12,.0f} "
+              f"{tg.int6_rel_error(qk, weights):>15.6f} {time.perf_counter() - t0:>7.1f}", flush=True)
+    return 0
+
+
+def cpu_force(a) -> int:
+    """Train the cpu preset briefly, then compare the natural artifact with one forced into a fraction of it."""
+    env = dict(PRESET="cpu", ITERATIONS=str(a.cpu_steps), MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0",
+               WARMDOWN_ITERS=str(max(a.cpu_steps // 3, 1)), TORCH_COMPILE="0")
+    h = tg.resolve_startup(tg.Hyperparameters.from_env(env), tg.Runtime.local())
+    rt = tg.Runtime.local()
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)[:a.val_tokens + 1]
+    ctx = tg.EvalContext(h, rt, val, tg.load_tokenizer_luts(h))
+    torch.manual_seed(h.seed)
+    model = tg.build_model(h)
+    t0 = time.perf_counter()
+    steps, _, _ = tg.train(ctx, model)
+    print(f"trained PRESET=cpu {steps} steps in {time.perf_counter() - t0:.0f}s (CPU, shared machine)", flush=True)
+    q = tg.quantize_model(model)
+    weights = {n: t for n, t in model.state_dict().items() if n in tg.BANK_NAMES}
+    blob, codec, _, st0 = tg.fit_to_budget(q, weights, h.compressor, 10 ** 12, 1.0)
+    natural = len(blob)
+    _, _, _, st = tg.fit_to_budget(q, weights, codec, int(a.cpu_force * natural), 1.0)
+    print(tg.fit_line(st), flush=True)
+    order = tg.prune_order(q, st["pruned"])
+    rows = []
+    for label, qk in (("natural", q), (f"forced {a.cpu_force:.0%}", tg.pruned(q, order, st["pruned"]))):
+        m = tg.build_model(h)
+        m.load_state_dict(tg.dequantize(qk))
+        r = tg.run_pass(ctx, tg.FixedScorer(m.eval()), stride=h.eval_seq_len)
+        rows.append((label, r.val_bpb))
+        print(f"{label:>12s} bpb {r.val_bpb:.4f} on {r.tokens:,} val tokens", flush=True)
+    print(f"natural {natural:,} B ({codec}) -> forced {st['after']:,} B: pruned {st['pruned']:,} of {st['of']:,} "
+          f"int6 values ({st['pruned'] / st['of']:.1%}), rel_error {st['e0']:.4f}->{st['e1']:.4f}, "
+          f"bpb cost {rows[1][1] - rows[0][1]:+.4f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fit-check", action="store_true", help="the fit-to-budget check (see above)")
+    ap.add_argument("--nu", type=float, default=0.0, help="fit check: Student-t dof of the weights (0: Gaussian)")
+    ap.add_argument("--compressor", default="auto", help="fit check: COMPRESSOR (auto = what a run does)")
+    ap.add_argument("--max-prune", type=float, default=0.3,
+                    help="fit check: FIT_MAX_PRUNE_FRACTION (a run's default, 0.05, refuses the Gaussian model)")
+    ap.add_argument("--fractions", default="0.05,0.1,0.2", help="fit check: pruned fractions to tabulate")
+    ap.add_argument("--cpu-force", type=float, default=0.0, help="forced fit of a briefly trained cpu-preset model")
+    ap.add_argument("--cpu-steps", type=int, default=300)
+    ap.add_argument("--val-tokens", type=int, default=262144)
     ap.add_argument("--states", default="init,trained,gauss,student")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-seqs", type=int, default=4)
@@ -149,11 +254,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-shuffle", action="store_true", help="skip the +shuffle variants (half the time)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
+    if a.fit_check:
+        return fit_check(a)
+    if a.cpu_force:
+        return cpu_force(a)
     states = [s for s in a.states.split(",") if s]
     h = tg.Hyperparameters.from_env({})
     src = (ROOT / "train_gpt.py").read_bytes()
     code_raw = len(src)
-    code_packed = len(pack.pack_source(src).encode("ascii"))
+    code_packed = tg.shipped_code_bytes(ROOT / "train_gpt.py")
     shuffles = (False,) if a.no_shuffle else (False, True)
     cpu = platform.processor() or platform.machine()
     print(f"bench_artifact on CPU ({cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads "

@@ -421,7 +421,11 @@ def test_run_size_accounting_uses_the_running_file(dataset, tmp_path, fresh_log)
     codec, total = log_value(log, r"Total submission size int6\+(\S+): (\d+) bytes")
     model_bytes = int(log_value(log, r"Serialized model int6\+\S+: (\d+) bytes"))
     artifact = tmp_path / "final_model.int6.ptz"
-    assert code == len(Path(tg.__file__).read_bytes()) == len(SRC.read_bytes())
+    assert code == tg.shipped_code_bytes(SRC) < len(SRC.read_bytes()) // 2  # the packed file that ships
+    budget = int(log_value(log, r"budget model:(\d+) = limit"))
+    assert budget == tg.ARTIFACT_LIMIT_BYTES - code - h.artifact_margin_bytes
+    run_lines = log[log.index("hparams "):]  # the log starts with the source, which holds these strings too
+    assert run_lines.index("budget model:") < run_lines.index("Serialized model")  # logged before the export
     assert model_bytes == artifact.stat().st_size
     assert int(total) == code + model_bytes
     sub = json.loads((tmp_path / "submission.json").read_text())
@@ -485,6 +489,14 @@ def test_packed_script_counts_its_own_bytes(dataset, packed_path, tmp_path):
     assert (sub["bytes_code"], sub["bytes_total"]) == (packed_len, packed_len + model_bytes)
 
 
+def test_shipped_code_bytes_is_what_the_pack_tool_writes(tmp_path, packed_path):
+    out = tmp_path / "train_gpt.py"
+    assert pack.main([str(SRC), str(out)]) == 0
+    assert tg.shipped_code_bytes(SRC) == len(out.read_bytes())
+    assert tg.shipped_code_bytes(packed_path) == len(packed_path.read_bytes())  # already packed: its own length
+    assert tg.model_budget_bytes(tiny(artifact_margin_bytes=7), 1000) == tg.ARTIFACT_LIMIT_BYTES - 1007
+
+
 def _fake_result(bpb=1.25):
     return tg.EvalResult(losses={"neural": 0.9}, bpbs={"neural": bpb}, final="neural", tokens=10, bytes=20,
                          seconds=0.1)
@@ -498,7 +510,7 @@ def _fake_result(bpb=1.25):
 ])
 def test_finish_over_limit_returns_1_after_writing_submission(tmp_path, monkeypatch, capsys, fresh_log,
                                                               limit, model_bytes, rc):
-    code = len(SRC.read_bytes())
+    code = tg.shipped_code_bytes(SRC)
     if limit == "small":
         monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", 10_000)
     lim = tg.ARTIFACT_LIMIT_BYTES
@@ -558,3 +570,116 @@ def test_fake_quant_straight_through_gradient(fq, qmax):
     assert torch.equal(out.detach(), tg._quant(w.detach(), s.squeeze(-1), qmax) * s)
     assert not torch.equal(out.detach(), w.detach())
     assert ((out.detach() / s).round() - out.detach() / s).abs().max() < 1e-3
+
+
+# ----------------------------------------------------------------------------- 7. fit to budget
+
+
+FIT_KW = dict(model_dim=64, mlp_mult=3.0, compressor="lzma")  # int6 banks are most of this artifact
+
+
+@torch.no_grad()
+def dense_model(seed=0, **kw) -> tg.GPT:
+    """Dense Gaussian banks (no zero-initialized projections): the pessimistic case for the size."""
+    torch.manual_seed(seed)
+    model = tg.build_model(tiny(**{**FIT_KW, **kw}))
+    for n in tg.BANK_NAMES:
+        p = getattr(model, n)
+        p.copy_(torch.randn(p.shape) / p.size(-1) ** 0.5)
+    return model
+
+
+def natural_blob(model, compressor="lzma") -> bytes:
+    return tg.compress_payload(tg.serialize(tg.quantize_model(model)), compressor)[0]
+
+
+def export_with_budget(tmp_path, monkeypatch, model, budget, name="m.ptz", **kw):
+    """export_artifact with the 16 MB limit scaled down so that the model budget is `budget`."""
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", tg.shipped_code_bytes(SRC) + budget)
+    path = tmp_path / name
+    return tg.export_artifact(tiny(**{**FIT_KW, **kw}), CPU, model, path), path
+
+
+FIT_RE = (r"fit budget:(\d+) before:(\d+) after:(\d+) pruned:(\d+) of:(\d+) rel_error:([\d.]+)->([\d.]+) "
+          r"time:[\d.]+s codec:\S+ probes:(\d+)")
+
+
+def test_fit_prunes_an_over_budget_model_under_its_budget(tmp_path, monkeypatch, capsys, fresh_log):
+    model = dense_model()
+    natural = len(natural_blob(model))
+    budget = natural - natural // 300  # 0.33% over: a few KB of int6 values must go
+    calls = []
+    real_compress = tg.compress_payload
+    monkeypatch.setattr(tg, "compress_payload", lambda raw, c: (calls.append(c), real_compress(raw, c))[1])
+    (size, codec), path = export_with_budget(tmp_path, monkeypatch, model, budget)
+    assert size == path.stat().st_size <= budget < natural
+    fit = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fit ")]
+    assert len(fit) == 1
+    b, before, after, k, of, e0, e1, probes = re.fullmatch(FIT_RE, fit[0]).groups()
+    assert (int(b), int(before), int(after)) == (budget, natural, size)
+    q = tg.quantize_model(model)
+    assert int(of) == sum(q[n][1].numel() for n in tg.BANK_NAMES)
+    assert 0 < int(k) <= tiny(**FIT_KW).fit_max_prune_fraction * int(of)
+    assert float(e1) > float(e0) > 0
+    assert len(calls) == 1 + int(probes) <= 1 + tg.FIT_PROBES and set(calls[1:]) <= {codec}  # the shipping codec
+    # the artifact holds exactly the k cheapest |q| = 1 values zeroed, nothing else changed
+    loaded = tg.deserialize(tg.decompress_artifact(path.read_bytes()))
+    order = tg.prune_order(q, int(k))
+    assert tg.serialize(loaded) == tg.serialize(tg.pruned(q, order, int(k)))
+    changed = sum(int((loaded[n][1] != q[n][1]).sum()) for n in tg.BANK_NAMES)
+    assert changed == int(k)
+    for n in tg.BANK_NAMES:
+        gone = (loaded[n][1] == 0) & (q[n][1] != 0)
+        assert bool((q[n][1][gone].abs() == 1).all())
+
+
+def test_prune_order_is_cheapest_first_and_follows_the_hessian():
+    q = tg.quantize_model(dense_model(1))
+    names = tg._int6_names(q)
+    tid, idx = tg.prune_order(q, 2000)
+    cost = torch.stack([q[names[t]][2].float().reshape(-1)[i // q[names[t]][1].size(-1)].square()
+                        for t, i in zip(tid.tolist(), idx.tolist())])
+    assert bool((cost[1:] >= cost[:-1]).all())  # never a costlier value before a cheaper one
+    assert all(int(q[names[t]][1].reshape(-1)[i].abs()) == 1 for t, i in zip(tid.tolist(), idx.tolist()))
+    # a huge Hessian diagonal on input column 0 of every matrix: those values go last
+    hd = {n: torch.ones(q[n][1].shape[:-2] + q[n][1].shape[-1:]) for n in names}
+    for v in hd.values():
+        v[..., 0] = 1e9
+    def cols(order):
+        return [i % q[names[t]][1].size(-1) for t, i in zip(order[0].tolist(), order[1].tolist())]
+
+    assert 0 not in cols(tg.prune_order(q, 2000, hd)) and 0 in cols((tid, idx))
+    with pytest.raises(ValueError, match="hessian_diag\\['qo_bank'\\] has shape"):
+        tg.prune_order(q, 10, {"qo_bank": torch.ones(3)})
+
+
+@pytest.mark.parametrize("where", ["well under", "exactly at"])
+def test_fit_leaves_a_fitting_artifact_byte_identical(tmp_path, monkeypatch, capsys, fresh_log, where):
+    model = dense_model(2)
+    blob = natural_blob(model)
+    budget = len(blob) + (100_000 if where == "well under" else 0)
+    (size, _), path = export_with_budget(tmp_path, monkeypatch, model, budget)
+    assert path.read_bytes() == blob and size == len(blob)
+    fit = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fit ")]
+    assert re.fullmatch(FIT_RE, fit[0]).group(4, 8) == ("0", "0")
+
+
+def test_fit_is_deterministic(tmp_path, monkeypatch, fresh_log):
+    natural = len(natural_blob(dense_model(3)))
+    (_, _), a = export_with_budget(tmp_path, monkeypatch, dense_model(3), natural - 400, "a.ptz")
+    (_, _), b = export_with_budget(tmp_path, monkeypatch, dense_model(3), natural - 400, "b.ptz")
+    assert a.read_bytes() == b.read_bytes() and len(a.read_bytes()) < natural
+
+
+def test_fit_beyond_the_prune_cap_is_an_error_that_writes_nothing(tmp_path, monkeypatch, capsys, fresh_log):
+    model = dense_model(4)
+    natural = len(natural_blob(model))
+    budget = natural * 9 // 10  # 10% off: far beyond what 5% of the int6 values can give
+    with pytest.raises(RuntimeError, match=f"FIT_MAX_PRUNE_FRACTION=0.05 .* > the model budget {budget} .*"
+                                           f"unpruned {natural} bytes.*nothing was written"):
+        export_with_budget(tmp_path, monkeypatch, model, budget)
+    assert list(tmp_path.iterdir()) == []
+    assert "ERROR: fit:" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="FIT_MAX_PRUNE_FRACTION=0.0 .*\\(0\\)"):  # a cap of 0: no pruning at all
+        export_with_budget(tmp_path, monkeypatch, model, natural - 1, fit_max_prune_fraction=0.0)
+    assert list(tmp_path.iterdir()) == []

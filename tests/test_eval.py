@@ -32,8 +32,43 @@ def env(dataset):
     return h, val, tg.load_tokenizer_luts(h)
 
 
-def adaptive(h, model, val, luts, recorder=None, rt=CPU):
-    return tg.adaptive_pass(tg.EvalContext(h, rt, val, luts), model, model, time.perf_counter(), recorder=recorder)
+def adaptive(h, model, val, luts, recorder=None, rt=CPU, budget=None):
+    return tg.adaptive_pass(tg.EvalContext(h, rt, val, luts), model, model, time.perf_counter(), recorder=recorder,
+                            budget=budget)
+
+
+class WorkClock:
+    """A deterministic clock driven by the work done: SCORE_S per scored batch, EPOCH_S per TTT step."""
+    SCORE_S, EPOCH_S = 1.0, 2.0
+
+    def __init__(self, monkeypatch):
+        self.t = 0.0
+        real_score, real_step = tg.score_windows, tg.TestTimeTrainer._step
+        monkeypatch.setattr(tg, "score_windows", lambda *a: (self.tick(self.SCORE_S), real_score(*a))[1])
+        monkeypatch.setattr(tg.TestTimeTrainer, "_step", lambda tr, *a: (self.tick(self.EPOCH_S), real_step(tr, *a))[1])
+
+    def tick(self, dt):
+        self.t += dt
+
+    def __call__(self):
+        return self.t
+
+
+def tight_budget(h, val, monkeypatch, share=0.5) -> tuple[tg.EvalBudget, float]:
+    """A guard on a WorkClock whose budget holds all the pass's scoring and `share` of its full-epoch TTT work."""
+    spans = tg.plan_chunks(tg.EvalContext(h, CPU, val, None), h.eval_stride, h.ttt_chunk_tokens)
+    scoring = sum(-(-len(s.mine) // h.eval_batch_seqs) for s in spans) * WorkClock.SCORE_S
+    seconds = scoring + share * (len(spans) - 1) * h.ttt_epochs * WorkClock.EPOCH_S
+    hb = dataclasses.replace(h, eval_budget_seconds=seconds, eval_margin_seconds=0.0)
+    return tg.EvalBudget(hb, CPU, 0.0, WorkClock(monkeypatch)), seconds
+
+
+@pytest.fixture(params=["unguarded", "guarded"])
+def guard(request, monkeypatch):
+    """None, or a factory of a tight budget guard (it must lower the TTT epochs during the pass)."""
+    if request.param == "unguarded":
+        return None
+    return lambda h, val: tight_budget(h, val, monkeypatch)[0]
 
 
 class Recorder:
@@ -72,16 +107,22 @@ def test_stride_equal_window_is_plain_eval(env):
     assert r.val_loss == pytest.approx(ce.item() / n, rel=1e-6)
 
 
-def test_answer_flip_full_pass(env):
-    """Change the target at position t: every score before t and the whole distribution at t stay identical."""
+def test_answer_flip_full_pass(env, guard):
+    """Change the target at position t: every score before t and the whole distribution at t stay identical.
+    Guarded: the budget guard lowers TTT epochs mid-pass, identically in both runs (it reads only the clock)."""
     h, val, luts = env
     h = dataclasses.replace(h, ttt_epochs=2, ttt_lr=0.05)
     t = 700
     base, flipped = Recorder([t]), Recorder([t])
-    adaptive(h, perturbed_model(h), val, luts, base)
+    budgets = [guard(h, val) if guard else None]  # each guard's clock starts at 0 with its own run
+    adaptive(h, perturbed_model(h), val, luts, base, budget=budgets[0])
     val2 = val.clone()
     val2[t + 1] = (val2[t + 1] + 17) % h.vocab_size
-    adaptive(h, perturbed_model(h), val2, luts, flipped)
+    budgets.append(guard(h, val2) if guard else None)
+    adaptive(h, perturbed_model(h), val2, luts, flipped, budget=budgets[1])
+    if guard:
+        assert budgets[0].changes and budgets[0].changes == budgets[1].changes
+        assert min(e for _, _, e in budgets[0].changes) < h.ttt_epochs
     for track in base.nll:
         before = [p for p in base.nll[track] if p < t]
         assert before and all(base.nll[track][p] == flipped.nll[track][p] for p in before), track
@@ -90,10 +131,12 @@ def test_answer_flip_full_pass(env):
     assert any(base.nll["mixture"][p] != flipped.nll["mixture"][p] for p in later)  # adaptation is live
 
 
-def test_every_update_follows_the_scores_it_uses(env, monkeypatch):
+def test_every_update_follows_the_scores_it_uses(env, monkeypatch, guard):
     h, val, luts = env
+    h = dataclasses.replace(h, ttt_epochs=2)
     events = []
     rec = Recorder()
+    budget = guard(h, val) if guard else None
 
     def spy(name, fn):
         def wrapped(self, scored):
@@ -103,7 +146,9 @@ def test_every_update_follows_the_scores_it_uses(env, monkeypatch):
 
     for cls, name in ((tg.OnlineBias, "bias"), (tg.HedgeMixer, "hedge"), (tg.TestTimeTrainer, "ttt")):
         monkeypatch.setattr(cls, "update", spy(name, cls.update))
-    adaptive(h, perturbed_model(h), val, luts, lambda r: (rec(r), events.append(rec.events[-1])))
+    adaptive(h, perturbed_model(h), val, luts, lambda r: (rec(r), events.append(rec.events[-1])), budget=budget)
+    if budget is not None:
+        assert budget.changes and budget.clock() <= budget.deadline
     scored_upto = -1
     for ev in events:
         if ev[0] == "score":

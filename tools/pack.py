@@ -16,6 +16,7 @@ OUT.py is one ASCII line:
 - Limits of the wrapper: anything that reads source text at runtime (inspect.getsource, Triton's @triton.jit) sees
   the wrapper, and traceback *lines* show the wrapper's text (file names and line numbers are right).
 
+The packing itself is train_gpt.pack_source (the run counts its own shipped bytes with it); this tool is its CLI.
 Several LZMA containers are tried at the strongest preset (xz without check, legacy .lzma "alone", raw LZMA2) over
 a small grid of literal/position bits; the shortest complete wrapper wins. Output is deterministic for a given
 liblzma.
@@ -24,87 +25,35 @@ liblzma.
 from __future__ import annotations
 
 import argparse
-import base64
-import lzma
-import re
 import sys
 from pathlib import Path
 
-PRESET = 9 | lzma.PRESET_EXTREME
-_RAW_LZMA2_DEFAULT_DICT = 8 << 20  # what {"id": FILTER_LZMA2} decodes with (preset 6)
-_TEMPLATE = 'exec(compile(__import__("lzma").decompress(__import__("base64").b85decode("{data}"){args}),__file__,"exec"))\n'
-_WRAPPER_RE = re.compile(
-    r'^exec\(compile\(__import__\("lzma"\)\.decompress\(__import__\("base64"\)\.b85decode\("(?P<data>[^"]*)"\)'
-    r'(?P<args>[^)]*)\),__file__,"exec"\)\)\r?\n?$'
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
 
 
-def _dict_size(n: int) -> int:
-    size = 4096
-    while size < n:
-        size *= 2
-    return size
-
-
-def _candidates(data: bytes, search: bool):
-    """Yield (compressed_bytes, wrapper_decompress_args) for each container/option combination."""
-    dict_size = _dict_size(len(data))
-    grid = [(lc, pb) for lc in range(5) for pb in range(3)] if search else [(3, 0)]
-    raw_args = ",3,None,[{%s}]" % ('"id":33' if dict_size <= _RAW_LZMA2_DEFAULT_DICT else '"id":33,"dict_size":%d' % dict_size)
-    assert lzma.FORMAT_RAW == 3 and lzma.FILTER_LZMA2 == 33  # spelled numerically in the wrapper to save bytes
-    for lc, pb in grid:
-        opts = dict(preset=PRESET, lc=lc, lp=0, pb=pb, dict_size=dict_size)
-        yield lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=[dict(id=lzma.FILTER_LZMA2, **opts)]), ""
-        yield lzma.compress(data, format=lzma.FORMAT_ALONE, filters=[dict(id=lzma.FILTER_LZMA1, **opts)]), ""
-        yield lzma.compress(data, format=lzma.FORMAT_RAW, filters=[dict(id=lzma.FILTER_LZMA2, **opts)]), raw_args
+def _bytes(text: str | bytes) -> bytes:
+    return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
 def pack_bytes(data: bytes, search: bool = True) -> str:
     """Return the wrapper text (ASCII) for the raw source bytes `data`."""
-    best = None
-    for blob, args in _candidates(data, search):
-        text = _TEMPLATE.format(data=base64.b85encode(blob).decode("ascii"), args=args)
-        if best is None or len(text) < len(best):
-            best = text
-    if unpack_bytes(best) != data:  # never ship a wrapper we cannot read back exactly
-        raise RuntimeError("pack round-trip failed")
-    return best
+    return tg.pack_source(bytes(data), search=search).decode("ascii")
 
 
 def pack_source(src_text: str | bytes, search: bool = True) -> str:
     """Return the packed wrapper text for a script's source (str is encoded as UTF-8; bytes are kept as is)."""
-    data = src_text.encode("utf-8") if isinstance(src_text, str) else bytes(src_text)
-    return pack_bytes(data, search=search)
+    return pack_bytes(_bytes(src_text), search=search)
 
 
 def is_packed(text: str | bytes) -> bool:
     """True if `text` is a wrapper written by this tool."""
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("ascii")
-        except UnicodeDecodeError:
-            return False
-    return _WRAPPER_RE.match(text) is not None
+    return tg.is_packed(_bytes(text))
 
 
 def unpack_bytes(packed_text: str | bytes) -> bytes:
     """Return the exact source bytes held by a wrapper."""
-    if isinstance(packed_text, bytes):
-        packed_text = packed_text.decode("ascii")
-    m = _WRAPPER_RE.match(packed_text)
-    if m is None:
-        raise ValueError("not a packed file written by tools/pack.py")
-    blob = base64.b85decode(m["data"])
-    args = m["args"]
-    if not args:
-        return lzma.decompress(blob)
-    am = re.fullmatch(r',3,None,\[\{"id":33(?:,"dict_size":(\d+))?\}\]', args)
-    if am is None:
-        raise ValueError(f"unknown decompress arguments in wrapper: {args!r}")
-    filt = {"id": lzma.FILTER_LZMA2}
-    if am[1]:
-        filt["dict_size"] = int(am[1])
-    return lzma.decompress(blob, lzma.FORMAT_RAW, None, [filt])
+    return tg.unpack_source(_bytes(packed_text))
 
 
 def unpack(packed_text: str | bytes) -> str:
