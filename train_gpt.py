@@ -1675,7 +1675,7 @@ class TestTimeTrainer:
             d = self.h.ttt_polyak_decay
             with torch.no_grad():
                 for pa, p in zip(self.avg.parameters(), self.model.parameters()):
-                    pa.mul_(d).add_(p.detach(), alpha=1 - d)
+                    pa.lerp_(p.detach(), 1 - d)  # exact where p == pa: frozen weights stay bit-identical
 
 
 class FixedScorer:
