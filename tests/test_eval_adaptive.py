@@ -63,7 +63,7 @@ def _reference_ttt(h, model: tg.GPT, stream: torch.Tensor) -> tuple[list[float],
     x, y = stream[:-1].long().view(-1, T), stream[1:].long().view(-1, T)
     buf, norms, d = {}, [], h.ttt_polyak_decay
     avg = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for _ in range(h.ttt_epochs):
+    for t in range(1, h.ttt_epochs + 1):
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         for i in range(0, x.size(0), h.ttt_batch_seqs):
             logits = model(x[i:i + h.ttt_batch_seqs])
@@ -82,8 +82,9 @@ def _reference_ttt(h, model: tg.GPT, stream: torch.Tensor) -> tuple[list[float],
                 g = grads[n] * coef * mult.get(n, 1.0)
                 buf[n] = g if n not in buf else h.ttt_momentum * buf[n] + g
                 p.sub_(h.ttt_lr * buf[n])
+            a = (1 - d) / (1 - d ** t) if h.ttt_polyak_bias_correct else 1 - d  # bias-corrected average
             for n, p in params.items():
-                avg[n] = d * avg[n] + (1 - d) * p
+                avg[n] = (1 - a) * avg[n] + a * p
     return norms, avg
 
 

@@ -362,7 +362,7 @@ def test_submission_json_names_its_run_and_artifact(full_run):
     text = (out / "logs" / "full.txt").read_text(encoding="utf-8")
     parsed = plot_log.parse_log(text)
     assert parsed["artifact"] == dict(sha256=sub["artifact_sha256"], bytes=len(blob), path=str(artifact))
-    ms.check_submission(sub, parsed, len(Path(tg.__file__).read_bytes()), artifact)  # the tool agrees
+    ms.check_submission(sub, parsed, tg.shipped_code_bytes(Path(tg.__file__)), artifact)  # the tool agrees
     assert json.loads((out / "submission.json.stale").read_text())["run_id"] == "older"  # moved aside, not lost
     assert f"moved the previous {out / 'submission.json'} to {out / 'submission.json.stale'}" in text
 
@@ -383,7 +383,7 @@ def test_eval_only_rescores_the_artifact_exactly_as_the_full_run(full_run, fresh
     sub = json.loads((rescored / "submission.json").read_text())
     assert sub["eval_only"] is True and sub["artifact"] == str(artifact) and sub["run_id"] == "rescore"
     assert sub["steps"] == 0 and sub["artifact_sha256"] == json.loads((out / "submission.json").read_text())["artifact_sha256"]
-    ms.check_submission(sub, plot_log.parse_log("\n".join(again)), len(Path(tg.__file__).read_bytes()), artifact)
+    ms.check_submission(sub, plot_log.parse_log("\n".join(again)), tg.shipped_code_bytes(Path(tg.__file__)), artifact)
 
 
 def test_eval_only_checks_the_artifact_against_the_config(full_run, fresh_log, tmp_path):
