@@ -1554,7 +1554,8 @@ def _pack_candidates(src: bytes, search: bool):
     assert lzma.FORMAT_RAW == 3 and lzma.FILTER_LZMA2 == 33  # spelled numerically in the wrapper to save bytes
     for lc, pb in grid:
         opts = dict(preset=PACK_PRESET, lc=lc, lp=0, pb=pb, dict_size=dict_size)
-        yield lzma.compress(src, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=[dict(id=lzma.FILTER_LZMA2, **opts)]), ""
+        yield lzma.compress(src, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE,
+                            filters=[dict(id=lzma.FILTER_LZMA2, **opts)]), ""
         yield lzma.compress(src, format=lzma.FORMAT_ALONE, filters=[dict(id=lzma.FILTER_LZMA1, **opts)]), ""
         yield lzma.compress(src, format=lzma.FORMAT_RAW, filters=[dict(id=lzma.FILTER_LZMA2, **opts)]), raw_args
 
@@ -1753,7 +1754,8 @@ def fit_to_budget(q: dict, weights: dict[str, Tensor], choice: str, budget: int,
     blob, codec, sizes = compress_payload(raw, choice)
     n_values = sum(q[n][1].numel() for n in _int6_names(q))
     e0 = int6_rel_error(q, weights)
-    stats = dict(raw=len(raw), budget=budget, before=len(blob), after=len(blob), pruned=0, of=n_values, e0=e0, e1=e0, probes=0)
+    stats = dict(raw=len(raw), budget=budget, before=len(blob), after=len(blob), pruned=0, of=n_values, e0=e0, e1=e0,
+                 probes=0)
     if len(blob) > budget:
         order = prune_order(q, int(max_fraction * n_values), hessian_diag)
         k, blob, probes = _search_prune_count(q, order, codec, budget, len(blob), max_fraction)
@@ -2915,7 +2917,8 @@ def optional_diagnostics(ctx: EvalContext, budget: EvalBudget, model: GPT, fwd, 
     (the challenge's parsers read its exact line), plain sliding windows, the float model. Each costs a plain
     scoring of its windows at the pass's measured rate."""
     h, n = ctx.h, ctx.val.numel() - 1
-    todo = [("final_int8_zlib_roundtrip", fwd, h.eval_seq_len, True), ("int6_sliding", fwd, h.eval_stride, h.sliding_diagnostic),
+    todo = [("final_int8_zlib_roundtrip", fwd, h.eval_seq_len, True),
+            ("int6_sliding", fwd, h.eval_stride, h.sliding_diagnostic),
             ("final_float", float_fwd, h.eval_seq_len, h.float_diagnostic and float_fwd is not None)]
     for name, f, stride, wanted in todo:
         if not wanted:
@@ -2949,7 +2952,8 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
         log0(line)
     if rt.is_main:  # the packing search takes seconds: do it before any clock starts
         code = timed("code_bytes", shipped_code_bytes, Path(__file__))
-        log0(f"code_bytes raw:{len(Path(__file__).read_bytes())} shipped:{code} model_budget:{model_budget_bytes(h, code)}")
+        log0(f"code_bytes raw:{len(Path(__file__).read_bytes())} shipped:{code} "
+             f"model_budget:{model_budget_bytes(h, code)}")
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     val = load_val_tokens(h.val_files, h.eval_seq_len, h.val_max_tokens, h.vocab_size)

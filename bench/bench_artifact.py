@@ -27,7 +27,7 @@ artifact starts over 16 MB (Gaussian: ~18.4 MB), goes through train_gpt.fit_to_b
 ARTIFACT_MARGIN_BYTES) and prints the run's `fit ...` line; then real bytes (the shipping codec), the entropy
 proxy and the int6 rel_error against the pruned fraction.
 
-    python3 bench/bench_artifact.py --cpu-force 0.8 [--cpu-steps 300] [--val-tokens 262144]
+    python3 bench/bench_artifact.py --cpu-force 0.8 [--cpu-steps 300 | --artifact PATH] [--val-tokens 262144]
 
 Forced fit: trains the PRESET=cpu model for --cpu-steps steps (train_gpt.train on the stand-in shards), then fits
 its artifact into --cpu-force x its natural size (FIT_MAX_PRUNE_FRACTION=1) and reports the plain-window bpb
@@ -211,13 +211,18 @@ def cpu_force(a) -> int:
     rt = tg.Runtime.local()
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)[:a.val_tokens + 1]
     ctx = tg.EvalContext(h, rt, val, tg.load_tokenizer_luts(h))
-    torch.manual_seed(h.seed)
-    model = tg.build_model(h)
-    t0 = time.perf_counter()
-    steps, _, _ = tg.train(ctx, model)
-    print(f"trained PRESET=cpu {steps} steps in {time.perf_counter() - t0:.0f}s (CPU, shared machine)", flush=True)
-    q = tg.quantize_model(model)
-    weights = {n: t for n, t in model.state_dict().items() if n in tg.BANK_NAMES}
+    if a.artifact:  # an existing PRESET=cpu artifact: its dequantized weights are the reference for rel_error
+        q = tg.deserialize(tg.decompress_artifact(Path(a.artifact).read_bytes(), a.artifact))
+        weights = tg.dequantize(q)
+        print(f"PRESET=cpu artifact {a.artifact}", flush=True)
+    else:
+        torch.manual_seed(h.seed)
+        model = tg.build_model(h)
+        t0 = time.perf_counter()
+        steps, _, _ = tg.train(ctx, model)
+        print(f"trained PRESET=cpu {steps} steps in {time.perf_counter() - t0:.0f}s (CPU, shared machine)", flush=True)
+        q = tg.quantize_model(model)
+        weights = {n: t for n, t in model.state_dict().items() if n in tg.BANK_NAMES}
     blob, codec, _, st0 = tg.fit_to_budget(q, weights, h.compressor, 10 ** 12, 1.0)
     natural = len(blob)
     _, _, _, st = tg.fit_to_budget(q, weights, codec, int(a.cpu_force * natural), 1.0)
@@ -246,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", default="0.05,0.1,0.2", help="fit check: pruned fractions to tabulate")
     ap.add_argument("--cpu-force", type=float, default=0.0, help="forced fit of a briefly trained cpu-preset model")
     ap.add_argument("--cpu-steps", type=int, default=300)
+    ap.add_argument("--artifact", default="", help="forced fit: use this PRESET=cpu artifact instead of training")
     ap.add_argument("--val-tokens", type=int, default=262144)
     ap.add_argument("--states", default="init,trained,gauss,student")
     ap.add_argument("--steps", type=int, default=30)

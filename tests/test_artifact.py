@@ -424,7 +424,7 @@ def test_run_size_accounting_uses_the_running_file(dataset, tmp_path, fresh_log)
     assert code == tg.shipped_code_bytes(SRC) < len(SRC.read_bytes()) // 2  # the packed file that ships
     budget = int(log_value(log, r"budget model:(\d+) = limit"))
     assert budget == tg.ARTIFACT_LIMIT_BYTES - code - h.artifact_margin_bytes
-    run_lines = log[log.index("hparams "):]  # the log starts with the source, which holds these strings too
+    run_lines = log[re.search(r"^hparams ", log, re.M).start():]  # the log starts with the source, which holds these strings too
     assert run_lines.index("budget model:") < run_lines.index("Serialized model")  # logged before the export
     assert model_bytes == artifact.stat().st_size
     assert int(total) == code + model_bytes

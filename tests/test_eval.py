@@ -1,5 +1,6 @@
 """The legal pass: exactly-once windows, answer flip, update-after-score ordering, TTT invariants, ranks."""
 import dataclasses
+import re
 import math
 import os
 import socket
@@ -282,3 +283,73 @@ def test_two_ranks_match_one_rank(env, tmp_path):
     assert two["tokens"] == one.tokens and two["bytes"] == one.bytes
     for k, v in one.losses.items():
         assert two["losses"][k] == pytest.approx(v, rel=1e-5), k
+
+
+# ----------------------------------------------------------------------------- the eval budget guard
+
+
+class _SimScorer:
+    epochs = 0
+
+
+@pytest.mark.parametrize("n, score_s, epoch_s, compile_s, epochs, budget", [
+    (50, 1.0, 2.0, 30.0, 3, 200.0), (50, 1.0, 2.0, 30.0, 3, 400.0), (50, 1.0, 2.0, 30.0, 3, 1000.0),
+    (20, 0.5, 5.0, 0.0, 2, 40.0), (200, 0.1, 0.3, 10.0, 4, 60.0), (50, 1.0, 2.0, 30.0, 3, 60.0),
+])
+def test_guard_keeps_a_simulated_pass_inside_its_deadline(n, score_s, epoch_s, compile_s, epochs, budget):
+    """Constant per-chunk costs (chunk 0 also pays compilation): the guard's projections are then exact, so the
+    pass ends inside the deadline whenever the unavoidable work fits (chunk 0 and 1 train at full epochs before
+    any clean measurement exists), it never wastes a whole epoch of room, and it flags the infeasible case."""
+    h = tiny(ttt_epochs=epochs, eval_budget_seconds=budget, eval_margin_seconds=5.0)
+    t = [0.0]
+    g = tg.EvalBudget(h, CPU, 0.0, lambda: t[0])
+    sc = _SimScorer()
+    sc.epochs = epochs
+    g.begin()
+    trained = []
+    for c in range(n):
+        t[0] += score_s + (compile_s if c == 0 else 0.0)
+        span = tg.ChunkSpan(c, n, np.zeros((4, 3), np.int64), np.zeros((4, 3), np.int64))
+        g.plan(span, sc)
+        if c < n - 1:
+            t[0] += sc.epochs * epoch_s
+            trained.append(sc.epochs)
+        g.measured(span, sc)
+    minimum = compile_s + n * score_s + 2 * epochs * epoch_s
+    if minimum <= g.deadline:
+        assert t[0] <= g.deadline and not g.error
+        assert t[0] + (n - 3) * epoch_s > g.deadline or trained[2:] == [epochs] * (n - 3)  # room is used
+    if compile_s + n * score_s + 2 * epochs * epoch_s > g.deadline + epochs * epoch_s:
+        assert g.error.startswith("ERROR: eval budget") and "invalid" in g.error
+    assert [e for _, _, e in g.changes] == [trained[c] for c, _, _ in g.changes]
+
+
+@pytest.fixture
+def fresh_log(monkeypatch):
+    monkeypatch.setattr(tg, "_LOG", {"path": None, "main": True})
+
+
+@pytest.mark.parametrize("share, rc", [(0.5, 0), (-0.5, 1)])
+def test_tiny_run_lands_inside_a_small_eval_budget(dataset, tmp_path, monkeypatch, fresh_log, share, rc):
+    """A whole run on the WorkClock: with room for half the TTT work the guard lowers epochs, skips the optional
+    diagnostics it has no room for and the pass ends inside the budget; with less than the scoring alone it logs
+    an ERROR and exits 1 after writing the results."""
+    h = tiny(**dataset, out_dir=str(tmp_path), run_id="budget", ttt_epochs=2, ngram_enabled=False)
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
+    budget, seconds = tight_budget(h, val, monkeypatch, share)
+    h = dataclasses.replace(h, eval_budget_seconds=seconds, eval_margin_seconds=0.0)
+    assert tg.run(h, CPU, clock=budget.clock) == rc
+    log = (tmp_path / "logs" / "budget.txt").read_text()
+    run = log[re.search(r"^hparams ", log, re.M).start():]  # past the logged source
+    end = float(re.search(r"^budget pass_end elapsed:([\d.]+)s", run, re.M).group(1))
+    assert (tmp_path / "submission.json").is_file() and "final_score val_loss:" in run
+    if rc == 0:
+        assert end <= seconds and re.search(r"^budget chunk:\d+ epochs:2->[01] projected:[\d.]+s", run, re.M)
+        skips = re.findall(r"^skip diagnostic:(\S+) reason:estimated", run, re.M)
+        assert "int6_sliding" in skips  # as costly as the pass's scoring: no room left for it
+        exact = re.search(r"^final_int8_zlib_roundtrip_exact ", run, re.M)
+        assert ("final_int8_zlib_roundtrip" in skips) == (exact is None)
+        total = float(re.search(r"^eval_total_time:([\d.]+)ms", run, re.M).group(1)) / 1000
+        assert total <= seconds
+    else:
+        assert re.search(r"^ERROR: eval budget: even scoring only", run, re.M) and end > seconds
