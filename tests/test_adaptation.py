@@ -139,7 +139,7 @@ def test_run_log_has_the_lines_the_plot_reads(dataset, tmp_path):
     sys.path.insert(0, str(tg.Path(tg.__file__).parent / "tools"))
     import plot_log
     h = tiny(**dataset, out_dir=str(tmp_path), run_id="lines", iterations=4, warmdown_iters=2, float_diagnostic=False,
-             sliding_diagnostic=False, eval_stride=16)
+             sliding_diagnostic=False, eval_stride=32, ttt_chunk_tokens=512)
     assert tg.run(h, tg.Runtime.local()) == 0
     text = (tmp_path / "logs" / "lines.txt").read_text()
     lines = text.splitlines()
