@@ -2,7 +2,7 @@
 """Score a trained artifact with the legal pass under given eval knobs; tune those knobs on held-out TRAIN docs.
 
     python3 bench/tune_eval.py ARTIFACT --config "TTT_ENABLED=0" --config "TTT_POLYAK_BIAS_CORRECT=0" ...
-    python3 bench/tune_eval.py ARTIFACT --tune [--tokens 262144] [--steps N]
+    python3 bench/tune_eval.py ARTIFACT --tune [--knobs bias_lr,hedge_eta] [--tokens 262144] [--steps N]
 
 Knobs come from the environment exactly as train_gpt.py reads them (run with PRESET=cpu for the CPU preset), and
 each --config "K=V,K=V" runs one more pass with those env vars on top; every pass reloads the artifact (TTT trains
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="training steps of the artifact (default ITERATIONS)")
     ap.add_argument("--config", action="append", default=[], help='"K=V,K=V": one more pass with these knobs')
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--knobs", default="", help="comma-separated GRID knobs to tune (default: all, in GRID order)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -170,7 +171,11 @@ def main(argv=None) -> int:
     print(f"split:{a.split} targets:{tokens.numel() - 1} artifact:{a.artifact} preset:{h.preset or '(none)'} "
           f"threads:{torch.get_num_threads()} (CPU)", flush=True)
     if a.tune:
-        tune(a.artifact, {}, tokens, luts)
+        names = [k.strip().lower() for k in a.knobs.split(",") if k.strip()] or list(GRID)
+        unknown = [k for k in names if k not in GRID]
+        if unknown:
+            raise SystemExit(f"--knobs: {unknown} not in the grid ({', '.join(GRID)})")
+        tune(a.artifact, {}, tokens, luts, {k: GRID[k] for k in names})
         return 0
     for cfg in a.config or [""]:
         env = parse_config(cfg)

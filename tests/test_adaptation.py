@@ -139,7 +139,7 @@ def test_run_log_has_the_lines_the_plot_reads(dataset, tmp_path):
     sys.path.insert(0, str(tg.Path(tg.__file__).parent / "tools"))
     import plot_log
     h = tiny(**dataset, out_dir=str(tmp_path), run_id="lines", iterations=4, warmdown_iters=2, float_diagnostic=False,
-             sliding_diagnostic=False, eval_stride=16)
+             sliding_diagnostic=False, eval_stride=32, ttt_chunk_tokens=512)
     assert tg.run(h, tg.Runtime.local()) == 0
     text = (tmp_path / "logs" / "lines.txt").read_text()
     lines = text.splitlines()
@@ -153,3 +153,20 @@ def test_run_log_has_the_lines_the_plot_reads(dataset, tmp_path):
     assert pts[-1]["bpb"]["mixture"] == pytest.approx(d["ablation"]["mixture"]["val_bpb"], abs=1e-4)  # 1 rank: same
     plan = [l for l in lines if l.startswith("ttt ")]
     assert len(plan) == 1 and f"planned_updates:{pts[0]['n_chunks'] - 1}" in plan[0] and "bias_corrected:1" in plan[0]
+
+
+def test_tune_eval_holds_out_the_end_of_the_last_train_shard(dataset):
+    import sys
+    sys.path.insert(0, str(tg.Path(tg.__file__).parent / "bench"))
+    import tune_eval
+    assert tune_eval.parse_config("NGRAM_BETAS=0.5,1.0,ttt_lr=0.01") == {"NGRAM_BETAS": "0.5,1.0", "TTT_LR": "0.01"}
+    h = tiny(**dataset)
+    last = tg.load_shard(tg.shard_files(h.train_files)[-1])
+    cut = tune_eval.heldout_tokens(h, 600, steps=1)
+    assert int(cut[0]) == tg.BOS_ID and (cut.numel() - 1) % h.eval_seq_len == 0
+    start = len(last) - (600 + 1)
+    assert np.array_equal(cut.numpy(), last[start:][np.flatnonzero(last[start:] == tg.BOS_ID)[0]:][:cut.numel()])
+    with pytest.raises(ValueError, match="not held out"):
+        tune_eval.heldout_tokens(h, 600, steps=10_000)
+    with pytest.raises(ValueError, match="larger than the validation set"):
+        tune_eval.val_tokens(h, 10 ** 9)
