@@ -1315,7 +1315,9 @@ def quantize_model(model: GPT, hessians: dict | None = None, damp: float = Hyper
     for name, t in model.state_dict().items():
         dtype, t = str(t.dtype).replace("torch.", ""), t.detach().float()
         if name in BANK_NAMES:
-            s, H = int6_scales(t), (hessians or {}).get(name)
+            H = (hessians or {}).get(name)
+            t = t if H is not None else t.cpu()  # GPTQ runs where the weights are (the GPU in a real run)
+            s = int6_scales(t)
             codes = gptq_codes(t, H.to(t.device), s, damp, block_size) if H is not None else _quant(t, s, INT6_MAX)
             out[name] = ("int6", codes.to(torch.int8).cpu(), s.half().cpu())
             methods.append(f"{name}:{'gptq' if H is not None else 'gptq-lite'}")
