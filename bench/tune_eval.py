@@ -21,7 +21,6 @@ the chosen values as env vars. All numbers are CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

@@ -2,7 +2,6 @@
 the CPU preset's fixed step count and the log lines the plot reads."""
 import dataclasses
 import math
-import time
 
 import numpy as np
 import pytest
