@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+
 import train_gpt as tg  # noqa: E402
 
 # The challenge's sp1024 tokenizer (shared/ beside the checkout, or the FineWeb download); else the stand-in's.
@@ -60,3 +62,20 @@ def dataset(tmp_path_factory, sp):
     for split, index, tokens in (("train", 0, train[:half]), ("train", 1, train[half:]), ("val", 0, val)):
         tg.write_shard(root / tg.SHARD_NAME.format(split=split, index=index), tokens)
     return dict(data_path=str(root), tokenizer_path=str(REAL_SP))
+
+
+def perturbed_model(h, seed=0, scale=0.05):
+    """A tiny model with every parameter nudged off its init, so that no score is a symmetric special case."""
+    torch.manual_seed(seed)
+    model = tg.build_model(h)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def env(dataset):
+    """(tiny config, its validation tokens, its byte LUTs) for the evaluation tests."""
+    h = tiny(**dataset)
+    return h, tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_tokenizer_luts(h)

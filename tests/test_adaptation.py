@@ -8,24 +8,9 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import tiny
+from conftest import perturbed_model, tiny
 
 CPU = tg.Runtime.local()
-
-
-def perturbed_model(h, seed=0, scale=0.05):
-    torch.manual_seed(seed)
-    model = tg.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def env(dataset):
-    h = tiny(**dataset)
-    return h, tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_tokenizer_luts(h)
 
 
 def per_position_nll(h, val, luts, scorer, experts=None):

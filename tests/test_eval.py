@@ -12,25 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import tiny
+from conftest import perturbed_model, tiny
 
 CPU = tg.Runtime.local()
-
-
-def perturbed_model(h, seed=0, scale=0.05):
-    torch.manual_seed(seed)
-    model = tg.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def env(dataset):
-    h = tiny(**dataset)
-    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
-    return h, val, tg.load_tokenizer_luts(h)
 
 
 def adaptive(h, model, val, luts, recorder=None, rt=CPU, budget=None):

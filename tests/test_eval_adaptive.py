@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import train_gpt as tg
-from conftest import tiny
+from conftest import perturbed_model, tiny
 
 CPU = tg.Runtime.local()
 BOS = tg.BOS_ID
@@ -27,15 +27,6 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def perturbed_model(h, seed=0, scale=0.05):
-    torch.manual_seed(seed)
-    model = tg.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model
 
 
 # ----------------------------------------------------------------------------- TTT freeze
