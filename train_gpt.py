@@ -104,7 +104,8 @@ def _parse_list(text: str, typ, name: str) -> tuple:
 
 # Named presets. "cpu": every component on, sized so that the whole main job takes minutes on 2 cores. It trains a
 # fixed step count (the same score on every machine; MAX_WALLCLOCK_SECONDS stays available as a safety net): 450
-# steps x ~572 ms on an idle 2-core box, plus the ~270 s eval (diagnostics off) and the 40 s corpus build, < 10 min.
+# steps x ~640 ms on an idle 2-core box, the ~150 s eval (diagnostics off), the pip step and the corpus build fit
+# in 10 min. Its eval knobs (the last line) were tuned on held-out train documents (bench/tune_eval.py), never val.
 PRESETS = {
     "cpu": dict(
         preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
@@ -114,7 +115,8 @@ PRESETS = {
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, bigram_vocab_size=512, bigram_dim=32,
         xsa_last_n=2, ve_dim=32, ve_layers="2,3", matrix_lr=0.03, scalar_lr=0.03, tied_embed_lr=0.05,
         muon_momentum_warmup_steps=100, eval_seq_len=256, eval_stride=128, eval_batch_seqs=64,
-        ttt_epochs=1, ttt_batch_seqs=32, float_diagnostic=False, sliding_diagnostic=False,
+        ttt_epochs=1, ttt_batch_seqs=16, float_diagnostic=False, sliding_diagnostic=False,
+        ngram_min_count=2, ngram_betas="2.0,4.0,8.0", bias_lr=0.08, hedge_eta=0.125,
     ),
     # One GPU, record model: ~8x the 8-GPU step time, so ~700 steps in 600 s. The record's 3500-step warmdown
     # would start the LR at ~20% and switch QAT on early; warm down over the last third instead.
@@ -1112,10 +1114,12 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) with a quintic Newton-Schulz
-    iteration in bf16. The coefficients trade exactness for speed: singular values land in roughly [0.7, 1.2]
-    instead of exactly 1, which Muon tolerates."""
+    iteration, in bf16 on CUDA (as the record) and fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX
+    or not), which moved a 150-step CPU run's score by 1.4e-3 between kernel sets, against 1.4e-5 in fp32. The
+    coefficients trade exactness for speed: singular values land in roughly [0.7, 1.2] instead of exactly 1, which
+    Muon tolerates."""
     a, b, c = NS_COEFFS
-    X = G.bfloat16()
+    X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
@@ -1774,6 +1778,11 @@ def fit_line(st: dict) -> str:
             f"probes:{st['probes']}")
 
 
+def hessian_diagonals(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
+    """{bank: (slots, C)}: how much each input column matters, which ranks the values that pruning removes."""
+    return {bank: H.diagonal(dim1=-2, dim2=-1) for bank, H in hessians.items()}
+
+
 def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path,
                     hessian_diag: dict[str, Tensor] | None = None) -> tuple[int, str]:
     """Rank 0 quantizes, compresses, fits the model budget and writes atomically; the others wait. A model that
@@ -1789,7 +1798,7 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path,
         q = quantize_model(model, model.hessians, h.gptq_damp, h.gptq_block_size)
         weights = {n: t for n, t in model.state_dict().items() if n in BANK_NAMES}
         if hessian_diag is None and model.hessians:  # GPTQ's Hessians also rank the values that pruning removes
-            hessian_diag = {b: H.diagonal(dim1=-2, dim2=-1) for b, H in model.hessians.items()}
+            hessian_diag = hessian_diagonals(model.hessians)
         try:
             blob, codec, sizes, st = fit_to_budget(q, weights, h.compressor, budget, h.fit_max_prune_fraction,
                                                    hessian_diag)
@@ -2169,21 +2178,31 @@ class OnlineBias:
         self.r_last, self.p_last, self.depends_on_init = self.init.clone(), None, True
 
     def biases(self, x: Tensor, p: Tensor) -> Tensor:
-        """Bias rows (n, V) for consecutive positions with inputs x (n,) and neural probabilities p (n, V)."""
+        """Bias rows (n, V) for consecutive positions with inputs x (n,) and neural probabilities p (n, V). One
+        in-place cumulative sum per document segment (a BOS starts one): no (n, V) one-hot, gather or select."""
         n = x.numel()
-        prev_p = torch.cat((self.p_last[None] if self.p_last is not None else torch.zeros_like(p[:1]), p[:-1].double()))
-        g = self.lr * (F.one_hot(x.long(), self.V).double() - prev_p)
+        g = torch.empty(n, self.V, dtype=torch.float64, device=p.device)
+        g[1:] = p[:-1]
+        if self.p_last is not None:
+            g[0] = self.p_last
+        g.mul_(-self.lr)
+        g[torch.arange(n, device=x.device), x.long()] += self.lr
         if self.p_last is None:
             g[0] = 0  # the rank's first position starts from the carry; no predecessor term
-        reset = x == BOS_ID
-        c = g.cumsum(0)
-        idx = torch.where(reset, torch.arange(n, device=x.device), torch.full_like(x, -1, dtype=torch.long))
-        last_reset = torch.cummax(idx.long(), 0).values
-        since = c - c[last_reset.clamp(min=0)]
-        r = torch.where((last_reset >= 0)[:, None], since, self.r_last[None] + c)
-        self.depends_on_init = self.depends_on_init and not bool(reset.any())
-        self.r_last, self.p_last = r[-1], p[-1].double()
-        return r.float()
+        resets = torch.nonzero(x == BOS_ID).flatten().tolist()
+        starts = [0] + resets
+        for a, b in zip(starts, resets + [n]):
+            if a == b:
+                continue
+            seg = g[a:b]
+            if a == 0 and (not resets or resets[0] > 0):
+                seg[0] += self.r_last  # the segment before the first BOS continues from the carry
+            else:
+                seg[0] = 0  # r = 0 at a BOS
+            torch.cumsum(seg, 0, out=seg)
+        self.depends_on_init = self.depends_on_init and not resets
+        self.r_last, self.p_last = g[-1].clone(), p[-1].double()
+        return g.float()
 
     def update(self, scored: "ScoredChunk") -> None:
         """Advance the committed carry to the next chunk's first position, composing ranks in order."""
@@ -2220,7 +2239,12 @@ class HedgeMixer:
         self.log_w = torch.full((n_experts,), -math.log(n_experts), device=device, dtype=torch.float64)
 
     def mix(self, lps: list[Tensor]) -> Tensor:
-        return torch.logsumexp(torch.stack(lps) + self.log_w.float()[:, None, None], dim=0)
+        """log sum_k w_k p_k, folded pairwise (elementwise logaddexp: 3x faster on CPU than a stacked logsumexp)."""
+        lw = self.log_w.float().tolist()
+        out = lps[0] + lw[0]
+        for lp, w in zip(lps[1:], lw[1:]):
+            out = torch.logaddexp(out, lp + w)
+        return out
 
     def update(self, scored: "ScoredChunk") -> None:
         sums = all_reduce_(torch.cat((scored.expert_nll, scored.n_tokens.view(1))))
@@ -2584,7 +2608,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
 def _require_finite(what: str, losses: dict, experts: Experts, expert_sums: Tensor) -> None:
     """A non-finite score is an error, never a result: every track, and every expert the mixture weighs.
     The sums are all-reduced, so every rank raises together."""
-    names = ["neural" if experts.bias is None else "neural+bias"] + [f"ngram beta:{b}" for b in experts.betas]
+    names = ["neural"] + (["neural+bias"] if experts.bias is not None else []) + [f"ngram beta:{b}" for b in experts.betas]
     bad = [f"track {k}={v}" for k, v in losses.items() if not math.isfinite(v)]
     bad += [f"expert {n} nll_sum={s}" for n, s in zip(names, expert_sums.tolist()) if not math.isfinite(s)]
     if bad:
@@ -2733,11 +2757,6 @@ def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tenso
     return {bank: torch.cat([acc[site] for site in sites]) for bank, sites in BANK_INPUTS.items()}
 
 
-def hessian_diagonals(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
-    """{bank: (slots, C)}: how much each input column matters, e.g. for choosing which weights to prune."""
-    return {bank: H.diagonal(dim1=-2, dim2=-1) for bank, H in hessians.items()}
-
-
 def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
     """Seconds the timed loop stops early so that the Hessian collection fits in MAX_WALLCLOCK_SECONDS: the
     GPTQ_RESERVE_SECONDS setting, or (< 0) measured here on one batch (after one warm-up batch) of a throwaway
@@ -2861,7 +2880,8 @@ def log_header(h: Hyperparameters, rt: Runtime) -> None:
     except ImportError:
         numba_version = "missing (pure-Python n-gram fallback)"
     log0(f"source:{Path(__file__).resolve()} python:{platform.python_version()} torch:{torch.__version__} "
-         f"numpy:{np.__version__} numba:{numba_version} cuda:{torch.version.cuda}")
+         f"numpy:{np.__version__} numba:{numba_version} cuda:{torch.version.cuda} "
+         f"cpu_kernels:{torch.backends.cpu.get_cpu_capability()} threads:{torch.get_num_threads()}")
     if rt.device.type == "cuda":
         try:
             log0(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout, console=False)
