@@ -154,3 +154,27 @@ def test_tune_eval_holds_out_the_end_of_the_last_train_shard(dataset):
         tune_eval.heldout_tokens(h, 600, steps=10_000)
     with pytest.raises(ValueError, match="larger than the validation set"):
         tune_eval.val_tokens(h, 10 ** 9)
+
+
+def test_tune_keeps_a_value_only_if_it_gains_min_gain(monkeypatch):
+    """Coordinate descent: a value replaces the best so far only when it is at least min_gain lower; later knobs
+    are tried on top of the earlier choices."""
+    import sys
+    sys.path.insert(0, str(tg.Path(tg.__file__).parent / "bench"))
+    import tune_eval
+    table = {("0.02", "1.0"): 2.0, ("0.04", "1.0"): 2.0 - 5e-5, ("0.08", "1.0"): 1.9,  # bias: 0.08 gains 0.1
+             ("0.08", "0.5"): 1.9 - 2e-4, ("0.08", "0.25"): 1.9 - 2.5e-4,  # hedge 0.5 gains 2e-4; 0.25 only 5e-5 more
+             ("0.02", "0.5"): 2.0 - 1e-3, ("0.02", "0.25"): 2.0 - 2e-3}
+    seen = []
+
+    def fake_score(artifact, h, tokens, luts):
+        seen.append((str(h.bias_lr), str(h.hedge_eta)))
+        return tg.EvalResult({"mixture": 0.0}, {"mixture": table[seen[-1]]}, "mixture", 1, 1, 0.0)
+
+    monkeypatch.setattr(tune_eval, "score", fake_score)
+    grid = {"bias_lr": ["0.04", "0.08"], "hedge_eta": ["0.5", "0.25"]}
+    best = tune_eval.tune(None, {"BIAS_LR": "0.02", "HEDGE_ETA": "1.0"}, None, None, grid, min_gain=1e-4)
+    assert best == {"BIAS_LR": "0.08", "HEDGE_ETA": "0.5"}
+    assert ("0.02", "0.5") not in seen  # the hedge knob is tried at the chosen bias only
+    best = tune_eval.tune(None, {"BIAS_LR": "0.02", "HEDGE_ETA": "1.0"}, None, None, grid, min_gain=0.5)
+    assert best == {"BIAS_LR": "0.02", "HEDGE_ETA": "1.0"}  # nothing gains 0.5: the start values stay
