@@ -178,3 +178,12 @@ def test_tune_keeps_a_value_only_if_it_gains_min_gain(monkeypatch):
     assert ("0.02", "0.5") not in seen  # the hedge knob is tried at the chosen bias only
     best = tune_eval.tune(None, {"BIAS_LR": "0.02", "HEDGE_ETA": "1.0"}, None, None, grid, min_gain=0.5)
     assert best == {"BIAS_LR": "0.02", "HEDGE_ETA": "1.0"}  # nothing gains 0.5: the start values stay
+
+
+def test_bench_experts_prints_a_rate(capsys):
+    import sys
+    sys.path.insert(0, str(tg.Path(tg.__file__).parent / "bench"))
+    import bench_experts
+    assert bench_experts.main(["--rows", "600", "--reps", "1", "--betas", "1.0,2.0"]) == 0
+    out = capsys.readouterr().out
+    assert "experts:4 betas:1.0,2.0" in out and float(out.split("us_per_row:")[1].split()[0]) > 0
