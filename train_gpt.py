@@ -745,6 +745,9 @@ def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0, vocab_size:
     if max_tokens > 0:
         if max_tokens < seq_len:
             raise ValueError(f"VAL_MAX_TOKENS={max_tokens} is shorter than one sequence of EVAL_SEQ_LEN={seq_len}")
+        if max_tokens > len(tokens) - 1:  # a "subset" larger than the set is a mistake, not a request for all of it
+            raise ValueError(f"VAL_MAX_TOKENS={max_tokens} is larger than the validation set {pattern} "
+                             f"({len(tokens) - 1} targets); use 0 for all of it")
         usable = min(usable, max_tokens // seq_len * seq_len)
     return torch.from_numpy(tokens[:usable + 1].astype(np.int32))
 

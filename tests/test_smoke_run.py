@@ -12,11 +12,15 @@ import train_gpt as tg
 def test_val_subset_is_a_prefix_of_whole_sequences(dataset):
     h = tg.Hyperparameters(**{**TINY, **dataset})
     full = tg.load_val_tokens(h.val_files, 32)
-    for cap, want in ((32, 32), (100, 96), (10 ** 9, full.numel() - 1)):
+    n_all = sum(len(tg.load_shard(f)) for f in tg.shard_files(h.val_files)) - 1  # every target, before whole sequences
+    for cap, want in ((32, 32), (100, 96), (n_all, full.numel() - 1)):
         sub = tg.load_val_tokens(h.val_files, 32, cap)
         assert sub.numel() - 1 == want and tg.torch.equal(sub, full[:want + 1])
     with pytest.raises(ValueError, match=r"VAL_MAX_TOKENS=31 is shorter than one sequence of EVAL_SEQ_LEN=32"):
         tg.load_val_tokens(h.val_files, 32, 31)
+    with pytest.raises(ValueError, match=rf"VAL_MAX_TOKENS={n_all + 1} is larger than the validation set .*fineweb_val_"
+                                         rf".* \({n_all} targets\); use 0"):
+        tg.load_val_tokens(h.val_files, 32, n_all + 1)
 
 
 def test_smoke_preset_runs_and_exits_zero_over_the_limit(dataset, tmp_path, monkeypatch):
