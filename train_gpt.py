@@ -2193,16 +2193,15 @@ class OnlineBias:
         if self.p_last is None:
             g[0] = 0  # the rank's first position starts from the carry; no predecessor term
         resets = torch.nonzero(x == BOS_ID).flatten().tolist()
-        starts = [0] + resets
-        for a, b in zip(starts, resets + [n]):
-            if a == b:
-                continue
+        carried = not resets or resets[0] > 0  # positions before the first BOS continue from the carry
+        starts = [0] * carried + resets
+        for a, b in zip(starts, starts[1:] + [n]):
             seg = g[a:b]
-            if a == 0 and (not resets or resets[0] > 0):
-                seg[0] += self.r_last  # the segment before the first BOS continues from the carry
+            if carried and a == 0:
+                seg[0] += self.r_last
             else:
                 seg[0] = 0  # r = 0 at a BOS
-            torch.cumsum(seg, 0, out=seg)
+            seg.cumsum_(0)
         self.depends_on_init = self.depends_on_init and not resets
         self.r_last, self.p_last = g[-1].clone(), p[-1].double()
         return g.float()
@@ -2243,7 +2242,7 @@ class HedgeMixer:
 
     def mix(self, lps: list[Tensor]) -> Tensor:
         """log sum_k w_k p_k, folded pairwise (elementwise logaddexp: 3x faster on CPU than a stacked logsumexp)."""
-        lw = self.log_w.float().tolist()
+        lw = self.log_w.float()  # stays on the device: no host sync per scoring batch
         out = lps[0] + lw[0]
         for lp, w in zip(lps[1:], lw[1:]):
             out = torch.logaddexp(out, lp + w)
