@@ -62,9 +62,9 @@ SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
 # Attention kernels (section 2): FlashAttention 3/2, SDPA pinned to one CUDA backend, SDPA's own dispatch.
 ATTN_BACKENDS = ("fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
-_GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # shared with other tools
-_ALIASES = {"MAX_STEPS": "ITERATIONS", "NUM_ITERATIONS": "ITERATIONS", "STEPS": "ITERATIONS", "WARMDOWN": "WARMDOWN_ITERS",
-            "VOCAB": "VOCAB_SIZE", "DATA_DIR": "DATA_PATH", "OUT_PATH": "OUT_DIR", "SEQ_LEN": "TRAIN_SEQ_LEN"}  # hints
+_GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # other tools'
+_ALIASES = {"MAX_STEPS": "ITERATIONS", "NUM_ITERATIONS": "ITERATIONS", "STEPS": "ITERATIONS", "VOCAB": "VOCAB_SIZE",
+            "WARMDOWN": "WARMDOWN_ITERS", "DATA_DIR": "DATA_PATH", "OUT_PATH": "OUT_DIR", "SEQ_LEN": "TRAIN_SEQ_LEN"}
 
 
 def _looks_like_a_knob(name: str, knobs: list[str]) -> bool:
@@ -232,74 +232,58 @@ class Hyperparameters:
     hedge_eta: float = 1.0
 
     def __post_init__(self):
-        self._check_numbers()  # first: the consistency checks below divide by some of these
-        checks = [
-            (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
-            (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
-            (self.rope_dims % 2 == 0 and self.rope_dims <= self.model_dim // self.num_heads, "ROPE_DIMS must be even and <= head_dim"),
-            (0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in (0, EVAL_SEQ_LEN]"),
-            (self.train_batch_tokens % (8 * self.train_seq_len) == 0,
-             "TRAIN_BATCH_TOKENS must be a multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches of whole sequences)"),
-            (all(0 <= i < self.num_layers for i in self.ve_layer_list), "VE_LAYERS must be layer indices < NUM_LAYERS"),
-            (self.torch_compile in ("auto", "0", "1"), f"TORCH_COMPILE must be auto, 0 or 1, got {self.torch_compile!r}"),
-            (self.attn_backend in ("auto",) + ATTN_BACKENDS,
-             f"ATTN_BACKEND must be auto or one of {','.join(ATTN_BACKENDS)}, got {self.attn_backend!r}"),
-            (self.compressor in [c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle")],
-             f"COMPRESSOR must be auto, lzma, zstd or brotli, optionally +shuffle, got {self.compressor!r}"),
-            (self.preset in ("",) + tuple(PRESETS), f"PRESET must be one of {sorted(PRESETS)}, got {self.preset!r}"),
-            (1 <= self.ngram_min_order <= self.ngram_max_order, "need 1 <= NGRAM_MIN_ORDER <= NGRAM_MAX_ORDER"),
-            (self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0, "TTT_CHUNK_TOKENS must be > 0 and TTT_EPOCHS >= 0"),
-            (self.iterations > 0 and self.vocab_size > 0, "ITERATIONS and VOCAB_SIZE must be > 0"),
-            (self.eval_budget_seconds > 0, f"EVAL_BUDGET_SECONDS must be > 0, got {self.eval_budget_seconds}"),
-            (self.eval_margin_seconds >= 0, f"EVAL_MARGIN_SECONDS must be >= 0, got {self.eval_margin_seconds}"),
-            (self.artifact_margin_bytes >= 0, f"ARTIFACT_MARGIN_BYTES must be >= 0, got {self.artifact_margin_bytes}"),
-            (0 <= self.fit_max_prune_fraction <= 1, f"FIT_MAX_PRUNE_FRACTION must be in [0, 1], got {self.fit_max_prune_fraction}"),
-            (self.val_max_tokens >= 0, f"VAL_MAX_TOKENS must be >= 0 (0 = all), got {self.val_max_tokens}"),
-            (self.gptq_calib_batches >= 1 and self.gptq_block_size >= 1 and self.gptq_damp >= 0,
-             "GPTQ_CALIB_BATCHES and GPTQ_BLOCK_SIZE must be >= 1 and GPTQ_DAMP >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        if not all(math.isfinite(b) for b in self.ngram_beta_list):
-            raise ValueError(f"NGRAM_BETAS={self.ngram_betas!r} must be finite numbers")
-        self.ve_layer_list
-
-    def _check_numbers(self) -> None:
-        """Every numeric knob in its valid range, named with its value: a bad one fails here, not after training.
-        The n-gram limits are section 8's kernel limits (this runs once the module is loaded)."""
+        """Every knob checked with its value named, so a bad one fails here, not after training. The n-gram limits
+        are section 8's kernel limits (this runs once the module is loaded)."""
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{f.name.upper()}={v} must be a finite number")
-        L, fraction = self.num_layers, lambda v: 0 <= v < 1
-        rules = [  # (field, ok, rule)
-            *[(n, getattr(self, n) >= 1, ">= 1") for n in (
+        L, hd, get = self.num_layers, self.model_dim // max(self.num_heads, 1), lambda n: getattr(self, n)
+        choices = dict(torch_compile=("auto", "0", "1"), attn_backend=("auto",) + ATTN_BACKENDS,
+                       compressor=tuple(c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle")),
+                       preset=("",) + tuple(PRESETS))
+        ranges = lambda: [  # noqa: E731  (field, ok, rule)
+            *[(n, get(n) >= 1, ">= 1") for n in (
                 "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim", "num_heads",
                 "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps", "eval_seq_len", "eval_batch_seqs",
-                "ttt_batch_seqs", "ngram_min_count")],
-            *[(n, getattr(self, n) >= 0, ">= 0") for n in (
+                "ttt_batch_seqs", "ttt_chunk_tokens", "ngram_min_order", "ngram_min_count", "gptq_calib_batches",
+                "gptq_block_size")],
+            *[(n, get(n) >= 0, ">= 0") for n in (
                 "warmdown_iters", "warmup_steps", "max_wallclock_seconds", "val_loss_every", "train_log_every",
                 "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps",
-                "muon_wd", "adam_wd", "grad_clip_norm", "ema_min_steps", "ttt_lr", "ttt_proj_lr_mult",
+                "muon_wd", "adam_wd", "grad_clip_norm", "ema_min_steps", "gptq_damp", "artifact_margin_bytes",
+                "eval_margin_seconds", "val_max_tokens", "ttt_epochs", "ttt_lr", "ttt_proj_lr_mult",
                 "ttt_fc_lr_mult", "bias_lr", "hedge_eta")],
-            *[(n, fraction(getattr(self, n)), "in [0, 1)") for n in (
+            *[(n, 0 <= get(n) < 1, "in [0, 1)") for n in (
                 "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum",
                 "ttt_polyak_decay")],
-            *[(n, getattr(self, n) > 0, "> 0") for n in ("mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip")],
+            *[(n, get(n) > 0, "> 0") for n in (
+                "mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip", "eval_budget_seconds")],
+            *[(n, 0 <= get(n) <= 1, "in [0, 1]") for n in ("late_qat_threshold", "fit_max_prune_fraction")],
+            *[(n, get(n) in c, f"one of {','.join(c)}") for n, c in choices.items()],
             ("vocab_size", 2 <= self.vocab_size <= 65536, "in [2, 65536] (shards hold uint16 token ids)"),
             ("bigram_vocab_size", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "0 (off) or >= 2"),
             ("rope_dims", self.rope_dims == 0 or self.rope_dims >= 4, "0 (off) or >= 4"),
             ("xsa_last_n", 0 <= self.xsa_last_n <= L, f"in [0, NUM_LAYERS={L}]"),
             ("ttt_freeze_blocks", 0 <= self.ttt_freeze_blocks <= L, f"in [0, NUM_LAYERS={L}]"),
-            ("late_qat_threshold", 0 <= self.late_qat_threshold <= 1, "in [0, 1]"),
-            ("ngram_max_order", self.ngram_max_order <= 127, "<= 127"),
+            ("ngram_max_order", self.ngram_min_order <= self.ngram_max_order <= 127, "in [NGRAM_MIN_ORDER, 127]"),
             ("ngram_table_bits", 0 <= self.ngram_table_bits <= NG_MAX_TABLE_BITS, f"in [0, {NG_MAX_TABLE_BITS}]"),
             ("ngram_top_k", 1 <= self.ngram_top_k <= NG_MAX_TOP_K, f"in [1, {NG_MAX_TOP_K}]"),
         ]
-        for name, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"{name.upper()}={getattr(self, name)} must be {rule}")
+        relations = lambda: [  # noqa: E731  only once the ranges hold: these divide by some of them
+            ("model_dim", self.model_dim % self.num_heads == 0, "divisible by NUM_HEADS"),
+            ("num_heads", self.num_heads % self.num_kv_heads == 0, "divisible by NUM_KV_HEADS"),
+            ("rope_dims", self.rope_dims % 2 == 0 and self.rope_dims <= hd, f"even and <= head_dim {hd}"),
+            ("eval_stride", 0 < self.eval_stride <= self.eval_seq_len, "in (0, EVAL_SEQ_LEN]"),
+            ("train_batch_tokens", self.train_batch_tokens % (8 * self.train_seq_len) == 0,
+             "a multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches of whole sequences)"),
+            ("ve_layers", all(0 <= i < L for i in self.ve_layer_list), "layer indices < NUM_LAYERS"),
+            ("ngram_betas", all(math.isfinite(b) for b in self.ngram_beta_list), "finite numbers"),
+        ]
+        for rules in (ranges, relations):
+            for name, ok, rule in rules():
+                if not ok:
+                    raise ValueError(f"{name.upper()}={get(name)} must be {rule}")
 
     @property
     def train_files(self) -> str:
@@ -456,22 +440,16 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def flash_kernels(device: torch.device) -> dict:
-    """The FlashAttention kernels importable here: FA3 (Hopper only), FA2."""
-    found = {}
-    if device.type != "cuda":
-        return found
-    if torch.cuda.get_device_capability(device)[0] == 9:
+def flash_kernels(device: torch.device) -> list[str]:
+    """The FlashAttention builds importable here: FA3 (Hopper only), FA2."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    found = []
+    for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
         try:
-            from flash_attn_interface import flash_attn_func
-            found["fa3"] = flash_attn_func
+            if device.type == "cuda" and (hopper or name == "fa2") and __import__(module).flash_attn_func:
+                found.append(name)
         except ImportError:
             pass
-    try:
-        from flash_attn import flash_attn_func
-        found["fa2"] = flash_attn_func
-    except ImportError:
-        pass
     return found
 
 
@@ -485,7 +463,7 @@ ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs
 
 def attention_candidates(device: torch.device) -> list[str]:
     """The kernels that can run here, in fallback order: FA3, FA2, SDPA, then SDPA pinned to each backend."""
-    return list(flash_kernels(device)) + ["sdpa"] + (list(SDPA_BACKENDS) if device.type == "cuda" else [])
+    return flash_kernels(device) + ["sdpa"] + (list(SDPA_BACKENDS) if device.type == "cuda" else [])
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -527,11 +505,11 @@ def attention_kernel(backend: str):
     return flash
 
 
-def _attention_inputs(shape, device, requires_grad: bool):
+def _attention_inputs(shape, device, requires_grad: bool = True):
     B, T, H, KV, D = shape
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, T, n, D, device=device, generator=g).bfloat16() for n in (H, KV, KV))
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+    return [torch.randn(B, T, n, D, device=device, generator=g).bfloat16().requires_grad_(requires_grad)
+            for n in (H, KV, KV)]
 
 
 def attention_error(backend: str, shape, device) -> float:
@@ -539,28 +517,14 @@ def attention_error(backend: str, shape, device) -> float:
     q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device, False)
     with torch.no_grad():
         y = attention_kernel(backend)(q, k, v).float()
-        rep = q.size(2) // k.size(2)
-        ref = _sdpa(q.float(), *(t.float().repeat_interleave(rep, dim=2) for t in (k, v)))
+        ref = _sdpa(q.float(), *(t.float().repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v)))
     return (y - ref).abs().max().item()
 
 
-def time_attention(backend: str, shape, device, reps: int = 3) -> float:
-    """ms of one forward + backward at the run's shape (B, T, H, KV, D), bf16, after one untimed call."""
-    fn = attention_kernel(backend)
-    q, k, v = _attention_inputs(shape, device, True)
-    dy = torch.randn_like(q)
-    for i in range(reps + 1):
-        if i == 1:
-            sync(device)
-            t0 = time.perf_counter()
-        fn(q, k, v).backward(dy)
-    sync(device)
-    return 1000 * (time.perf_counter() - t0) / reps
-
-
-def measure_attention(cands: list[str], shape, device, compile_check: bool = False) -> dict:
-    """{backend: ms} for every candidate, or {backend: why it is out}: it raised, missed the fp32 reference by more
-    than ATTN_TOLERANCE, or (compile_check: FlashAttention builds are opaque to torch.compile) failed to trace."""
+def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3) -> dict:
+    """{backend: ms of one forward + backward at the run's shape (B, T, H, KV, D), bf16, after one untimed call},
+    or {backend: why it is out}: it raised, missed the fp32 reference by more than ATTN_TOLERANCE, or
+    (compile_check: FlashAttention builds are opaque to torch.compile) failed to trace."""
     out = {}
     for b in cands:
         try:
@@ -569,9 +533,17 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
                 out[b] = f"mismatch({err:.3g})"
                 continue
             if compile_check and b in ("fa3", "fa2"):
-                q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device, True)
+                q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device)
                 torch.compile(attention_kernel(b), fullgraph=True, dynamic=False)(q, k, v).sum().backward()
-            out[b] = time_attention(b, shape, device)
+            fn, (q, k, v) = attention_kernel(b), _attention_inputs(shape, device)
+            dy = torch.randn_like(q)
+            for i in range(reps + 1):
+                if i == 1:
+                    sync(device)
+                    t0 = time.perf_counter()
+                fn(q, k, v).backward(dy)
+            sync(device)
+            out[b] = 1000 * (time.perf_counter() - t0) / reps
         except Exception as e:  # a kernel that cannot run these shapes is simply not a candidate
             out[b] = f"failed({type(e).__name__})"
     return out
@@ -601,8 +573,8 @@ def resolve_attention(requested: str, device: torch.device, shape=None, notes: l
         raise RuntimeError(f"no attention kernel works at shape {shape}: {table}")
     choice = available[min(range(len(ms)), key=lambda i: ms[i])]
     if notes is not None:
-        cells = [f"{b}:{m:.3f}" if math.isfinite(m) else f"{b}:{table[b] if isinstance(table[b], str) else 'out(other rank)'}"
-                 for b, m in zip(available, ms)]
+        why = {b: v if isinstance(v, str) else "out(other rank)" for b, v in table.items()}
+        cells = [f"{b}:{m:.3f}" if math.isfinite(m) else f"{b}:{why[b]}" for b, m in zip(available, ms)]
         notes.append("attention_select shape:B{}xT{}xH{}/KV{}xD{} bf16 fwd+bwd_ms ".format(*shape) + " ".join(cells)
                      + f" chosen:{choice}")
     return choice
@@ -650,7 +622,8 @@ def shard_num_tokens(path) -> int:
         raise ValueError(f"shard {path}: {size} bytes is shorter than the {header_bytes}-byte header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"shard {path}: bad magic/version {header[0]}/{header[1]} (expected {SHARD_MAGIC}/{SHARD_VERSION})")
+        raise ValueError(f"shard {path}: bad magic/version {header[0]}/{header[1]} "
+                         f"(expected {SHARD_MAGIC}/{SHARD_VERSION})")
     n = int(header[2])
     if size != header_bytes + 2 * n:
         raise ValueError(f"shard {path}: file size {size} != {header_bytes} + 2*{n} (truncated or corrupt)")
@@ -666,7 +639,8 @@ def load_shard(path, vocab_size: int = 0) -> np.ndarray:
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
     if vocab_size and (top := int(tokens.max())) >= vocab_size:
         at = int(np.argmax(tokens >= vocab_size))
-        raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE={vocab_size} (first bad id {tokens[at]} at index {at})")
+        raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE={vocab_size} "
+                         f"(first bad id {tokens[at]} at index {at})")
     return tokens
 
 
@@ -794,8 +768,9 @@ def load_tokenizer_luts(h: Hyperparameters):
 # 4. Quantization grid
 #
 # The int6/int8 grids that QAT trains against and the export writes. Banks -> per-row int6 ("GPTQ-lite": per
-# matrix, the clip percentile with the lowest MSE), embedding tables -> per-row int8, everything small -> fp16. Scales are fp16 with a floor of one fp16 subnormal, so the tiny
-# weights of a short run are not rounded away (the record's 1/31 floor zeroed them).
+# matrix, the clip percentile with the lowest MSE), embedding tables -> per-row int8, everything small -> fp16.
+# Scales are fp16 with a floor of one fp16 subnormal, so the tiny weights of a short run are not rounded away (the
+# record's 1/31 floor zeroed them).
 
 INT6_MAX, INT8_MAX = 31, 127
 INT6_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -2215,7 +2190,8 @@ class OnlineBias:
             dep = self.depends_on_init and not bool(y_last[0] == BOS_ID)
         else:
             r_next, dep = self.init.clone(), True
-        summary = torch.cat((r_next - (self.init if dep else 0), torch.tensor([float(dep)], device=self.device, dtype=torch.float64)))
+        flag = torch.tensor([float(dep)], device=self.device, dtype=torch.float64)
+        summary = torch.cat((r_next - (self.init if dep else 0), flag))
         parts = [summary]
         if dist.is_initialized():
             parts = [torch.empty_like(summary) for _ in range(dist.get_world_size())]
@@ -2313,17 +2289,12 @@ class TestTimeTrainer:
     """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last
     chunk), so chunk c is scored by weights adapted on chunks < c only. Frozen blocks' bank slices are zeroed
     before the clip, so they neither move nor shrink the clip of the trained ones; the per-slice LR multipliers
-    are applied after clipping (equivalent for SGD+momentum without weight decay). With Polyak on, a separate
-    averaged copy, updated after every optimizer step, does the scoring; the raw weights keep training.
+    are applied after it (equivalent for SGD+momentum without weight decay).
 
-    The average is bias-corrected (as Adam corrects its moments): after update t it is
-        avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}),   a_t = (1 - d) / (1 - d^t),
-    i.e. the d-weighted mean of the trained iterates theta_1..theta_t alone, without the starting weights. With
-    t << 1/(1-d) updates (the CPU pass: ~30) it is close to their uniform mean, so it moves with training; a plain
-    EMA from the start weights would still hold (d^t =) ~94% of them. With t >> 1/(1-d) (the record: ~5,700
-    updates, d^t ~ 1e-5) a_t -> 1-d and it is the plain EMA, unchanged.
-
-    `fwd` is the already-compiled `model`: the diagnostics and TTT share one compilation."""
+    With Polyak on, an averaged copy does the scoring, bias-corrected as Adam's moments: avg_t = avg_{t-1} +
+    a_t (theta_t - avg_{t-1}), a_t = (1 - d) / (1 - d^t), the d-weighted mean of the trained iterates alone. With
+    t << 1/(1-d) updates (the CPU pass: ~30) a plain EMA would still hold ~94% of the start weights; with t >>
+    1/(1-d) (the record: ~5,700) a_t -> 1-d, the plain EMA. `fwd` is the compiled `model` (one compilation)."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, fwd, compile_fn):
         self.h, self.rt, self.model, self.train_fn = h, rt, model, fwd
@@ -2337,9 +2308,9 @@ class TestTimeTrainer:
             bank = getattr(model, n)
             keep = torch.ones(bank.size(0), device=rt.device)
             keep.view(-1, L)[:, :nf] = 0  # slot s belongs to block s % L (Q|O and K|V hold two slots per block)
+            first, m = boosted.get(n, (0, 1.0))
             mult = torch.ones_like(keep)
-            if n in boosted:
-                mult[boosted[n][0]:] = boosted[n][1]
+            mult[first:] = m
             self.keep[bank], self.lr_mult[bank] = keep.view(-1, 1, 1), mult.view(-1, 1, 1)
         self.params = [p for p in model.parameters() if p.requires_grad]
         for p in self.params:  # a rank with no sequences in a chunk still joins the all-reduce with zeros
@@ -2361,16 +2332,13 @@ class TestTimeTrainer:
             self._log_plan(scored.n_chunks)
         if scored.is_last or self.epochs == 0:
             return
-        T = h.eval_seq_len
-        n_seq = max((scored.hi - scored.lo) // T, 1)
-        T = min(T, scored.hi - scored.lo)
+        n_seq = max((scored.hi - scored.lo) // h.eval_seq_len, 1)
+        T = min(h.eval_seq_len, scored.hi - scored.lo)
         seqs = scored.stream[:n_seq * T + 1].long()
-        x, y = seqs[:-1].view(n_seq, T), seqs[1:].view(n_seq, T)
         mine = slice(rt.rank * n_seq // rt.world_size, (rt.rank + 1) * n_seq // rt.world_size)
-        x, y = x[mine].to(rt.device), y[mine].to(rt.device)
-        lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * scored.index / max(scored.n_chunks - 1, 1)))
+        x, y = (s.view(n_seq, T)[mine].to(rt.device) for s in (seqs[:-1], seqs[1:]))
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * scored.index / max(scored.n_chunks - 1, 1)))
         self.model.train()
         for _ in range(self.epochs):
             self._step(x, y, n_seq * T)
@@ -2380,7 +2348,8 @@ class TestTimeTrainer:
         for i in range(0, x.size(0), self.h.ttt_batch_seqs):
             with autocast(self.rt.device):
                 logits = self.train_fn(x[i:i + self.h.ttt_batch_seqs])
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[i:i + self.h.ttt_batch_seqs].reshape(-1), reduction="sum")
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[i:i + self.h.ttt_batch_seqs].reshape(-1),
+                                   reduction="sum")
             (loss / global_tokens).backward()
         all_reduce_flat_([p.grad for p in self.params])
         if self.h.ttt_freeze_blocks > 0:
@@ -2399,17 +2368,15 @@ class TestTimeTrainer:
 
     @staticmethod
     def polyak_rate(decay: float, t: int, bias_correct: bool = True) -> float:
-        """a_t of the average after update t >= 1: bias-corrected, 1 at t = 1 (the first iterate replaces the
-        start weights); else the plain EMA's constant 1 - d."""
+        """a_t after update t >= 1: bias-corrected (1 at t = 1), else the plain EMA's constant 1 - d."""
         return (1 - decay) / (1 - decay ** t) if bias_correct else 1 - decay
 
     def _log_plan(self, n_chunks: int) -> None:
-        """Log the planned updates and the start weights' share of the final averaged copy."""
+        """The planned updates, and the start weights' share of the final averaged copy."""
         d, n, bc = self.h.ttt_polyak_decay, (n_chunks - 1) * self.h.ttt_epochs, self.h.ttt_polyak_bias_correct
         avg = "polyak:off" if self.avg is None else (f"polyak_decay:{d} bias_corrected:{int(bc)} "
                                                      f"start_weight:{float(n == 0) if bc else d ** n:.4f}")
-        if self.avg is not None and n > 0:
-            avg += f" final_rate:{self.polyak_rate(d, n, bc):.4f}"
+        avg += f" final_rate:{self.polyak_rate(d, n, bc):.4f}" if self.avg is not None and n > 0 else ""
         log0(f"ttt lr:{self.h.ttt_lr} epochs:{self.h.ttt_epochs} chunks:{n_chunks} planned_updates:{n} {avg}")
 
 
@@ -2610,7 +2577,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
 def _require_finite(what: str, losses: dict, experts: Experts, expert_sums: Tensor) -> None:
     """A non-finite score is an error, never a result: every track, and every expert the mixture weighs.
     The sums are all-reduced, so every rank raises together."""
-    names = ["neural"] + (["neural+bias"] if experts.bias is not None else []) + [f"ngram beta:{b}" for b in experts.betas]
+    names = ["neural"] + ["neural+bias"] * (experts.bias is not None) + [f"ngram beta:{b}" for b in experts.betas]
     bad = [f"track {k}={v}" for k, v in losses.items() if not math.isfinite(v)]
     bad += [f"expert {n} nll_sum={s}" for n, s in zip(names, expert_sums.tolist()) if not math.isfinite(s)]
     if bad:
@@ -2692,24 +2659,16 @@ def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
     return loss_sum / rt.grad_accum_steps
 
 
-def warmup_steps(h: Hyperparameters, device: torch.device) -> int:
-    """WARMUP_STEPS, but never fewer than the graphs to build when compiling (TORCH_COMPILE=1 on CPU with the
-    cpu preset's 0): otherwise step 1 compiles inside the timed window and the logged compile time is 0."""
-    if not compile_enabled(h, device):
-        return h.warmup_steps
-    return max(h.warmup_steps, 2 if not h.qat_enabled and h.late_qat_threshold > 0 else 1)
-
-
 def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
     """Run real steps so torch.compile builds every graph the timed loop needs (with and without QAT), then
-    restore the initial weights, optimizer state and data order: the timed run starts from the true init."""
-    n_steps = warmup_steps(h, rt.device)
+    restore the initial weights, optimizer state and data order: the timed run starts from the true init. When
+    compiling, never fewer steps than graphs (TORCH_COMPILE=1 on CPU with the cpu preset's 0): otherwise step 1
+    compiles inside the timed window and the logged compile time is 0."""
+    both = not h.qat_enabled and h.late_qat_threshold > 0
+    n_steps = max(h.warmup_steps, 1 + both) if compile_enabled(h, rt.device) else h.warmup_steps
     if n_steps <= 0:
         return
-    model_state = copy.deepcopy(model.state_dict())
-    opt_state = opt.state_dict()
-    both = not h.qat_enabled and h.late_qat_threshold > 0
-    loader = loader_factory()
+    model_state, opt_state, loader = copy.deepcopy(model.state_dict()), opt.state_dict(), loader_factory()
     for i in range(n_steps):
         opt.set_schedule(0, 1.0)
         train_step(h, rt, fwd, opt, loader, qat=h.qat_enabled or (both and i % 2 == 1))
@@ -2780,22 +2739,10 @@ def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
         source = f"measured per_batch:{1000 * per_batch:.1f}ms"
     if reserve >= h.max_wallclock_seconds:
         raise ValueError(f"GPTQ reserve {reserve:.1f}s ({source}) leaves no training time under "
-                         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_BATCHES or set GPTQ_RESERVE_SECONDS")
+                         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_BATCHES or set "
+                         f"GPTQ_RESERVE_SECONDS")
     log0(f"gptq_reserve:{1000 * reserve:.0f}ms {source} calib_batches:{h.gptq_calib_batches}")
     return reserve
-
-
-def gptq_calibrate(h, rt, model: GPT, loader) -> float:
-    """Collect the Hessians of the final weights on fresh training batches into model.hessians; returns the ms
-    spent, which count as training time."""
-    sync(rt.device)
-    t0 = time.perf_counter()
-    model.hessians = collect_hessians(h, rt, model, loader, h.gptq_calib_batches)
-    sync(rt.device)
-    ms = 1000 * (time.perf_counter() - t0)
-    log0(f"gptq_calibration batches:{h.gptq_calib_batches} ranks:{rt.world_size} "
-         f"tokens:{h.gptq_calib_batches * h.train_batch_tokens // rt.grad_accum_steps} time:{ms:.0f}ms")
-    return ms
 
 
 def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, float, object]:
@@ -2864,8 +2811,15 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
         else:
             log0(f"ema:skipped steps:{step} < EMA_MIN_STEPS={h.ema_min_steps} (the average still holds the init)")
     require_finite_weights(model, f"after step {step}")
-    if h.gptq_enabled:
-        train_ms += gptq_calibrate(h, rt, model, loader)
+    if h.gptq_enabled:  # the final weights' Hessians, on fresh training batches: training time
+        sync(rt.device)
+        t0 = clock()
+        model.hessians = collect_hessians(h, rt, model, loader, h.gptq_calib_batches)
+        sync(rt.device)
+        ms = 1000 * (clock() - t0)
+        train_ms += ms
+        log0(f"gptq_calibration batches:{h.gptq_calib_batches} ranks:{rt.world_size} tokens:"
+             f"{h.gptq_calib_batches * h.train_batch_tokens // rt.grad_accum_steps} time:{ms:.0f}ms")
     return step, train_ms, fwd
 
 
@@ -2876,11 +2830,7 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
 def log_header(h: Hyperparameters, rt: Runtime) -> None:
     log0(Path(__file__).read_text(encoding="utf-8"), console=False)
     log0("=" * 100, console=False)
-    try:
-        import numba
-        numba_version = numba.__version__
-    except ImportError:
-        numba_version = "missing (pure-Python n-gram fallback)"
+    numba_version = numba.__version__ if numba is not None else "missing (pure-Python n-gram fallback)"
     log0(f"source:{Path(__file__).resolve()} python:{platform.python_version()} torch:{torch.__version__} "
          f"numpy:{np.__version__} numba:{numba_version} cuda:{torch.version.cuda} "
          f"cpu_kernels:{torch.backends.cpu.get_cpu_capability()} threads:{torch.get_num_threads()}")
@@ -2899,19 +2849,17 @@ def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=Non
     `fwd` is the compiled `model` (TTT trains `model` in place through it). The budget guard (by default on the
     real clock from t_eval) keeps it inside the eval budget. Returns (result, experts, scorer) so that tests can
     inspect the final state."""
-    h, rt = ctx.h, ctx.rt
-    cands = None
+    h, rt, cands = ctx.h, ctx.rt, None
     if h.ngram_enabled:
         t0 = time.perf_counter()
-        tok, logc, _ = ngram_candidates(ctx.val.numpy(), h.ngram_min_order, h.ngram_max_order, h.ngram_table_bits,
-                                        h.ngram_top_k, h.ngram_min_count)
-        cands = (tok, logc)
+        cands = ngram_candidates(ctx.val.numpy(), h.ngram_min_order, h.ngram_max_order, h.ngram_table_bits,
+                                 h.ngram_top_k, h.ngram_min_count)[:2]
         log0(f"ngram orders:{h.ngram_min_order}-{h.ngram_max_order} table_bits:{h.ngram_table_bits} "
-             f"top_k:{h.ngram_top_k} coverage:{float((tok[:, 0] >= 0).mean()):.4f} "
+             f"top_k:{h.ngram_top_k} coverage:{float((cands[0][:, 0] >= 0).mean()):.4f} "
              f"build_ms:{1000 * (time.perf_counter() - t0):.0f}")
     bias = OnlineBias(h, h.vocab_size, rt.device) if h.bias_enabled else None
-    betas = h.ngram_beta_list if cands is not None else ()
-    hedge = HedgeMixer(Experts.pool_size(bias is not None, len(betas)), h.hedge_eta, rt.device) if h.hedge_enabled else None
+    n_pool = Experts.pool_size(bias is not None, len(h.ngram_beta_list) if cands is not None else 0)
+    hedge = HedgeMixer(n_pool, h.hedge_eta, rt.device) if h.hedge_enabled else None
     experts = Experts(h, bias, cands, hedge)
     scorer = TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)) if h.ttt_enabled else FixedScorer(fwd)
     r = run_pass(ctx, scorer, h.eval_stride, experts, h.ttt_chunk_tokens, recorder=recorder, label="pass",
@@ -2934,7 +2882,8 @@ def diagnostic(ctx: EvalContext, name: str, fwd, stride: int, decimals: int = 8)
         r = run_pass(ctx, FixedScorer(fwd), stride)
     except FloatingPointError as e:
         raise FloatingPointError(f"{name}: {e}") from None
-    log0(f"{name} val_loss:{r.val_loss:.{decimals}f} val_bpb:{r.val_bpb:.{decimals}f} eval_time:{1000 * r.seconds:.0f}ms")
+    log0(f"{name} val_loss:{r.val_loss:.{decimals}f} val_bpb:{r.val_bpb:.{decimals}f} "
+         f"eval_time:{1000 * r.seconds:.0f}ms")
     return r
 
 
@@ -2964,11 +2913,6 @@ def optional_diagnostics(ctx: EvalContext, budget: EvalBudget, model: GPT, fwd, 
             diagnostic(ctx, name, f, stride)
 
 
-def score_label(h: Hyperparameters) -> str:
-    """A run on a validation subset never logs a final_score (the line the submission tools read)."""
-    return "subset_score" if h.val_max_tokens > 0 else "final_score"
-
-
 def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
     h = resolve_startup(h, rt, notes := [])
     out = Path(h.out_dir)
@@ -2986,12 +2930,17 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
     ctx = EvalContext(h, rt, val, tuple(t.to(rt.device) for t in load_tokenizer_luts(h)))
     if h.val_max_tokens > 0:
         log0(f"val_subset tokens:{val.numel() - 1} (VAL_MAX_TOKENS={h.val_max_tokens}): a pipeline check, not a score")
-    if h.eval_only:
-        return score_artifact(ctx, start_eval_only(h, rt, val), clock(), clock=clock)
-    log0(f"train_shards:{len(shard_files(h.train_files))} train_tokens:{check_shards(h.train_files)} val_tokens:{val.numel() - 1}")
+    path = Path(h.eval_only) if h.eval_only else out / "final_model.int6.ptz"
+    if h.eval_only:  # no training: the artifact is scored exactly as a full run scores its own
+        if not path.is_file():
+            raise FileNotFoundError(f"EVAL_ONLY={h.eval_only}: no such artifact file")
+        log0(f"eval_only artifact:{path}\nval_tokens:{val.numel() - 1}")
+        retire_submission(h, rt)
+        return score_artifact(ctx, path, clock(), clock=clock)
+    log0(f"train_shards:{len(shard_files(h.train_files))} train_tokens:{check_shards(h.train_files)} "
+         f"val_tokens:{val.numel() - 1}")
     model = build_model(h).to(rt.device)
     log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    path = out / "final_model.int6.ptz"
     require_free_space(path, sum(p.numel() for p in model.parameters()))
     steps, train_ms, float_fwd = train(ctx, model)
     t_eval = clock()
@@ -3000,31 +2949,20 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
     return score_artifact(ctx, path, t_eval, steps, train_ms, float_fwd, clock)
 
 
-def start_eval_only(h: Hyperparameters, rt: Runtime, val: Tensor) -> Path:
-    """EVAL_ONLY=<artifact>: no training; the artifact is scored exactly as a full run scores its own."""
-    path = Path(h.eval_only)
-    if not path.is_file():
-        raise FileNotFoundError(f"EVAL_ONLY={h.eval_only}: no such artifact file")
-    log0(f"eval_only artifact:{path}")
-    log0(f"val_tokens:{val.numel() - 1}")
-    retire_submission(h, rt)
-    return path
-
-
 def retire_submission(h: Hyperparameters, rt: Runtime) -> None:
     """From here on OUT_DIR's artifact is this run's: an older submission.json beside it would describe another
     run if this one dies, so it moves aside (the new one is written only at the very end)."""
     sub = Path(h.out_dir) / "submission.json"
     if rt.is_main and sub.exists():
-        stale = sub.with_name("submission.json.stale")
-        os.replace(sub, stale)
-        log0(f"moved the previous {sub} to {stale}: it describes another run")
+        os.replace(sub, sub.with_name("submission.json.stale"))
+        log0(f"moved the previous {sub} to {sub.with_name('submission.json.stale')}: it describes another run")
 
 
 def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int = 0, train_ms: float = 0.0,
                    float_fwd=None, clock=time.perf_counter) -> int:
     """Every score after training comes from the artifact file, identified by its sha256 in the log: the declared
-    pass first, inside the eval budget guard, then the optional diagnostics the budget still has room for."""
+    pass first, inside the eval budget guard, then the optional diagnostics the budget still has room for. A run
+    on a validation subset logs subset_score, never the final_score line that the submission tools read."""
     h, rt = ctx.h, ctx.rt
     budget = EvalBudget(h, rt, t_eval, clock)
     art = ArtifactInfo.of(path)
@@ -3034,64 +2972,56 @@ def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int = 0, 
     final, _, _ = adaptive_pass(ctx, model, fwd, t_eval, budget=budget)
     for k in final.losses:
         log0(f"ablation track:{k} val_loss:{final.losses[k]:.8f} val_bpb:{final.bpbs[k]:.8f}")
-    log0(f"{score_label(h)} val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f} eval_time:{1000 * final.seconds:.0f}ms")
+    log0(f"{'subset_score' if h.val_max_tokens > 0 else 'final_score'} val_loss:{final.val_loss:.8f} "
+         f"val_bpb:{final.val_bpb:.8f} eval_time:{1000 * final.seconds:.0f}ms")
     optional_diagnostics(ctx, budget, model, fwd, float_fwd, path)
     eval_s = clock() - t_eval
     log0(f"eval_total_time:{1000 * eval_s:.0f}ms budget:{1000 * h.eval_budget_seconds:.0f}ms")
     return finish(h, rt, final, steps, train_ms, eval_s, art.bytes, art.codec, art)
 
 
-def smoke_size_verdict(total: int, code_bytes: int, model_bytes: int) -> str:
-    side = f"over the limit by {total - ARTIFACT_LIMIT_BYTES}" if total > ARTIFACT_LIMIT_BYTES else \
-        f"within the limit by {ARTIFACT_LIMIT_BYTES - total}"
-    return (f"size_verdict: smoke run, not a submission: bytes_total {total} (code {code_bytes} + model {model_bytes}) "
-            f"is {side} of {ARTIFACT_LIMIT_BYTES}; a full run is judged on these bytes (barely trained weights "
-            f"compress differently from a full run's)")
-
-
-def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec, art: ArtifactInfo | None = None) -> int:
+def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec, art: ArtifactInfo | None = None):
     """Size accounting and submission.json; a total over 16,000,000 bytes or a declared pass that could not end
-    inside the eval budget is an error after everything is written. `art` ties submission.json to the artifact
-    and the log (run_id, sha256); a non-finite score never gets here."""
+    inside the eval budget is an error after everything is written. A smoke run's verdict names the bytes a full
+    run would be judged on, and its exit code does not depend on them."""
     if not rt.is_main:
         return 0
     code_bytes = shipped_code_bytes(Path(__file__))  # the packed file that ships (this file, if already packed)
-    total = code_bytes + model_bytes
+    total, limit = code_bytes + model_bytes, ARTIFACT_LIMIT_BYTES
     log0(f"Code size: {code_bytes} bytes")
     log0(f"Total submission size int6+{codec}: {total} bytes")
     write_submission(h, rt, final, dict(bytes_total=total, bytes_model=model_bytes, bytes_code=code_bytes, steps=steps,
                                         train_seconds=round(train_ms / 1000, 3), eval_seconds=round(eval_s, 3),
                                         compressor=codec), art)
-    if h.preset == "smoke":  # a pipeline check: the verdict names the bytes, the exit code does not depend on them
-        log0(smoke_size_verdict(total, code_bytes, model_bytes))
+    parts = f"(code {code_bytes} + model {model_bytes})"
+    if h.preset == "smoke":
+        side = f"over the limit by {total - limit}" if total > limit else f"within the limit by {limit - total}"
+        log0(f"size_verdict: smoke run, not a submission: bytes_total {total} {parts} is {side} of {limit}; a full "
+             f"run is judged on these bytes (barely trained weights compress differently from a full run's)")
         return 0
-    if total > ARTIFACT_LIMIT_BYTES:
-        log0(f"ERROR: bytes_total {total} exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit "
-             f"(code {code_bytes} + model {model_bytes})")
-        return 1
-    if final.budget_error:
-        log0(f"{final.budget_error} (results written; exiting non-zero)")
-        return 1
-    if eval_s > h.eval_budget_seconds:
-        log0(f"ERROR: the evaluation took {eval_s:.1f}s > EVAL_BUDGET_SECONDS={h.eval_budget_seconds} "
-             f"(results written; exiting non-zero)")
-        return 1
+    errors = [(total > limit, f"ERROR: bytes_total {total} exceeds the {limit}-byte limit {parts}"),
+              (bool(final.budget_error), f"{final.budget_error} (results written; exiting non-zero)"),
+              (eval_s > h.eval_budget_seconds, f"ERROR: the evaluation took {eval_s:.1f}s > EVAL_BUDGET_SECONDS="
+                                               f"{h.eval_budget_seconds} (results written; exiting non-zero)")]
+    for failed, msg in errors:
+        if failed:
+            log0(msg)
+            return 1
     return 0
 
 
 def write_submission(h, rt, final: EvalResult, sizes: dict, art: ArtifactInfo | None) -> None:
-    """submission.json, written once at the very end, strict JSON: never a non-finite number."""
+    """submission.json, written once at the very end, strict JSON: never a non-finite number. run_id and the
+    artifact's sha256 tie it to the log and the artifact."""
     hardware = (f"{rt.world_size}x{torch.cuda.get_device_name(rt.device)}" if rt.device.type == "cuda"
                 else f"cpu x{rt.world_size} ({os.cpu_count()} cores)")
     sub = dict(author=h.author, github_id=h.github_id, name=f"{h.preset or 'record'}-{h.run_id}",
                blurb="PR #549 GPT + int6 QAT; one legal pass: sliding windows, n-gram experts, per-document bias, "
                      "Hedge mixer, score-first TTT",
                date=time.strftime("%Y-%m-%d"), val_bpb=round(final.val_bpb, 8), val_loss=round(final.val_loss, 8),
-               **sizes, hardware=hardware, seed=h.seed, run_id=h.run_id, val_subset=h.val_max_tokens > 0)
-    if art is not None:
-        sub.update(artifact_sha256=art.sha256, artifact=str(art.path))
-    if h.eval_only:
-        sub.update(eval_only=True)
+               **sizes, hardware=hardware, seed=h.seed, run_id=h.run_id, val_subset=h.val_max_tokens > 0,
+               **(dict(artifact_sha256=art.sha256, artifact=str(art.path)) if art is not None else {}),
+               **(dict(eval_only=True) if h.eval_only else {}))
     bad = {k: v for k, v in sub.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"submission.json not written: non-finite {bad}")
