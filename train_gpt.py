@@ -2751,15 +2751,13 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
     h, rt = ctx.h, ctx.rt
     fwd = make_compile_fn(h, rt.device)(model)
     opt = Optimizers(h, model, rt)
-    train_glob = h.train_files
     t_c = clock()
-    compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(train_glob, rt, h.vocab_size))
+    compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(h.train_files, rt, h.vocab_size))
     log0(f"compile_time:{1000 * (clock() - t_c):.0f}ms")
-    h = replace(h, max_wallclock_seconds=h.max_wallclock_seconds - gptq_reserve(h, rt, model, train_glob))
-    loader = DistributedTokenLoader(train_glob, rt, h.vocab_size)
+    h = replace(h, max_wallclock_seconds=h.max_wallclock_seconds - gptq_reserve(h, rt, model, h.train_files))
+    loader = DistributedTokenLoader(h.train_files, rt, h.vocab_size)
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
-    train_ms, step, qat_on, stop, elapsed_ms = 0.0, 0, False, False, 0.0
-    warm_on = False
+    train_ms, step, qat_on, warm_on, stop, elapsed_ms = 0.0, 0, False, False, False, 0.0
     cap_ms = 1000 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else float("inf")
     sync(rt.device)
     t0 = clock()

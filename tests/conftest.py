@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "bench")]  # the script, then its tools and benchmarks
 import torch  # noqa: E402
 
 import train_gpt as tg  # noqa: E402

@@ -119,8 +119,6 @@ def test_cpu_preset_trains_a_fixed_step_count_with_diagnostics_off():
 def test_run_log_has_the_lines_the_plot_reads(dataset, tmp_path):
     """A run with the float and sliding diagnostics off: the roundtrip line stays; the warmdown start, the TTT
     plan and one progress line per chunk (all tracks) are logged, and plot_log reads them back."""
-    import sys
-    sys.path.insert(0, str(tg.Path(tg.__file__).parent / "tools"))
     import plot_log
     h = tiny(**dataset, out_dir=str(tmp_path), run_id="lines", iterations=4, warmdown_iters=2, float_diagnostic=False,
              sliding_diagnostic=False, eval_stride=32, ttt_chunk_tokens=512)
@@ -140,8 +138,6 @@ def test_run_log_has_the_lines_the_plot_reads(dataset, tmp_path):
 
 
 def test_tune_eval_holds_out_the_end_of_the_last_train_shard(dataset):
-    import sys
-    sys.path.insert(0, str(tg.Path(tg.__file__).parent / "bench"))
     import tune_eval
     assert tune_eval.parse_config("NGRAM_BETAS=0.5,1.0,ttt_lr=0.01") == {"NGRAM_BETAS": "0.5,1.0", "TTT_LR": "0.01"}
     h = tiny(**dataset)
@@ -159,8 +155,6 @@ def test_tune_eval_holds_out_the_end_of_the_last_train_shard(dataset):
 def test_tune_keeps_a_value_only_if_it_gains_min_gain(monkeypatch):
     """Coordinate descent: a value replaces the best so far only when it is at least min_gain lower; later knobs
     are tried on top of the earlier choices."""
-    import sys
-    sys.path.insert(0, str(tg.Path(tg.__file__).parent / "bench"))
     import tune_eval
     table = {("0.02", "1.0"): 2.0, ("0.04", "1.0"): 2.0 - 5e-5, ("0.08", "1.0"): 1.9,  # bias: 0.08 gains 0.1
              ("0.08", "0.5"): 1.9 - 2e-4, ("0.08", "0.25"): 1.9 - 2.5e-4,  # hedge 0.5 gains 2e-4; 0.25 only 5e-5 more
@@ -181,8 +175,6 @@ def test_tune_keeps_a_value_only_if_it_gains_min_gain(monkeypatch):
 
 
 def test_bench_experts_prints_a_rate(capsys):
-    import sys
-    sys.path.insert(0, str(tg.Path(tg.__file__).parent / "bench"))
     import bench_experts
     assert bench_experts.main(["--rows", "600", "--reps", "1", "--betas", "1.0,2.0"]) == 0
     out = capsys.readouterr().out

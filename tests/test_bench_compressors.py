@@ -1,16 +1,14 @@
 """bench/bench_compressors.py on the tiny synthetic val shard: the text is the bytes BPB counts, codecs roundtrip."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import bench_compressors as bc  # conftest puts bench/ on sys.path
 import train_gpt as tg
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import bench_compressors as bc  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch
 from conftest import ROOT, TINY, tiny  # noqa: E402  (conftest puts the repo root on sys.path)
 import train_gpt as tg  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "tools"))
 from plot_log import FINAL_SCORE_RE, TRAIN_RE  # noqa: E402
 
 CPU = torch.device("cpu")

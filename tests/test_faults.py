@@ -19,7 +19,6 @@ import torch
 
 from conftest import ROOT, TINY, tiny, tg
 
-sys.path.insert(0, str(ROOT / "tools"))
 import make_submission as ms  # noqa: E402
 import plot_log  # noqa: E402
 

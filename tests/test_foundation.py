@@ -17,7 +17,6 @@ import torch
 from conftest import ROOT, _documents, tiny
 import train_gpt as tg
 
-sys.path.insert(0, str(ROOT / "tools"))
 from plot_log import FINAL_SCORE_RE, ROUNDTRIP_EXACT_RE, ROUNDTRIP_RE, TRAIN_RE  # noqa: E402
 
 CPU = torch.device("cpu")
