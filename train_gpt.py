@@ -440,19 +440,6 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def flash_kernels(device: torch.device) -> list[str]:
-    """The FlashAttention builds importable here: FA3 (Hopper only), FA2."""
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    found = []
-    for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
-        try:
-            if device.type == "cuda" and (hopper or name == "fa2") and __import__(module).flash_attn_func:
-                found.append(name)
-        except ImportError:
-            pass
-    return found
-
-
 # SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash takes grouped KV heads
 # natively; the efficient kernel rejects them on older builds and cuDNN's does not check head counts, so those two
 # see K/V expanded (always correct, and the measurement charges them for the copy).
@@ -462,8 +449,18 @@ ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs
 
 
 def attention_candidates(device: torch.device) -> list[str]:
-    """The kernels that can run here, in fallback order: FA3, FA2, SDPA, then SDPA pinned to each backend."""
-    return flash_kernels(device) + ["sdpa"] + (list(SDPA_BACKENDS) if device.type == "cuda" else [])
+    """The kernels that can run here, in fallback order: FA3 (Hopper only) and FA2 where importable, SDPA, then
+    SDPA pinned to each CUDA backend."""
+    if device.type != "cuda":
+        return ["sdpa"]
+    found = []
+    for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
+        try:
+            if (name == "fa2" or torch.cuda.get_device_capability(device)[0] == 9) and __import__(module).flash_attn_func:
+                found.append(name)
+        except ImportError:
+            pass
+    return found + ["sdpa"] + list(SDPA_BACKENDS)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
