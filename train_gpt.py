@@ -16,7 +16,6 @@ import hashlib
 import json
 import lzma
 import math
-import mmap
 import os
 import platform
 import re
