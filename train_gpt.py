@@ -2633,15 +2633,14 @@ def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
     loader, scaled to GPTQ_CALIB_BATCHES with a margin. The slowest rank's figure, so all ranks agree."""
     if not h.gptq_enabled or h.max_wallclock_seconds <= 0:
         return 0.0
-    source = "set"
-    reserve = h.gptq_reserve_seconds
+    source, reserve = "set", h.gptq_reserve_seconds
     if reserve < 0:
         loader = DistributedTokenLoader(train_glob, rt)
-        collect_hessians(h, rt, model, loader, 1)
-        sync(rt.device)
-        t0 = time.perf_counter()
-        collect_hessians(h, rt, model, loader, 1)
-        sync(rt.device)
+        for _ in range(2):  # the second batch is timed
+            sync(rt.device)
+            t0 = time.perf_counter()
+            collect_hessians(h, rt, model, loader, 1)
+            sync(rt.device)
         per_batch = time.perf_counter() - t0
         reserve = GPTQ_RESERVE_MARGIN * h.gptq_calib_batches * per_batch + GPTQ_RESERVE_SLACK_S
         reserve = all_reduce_(torch.tensor(reserve, device=rt.device, dtype=torch.float64), dist.ReduceOp.MAX).item()
