@@ -354,16 +354,12 @@ def init_runtime() -> Runtime:
         raise ValueError(f"WORLD_SIZE={world} must divide 8 so that grad accumulation keeps the global batch")
     if not (0 <= rank < world and local_rank >= 0):
         raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world}) and LOCAL_RANK={local_rank} >= 0")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        kw = dict(backend="nccl", device_id=device) if device.type == "cuda" else dict(backend="gloo")
+        dist.init_process_group(**kw)
     return Runtime(rank, local_rank, world, device)
 
 
