@@ -1272,8 +1272,8 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
 # -----------------------------------------------------------------------------
 # 7. Artifact
 #
-# quantize -> serialize (header + int8 codes + fp16 scales + fp16 passthrough) -> every codec, smallest kept ->
-# atomic write; every rank then loads the file from disk, so all post-training scores come from the artifact.
+# quantize -> serialize -> every codec, smallest kept -> atomic write; every rank then loads the file from disk, so
+# all post-training scores come from it. File: ARTIFACT_MAGIC, codec id u8, shuffled u8, payload CRC32 u32, length u64.
 
 ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA1", b"PGQ1"
 CODECS = ("lzma", "zstd", "brotli")
@@ -1282,22 +1282,17 @@ ARTIFACT_LIMIT_BYTES = 16_000_000  # the challenge's cap: code + compressed mode
 
 def quantize_model(model: GPT, hessians: dict | None = None, damp: float = Hyperparameters.gptq_damp,
                    block_size: int = Hyperparameters.gptq_block_size) -> dict:
-    """{name: (kind, tensors...)}: banks int6 (quantized as banks, on exactly the grid QAT sees: GPTQ where
-    `hessians` has the bank, else GPTQ-lite round-to-nearest), embedding tables int8, the rest fp16 with its
-    original dtype recorded."""
+    """{name: (kind, ...)}: banks int6 on QAT's grid (GPTQ given a Hessian, else GPTQ-lite), tables int8, rest fp16."""
     out, methods, t0 = {}, [], time.perf_counter()
     for name, t in model.state_dict().items():
-        dtype, t = str(t.dtype).replace("torch.", ""), t.detach().float()
+        H = (hessians or {}).get(name) if name in BANK_NAMES else None  # GPTQ runs where the weights are (the GPU)
+        dtype, t = str(t.dtype).replace("torch.", ""), t.detach().float().to(t.device if H is not None else "cpu")
         if name in BANK_NAMES:
-            H = (hessians or {}).get(name)
-            t = t if H is not None else t.cpu()  # GPTQ runs where the weights are (the GPU in a real run)
             s = int6_scales(t)
             codes = gptq_codes(t, H.to(t.device), s, damp, block_size) if H is not None else _quant(t, s, INT6_MAX)
             out[name] = ("int6", codes.to(torch.int8).cpu(), s.half().cpu())
             methods.append(f"{name}:{'gptq' if H is not None else 'gptq-lite'}")
-            continue
-        t = t.cpu()
-        if name in TOKEN_PARAM_NAMES:
+        elif name in TOKEN_PARAM_NAMES:
             s = int8_scales(t)
             out[name] = ("int8", _quant(t, s, INT8_MAX).to(torch.int8), s.half())
         else:
@@ -1307,28 +1302,19 @@ def quantize_model(model: GPT, hessians: dict | None = None, damp: float = Hyper
 
 
 def dequantize(q: dict) -> dict[str, Tensor]:
-    sd = {}
-    for name, (kind, a, b) in q.items():
-        sd[name] = a.float() * b.float().unsqueeze(-1) if kind in ("int6", "int8") else a.to(getattr(torch, b))
-    return sd
+    return {name: a.to(getattr(torch, b)) if kind == "fp16" else a.float() * b.float().unsqueeze(-1)
+            for name, (kind, a, b) in q.items()}
 
 
 def serialize(q: dict) -> bytes:
-    """Header JSON + three byte sections (int8 codes, fp16 scales, fp16 passthrough), so that compressors see
-    homogeneous streams and byte-shuffling can split the fp16 sections into byte planes."""
-    entries, sections = [], {"q": [], "s": [], "f": []}
-    for name, (kind, a, b) in q.items():
-        e = dict(name=name, kind=kind, shape=list(a.shape))
-        if kind == "fp16":
-            e["dtype"] = b
-            sections["f"].append(a.numpy().tobytes())
-        else:
-            sections["q"].append(a.numpy().tobytes())
-            sections["s"].append(b.numpy().tobytes())
-        entries.append(e)
-    body = {k: b"".join(v) for k, v in sections.items()}
+    """PAYLOAD_MAGIC, header length (u32), header JSON, then three byte sections (int8 codes, fp16 scales, fp16
+    passthrough): compressors see homogeneous streams, and byte-shuffling splits the fp16 ones into byte planes."""
+    entries = [dict(name=name, kind=kind, shape=list(a.shape), **({"dtype": b} if kind == "fp16" else {}))
+               for name, (kind, a, b) in q.items()]
+    body = {sec: b"".join((b if sec == "s" else a).numpy().tobytes() for kind, a, b in q.values()
+                          if (kind == "fp16") == (sec == "f")) for sec in "qsf"}  # codes, scales of int6/int8; fp16
     header = json.dumps(dict(entries=entries, sizes={k: len(v) for k, v in body.items()})).encode()
-    return PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + body["q"] + body["s"] + body["f"]
+    return PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + b"".join(body.values())
 
 
 def deserialize(raw: bytes) -> dict:
@@ -1336,92 +1322,69 @@ def deserialize(raw: bytes) -> dict:
         raise ValueError("artifact payload has a bad magic number")
     (hlen,) = struct.unpack("<I", raw[4:8])
     meta = json.loads(raw[8:8 + hlen])
-    pos, views = 8 + hlen, {}
-    for k in "qsf":
-        views[k] = memoryview(raw)[pos:pos + meta["sizes"][k]]
-        pos += meta["sizes"][k]
-    offs, out = dict(q=0, s=0, f=0), {}
-    for e in meta["entries"]:
-        shape, n = e["shape"], math.prod(e["shape"])
+    pos = dict(zip("qsf", np.cumsum([8 + hlen, meta["sizes"]["q"], meta["sizes"]["s"]]).tolist()))  # section starts
 
-        def take(sec, dtype, count):
-            arr = np.frombuffer(views[sec], dtype=dtype, count=count, offset=offs[sec])
-            offs[sec] += arr.nbytes
-            return torch.from_numpy(arr.copy())
+    def take(sec, shape):
+        arr = np.frombuffer(raw, np.int8 if sec == "q" else np.float16, math.prod(shape), pos[sec])
+        pos[sec] += arr.nbytes
+        return torch.from_numpy(arr.copy()).view(shape)
 
-        if e["kind"] == "fp16":
-            out[e["name"]] = ("fp16", take("f", np.float16, n).view(shape), e["dtype"])
-        else:
-            out[e["name"]] = (e["kind"], take("q", np.int8, n).view(shape), take("s", np.float16, n // shape[-1]).view(shape[:-1]))
-    return out
+    return {e["name"]: ("fp16", take("f", e["shape"]), e["dtype"]) if e["kind"] == "fp16" else
+            (e["kind"], take("q", e["shape"]), take("s", e["shape"][:-1])) for e in meta["entries"]}
 
 
 def _shuffle_payload(raw: bytes, inverse: bool) -> bytes:
-    """Split the fp16 sections (scales and passthrough) into low/high byte planes; the header and int8 codes
-    stay as they are."""
+    """Split the fp16 sections (scales, passthrough) into low/high byte planes, or join them back (inverse)."""
     (hlen,) = struct.unpack("<I", raw[4:8])
-    sizes = json.loads(raw[8:8 + hlen])["sizes"]
-    start = 8 + hlen + sizes["q"]
-    tail = np.frombuffer(raw, np.uint8, offset=start)
-    if inverse:
-        planes = tail.reshape(2, -1)
-        tail = np.stack((planes[0], planes[1]), axis=1).reshape(-1)
-    else:
-        tail = tail.reshape(-1, 2).T.reshape(-1)
-    return raw[:start] + tail.tobytes()
+    start = 8 + hlen + json.loads(raw[8:8 + hlen])["sizes"]["q"]
+    tail = np.frombuffer(raw, np.uint8, offset=start).reshape((2, -1) if inverse else (-1, 2))
+    return raw[:start] + tail.T.tobytes()
 
 
 def _codec(name: str):
-    if name == "lzma":
-        return (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)), lzma.decompress
-    if name == "zstd":
-        import zstandard
-        return (lambda b: zstandard.ZstdCompressor(level=22).compress(b)), (lambda b: zstandard.ZstdDecompressor().decompress(b))
-    import brotli
-    return (lambda b: brotli.compress(b, quality=11, lgwin=24)), brotli.decompress
-
-
-def _codec_available(name: str) -> bool:
+    """(compress, decompress), or None when the codec's module is not installed."""
     try:
-        _codec(name)
-        return True
+        mod = __import__({"zstd": "zstandard"}.get(name, name))
     except ImportError:
-        return False
+        return None
+    if name == "zstd":
+        return mod.ZstdCompressor(level=22).compress, mod.ZstdDecompressor().decompress
+    kw = dict(preset=9 | lzma.PRESET_EXTREME) if name == "lzma" else dict(quality=11, lgwin=24)
+    return (lambda b: mod.compress(b, **kw)), mod.decompress
 
 
 def compress_payload(raw: bytes, choice: str) -> tuple[bytes, str, dict]:
-    """Compress with every requested codec x shuffle option in parallel threads; keep the smallest."""
+    """Every requested codec x shuffle option in threads, smallest kept: (artifact, option, {option: bytes})."""
     codec, _, shuffle = choice.partition("+")
-    names = [c for c in CODECS if _codec_available(c)] if codec == "auto" else [codec]
-    if codec != "auto" and not _codec_available(codec):
+    if codec != "auto" and _codec(codec) is None:
         raise ValueError(f"COMPRESSOR={choice}: module for {codec} is not installed")
+    names = [c for c in CODECS if _codec(c)] if codec == "auto" else [codec]
     shuffles = (True,) if shuffle else (False, True) if codec == "auto" else (False,)
-    options = [(n, s) for n in names for s in shuffles]
-    shuffled = _shuffle_payload(raw, inverse=False)
+    options, payloads = [(n, s) for n in names for s in shuffles], (raw, _shuffle_payload(raw, inverse=False))
     with ThreadPoolExecutor(len(options)) as ex:
-        blobs = list(ex.map(lambda o: _codec(o[0])[0](shuffled if o[1] else raw), options))
-    sizes = {f"{n}{'+shuffle' if s else ''}": len(b) for (n, s), b in zip(options, blobs)}
-    i = min(range(len(blobs)), key=lambda j: len(blobs[j]))
-    n, s = options[i]
-    head = ARTIFACT_MAGIC + bytes([CODECS.index(n), int(s)]) + struct.pack("<IQ", zlib.crc32(raw), len(raw))
-    return head + blobs[i], f"{n}{'+shuffle' if s else ''}", sizes
+        blobs = list(ex.map(lambda o: _codec(o[0])[0](payloads[o[1]]), options))
+    sizes = {n + "+shuffle" * s: len(b) for (n, s), b in zip(options, blobs)}
+    (n, s), body = min(zip(options, blobs), key=lambda ob: len(ob[1]))
+    head = ARTIFACT_MAGIC + bytes([CODECS.index(n), s]) + struct.pack("<IQ", zlib.crc32(raw), len(raw))
+    return head + body, n + "+shuffle" * s, sizes
+
+
+def _artifact_header(blob: bytes, path) -> tuple[str, int, int, int]:
+    """(codec, shuffled, crc, payload length) of an artifact; ValueError naming `path` if it is not one."""
+    if len(blob) < 18 or blob[:4] != ARTIFACT_MAGIC or blob[4] >= len(CODECS):
+        raise ValueError(f"{path}: not a model artifact (bad magic, unknown codec id or shorter than its header)")
+    return (CODECS[blob[4]], blob[5]) + struct.unpack("<IQ", blob[6:18])
 
 
 def decompress_artifact(blob: bytes, path="artifact") -> bytes:
-    if len(blob) < 18 or blob[:4] != ARTIFACT_MAGIC:
-        raise ValueError(f"{path}: not a model artifact (bad magic or shorter than its header)")
-    codec_id, shuffled = blob[4], blob[5]
-    crc, n = struct.unpack("<IQ", blob[6:18])
-    if codec_id >= len(CODECS):
-        raise ValueError(f"{path}: unknown codec id {codec_id}")
-    try:
-        raw = _codec(CODECS[codec_id])[1](blob[18:])
-    except Exception as e:
-        raise ValueError(f"{path}: corrupt or truncated artifact ({CODECS[codec_id]}: {e})") from None
-    try:
+    codec, shuffled, crc, n = _artifact_header(blob, path)
+    if _codec(codec) is None:
+        raise ValueError(f"{path}: written with {codec}, whose module is not installed")
+    try:  # zstd/brotli carry no checksum: a damaged body can also decode to a garbled payload header
+        raw = _codec(codec)[1](blob[18:])
         raw = _shuffle_payload(raw, inverse=True) if shuffled else raw
-    except Exception:  # zstd/brotli carry no checksum: a damaged body can decode to a garbled header
-        raise ValueError(f"{path}: corrupt or truncated artifact (unreadable payload header)") from None
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt or truncated artifact ({codec}: {e})") from None
     if len(raw) != n or zlib.crc32(raw) != crc:
         raise ValueError(f"{path}: corrupt or truncated artifact (length/CRC mismatch)")
     return raw
@@ -1430,26 +1393,18 @@ def decompress_artifact(blob: bytes, path="artifact") -> bytes:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
+    except OSError as e:  # PermissionError: it exists, owned by someone else
+        return not isinstance(e, ProcessLookupError)
     return True
 
 
-def remove_stale_temps(path: Path) -> None:
-    """Remove `.NAME.tmp<PID>` files that a killed write left beside `path` (their process is gone)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
-        pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            tmp.unlink(missing_ok=True)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside the target, fsync, rename: a crash never leaves a partial file at `path`.
-    An I/O error (a full disk: ENOSPC carries no file name) is re-raised naming the path."""
-    path = Path(path)
-    remove_stale_temps(path)
+    """Write `.NAME.tmp<PID>` beside `path`, fsync, rename: a crash never leaves a partial file at `path`. Temps that
+    killed writes left (their process is gone) are removed first; an I/O error (ENOSPC names no file) names the path."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = stale.name.rpartition(".tmp")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -1460,19 +1415,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as e:
         raise OSError(e.errno, f"writing {path} ({len(data)} bytes): {e.strerror or e}") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def require_free_space(path: Path, n_params: int) -> None:
-    """Before training: room in path's folder for the artifact (bounded by its raw payload, <= 2 bytes/param),
-    its temp copy and the logs, so that a full disk fails now and not after the run is paid for."""
-    need = 2 * (2 * n_params + (1 << 20))
-    folder = Path(path).parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError as e:
-        raise OSError(e.errno, f"OUT_DIR {folder}: {e.strerror or e}") from e
+    """Before training: room beside `path` for the artifact (<= 2 bytes/param), its temp copy and the logs."""
+    need, folder = 2 * (2 * n_params + (1 << 20)), Path(path).parent
+    free = shutil.disk_usage(folder).free  # an OSError here names the folder itself
     if free < need:
         raise OSError(errno.ENOSPC, f"OUT_DIR {folder} has {free} bytes free; the artifact {path} needs up to {need}")
 
@@ -1488,67 +1437,42 @@ class ArtifactInfo:
     @classmethod
     def of(cls, path: Path) -> "ArtifactInfo":
         blob = Path(path).read_bytes()
-        if len(blob) < 18 or blob[:4] != ARTIFACT_MAGIC or blob[4] >= len(CODECS):
-            decompress_artifact(blob, path)  # raises, naming the file (load_artifact checks the body)
-        codec = CODECS[blob[4]] + ("+shuffle" if blob[5] else "")
-        return cls(Path(path), len(blob), hashlib.sha256(blob).hexdigest(), codec)
+        codec, shuffled = _artifact_header(blob, path)[:2]  # load_artifact checks the body
+        return cls(Path(path), len(blob), hashlib.sha256(blob).hexdigest(), codec + ("+shuffle" if shuffled else ""))
 
 
 def load_artifact(path: Path, h: Hyperparameters, device) -> GPT:
     """Every rank builds a fresh model from the file on disk: all post-training scores come from it."""
     if not path.is_file():
         raise FileNotFoundError(f"artifact {path} does not exist")
-    q = deserialize(decompress_artifact(path.read_bytes(), path))
-    model = build_model(h)
+    q, model = deserialize(decompress_artifact(path.read_bytes(), path)), build_model(h)
     missing, unexpected = sorted(set(model.state_dict()) - set(q)), sorted(set(q) - set(model.state_dict()))
     if missing or unexpected:
-        raise ValueError(f"{path}: tensors do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    sd = dequantize(q)
-    bad = {k: (tuple(v.shape), tuple(sd[k].shape)) for k, v in model.state_dict().items() if v.shape != sd[k].shape}
-    if bad:
-        raise ValueError(f"{path}: tensor shapes do not match the model config (model vs artifact): "
-                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in sorted(bad.items())[:5]))
-    model.load_state_dict(sd)
+        raise ValueError(f"{path}: tensors do not match the model config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(dequantize(q))
+    except RuntimeError as e:  # torch names each size mismatch, artifact ("checkpoint") vs model shape
+        raise ValueError(f"{path}: tensor shapes do not match the model config: {e}") from None
     return model.to(device)
 
 
-# The code bytes that ship: the self-extracting file tools/pack.py writes (LZMA + base85 in one exec line;
-# compile(..., __file__) keeps real file names and line numbers in tracebacks and lets Numba cache). Counting it
-# in process makes the model budget exact.
-PACK_PRESET = 9 | lzma.PRESET_EXTREME
-_PACK_RAW_DICT = 8 << 20  # what {"id": FILTER_LZMA2} decodes with (preset 6)
-_PACK_TEMPLATE = ('exec(compile(__import__("lzma").decompress(__import__("base64").b85decode("{data}"){args}),'
-                  '__file__,"exec"))\n')
-_PACK_RE = re.compile(rb'^exec\(compile\(__import__\("lzma"\)\.decompress\(__import__\("base64"\)\.b85decode\("'
-                      rb'(?P<data>[^"]*)"\)(?P<args>[^)]*)\),__file__,"exec"\)\)\r?\n?$')
-_PACK_RAW_ARGS = re.compile(rb',3,None,\[\{"id":33(?:,"dict_size":(\d+))?\}\]')
-
-
-def _pack_candidates(src: bytes, search: bool):
-    """(compressed, decompress args) per LZMA container (xz without check, legacy "alone", raw LZMA2) x lc/pb."""
-    dict_size = 1 << max(12, (len(src) - 1).bit_length())
-    grid = [(lc, pb) for lc in range(5) for pb in range(3)] if search else [(3, 0)]
-    raw_args = ",3,None,[{%s}]" % ('"id":33' if dict_size <= _PACK_RAW_DICT else f'"id":33,"dict_size":{dict_size}')
-    assert lzma.FORMAT_RAW == 3 and lzma.FILTER_LZMA2 == 33  # spelled numerically in the wrapper to save bytes
-    for lc, pb in grid:
-        opts = dict(preset=PACK_PRESET, lc=lc, lp=0, pb=pb, dict_size=dict_size)
-        yield lzma.compress(src, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE,
-                            filters=[dict(id=lzma.FILTER_LZMA2, **opts)]), ""
-        yield lzma.compress(src, format=lzma.FORMAT_ALONE, filters=[dict(id=lzma.FILTER_LZMA1, **opts)]), ""
-        yield lzma.compress(src, format=lzma.FORMAT_RAW, filters=[dict(id=lzma.FILTER_LZMA2, **opts)]), raw_args
+_PACK_TEMPLATE = 'exec(compile(__import__("lzma").decompress(__import__("base64").b85decode("{}")),__file__,"exec"))\n'
+_PACK_RE = re.compile(re.escape(_PACK_TEMPLATE[:-1]).replace(r"\{\}", '([^"]*)').encode() + rb"\r?\n?$")
 
 
 def pack_source(src: bytes, search: bool = True) -> bytes:
-    """The shortest self-extracting wrapper (ASCII) of the exact source bytes; deterministic for a given liblzma."""
-    best = min((_PACK_TEMPLATE.format(data=base64.b85encode(blob).decode("ascii"), args=args).encode("ascii")
-                for blob, args in _pack_candidates(src, search)), key=len)
-    if unpack_source(best) != src:  # never ship a wrapper that does not read back exactly
+    """The file that ships (tools/pack.py writes it; counted in process, so the model budget is exact): one exec line,
+    the shortest LZMA ("alone" container: xz and raw LZMA2 never won) over lc x pb (3, 0 without search) in base85.
+    compile(..., __file__) keeps file names and line numbers in tracebacks, and lets Numba cache. Deterministic."""
+    dict_size = 1 << max(12, (len(src) - 1).bit_length())
+    filters = [dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=lc, lp=0, pb=pb, dict_size=dict_size)
+               for lc, pb in ([(lc, pb) for lc in range(5) for pb in range(3)] if search else [(3, 0)])]
+    best = min((lzma.compress(src, format=lzma.FORMAT_ALONE, filters=[f]) for f in filters), key=len)
+    packed = _PACK_TEMPLATE.format(base64.b85encode(best).decode("ascii")).encode("ascii")
+    if unpack_source(packed) != src:  # never ship a wrapper that does not read back exactly
         raise RuntimeError("pack round-trip failed")
-    return best
-
-
-def is_packed(data: bytes) -> bool:
-    return _PACK_RE.match(data) is not None
+    return packed
 
 
 def unpack_source(packed: bytes) -> bytes:
@@ -1556,39 +1480,25 @@ def unpack_source(packed: bytes) -> bytes:
     m = _PACK_RE.match(packed)
     if m is None:
         raise ValueError("not a packed file written by pack_source (tools/pack.py)")
-    blob, args = base64.b85decode(m["data"]), m["args"]
-    if not args:
-        return lzma.decompress(blob)
-    am = _PACK_RAW_ARGS.fullmatch(args)
-    if am is None:
-        raise ValueError(f"unknown decompress arguments in wrapper: {args!r}")
-    filt = {"id": lzma.FILTER_LZMA2, **({"dict_size": int(am[1])} if am[1] else {})}
-    return lzma.decompress(blob, lzma.FORMAT_RAW, None, [filt])
+    return lzma.decompress(base64.b85decode(m[1]))
 
 
-_CODE_BYTES: dict = {}
-
-
-def shipped_code_bytes(path: Path) -> int:
-    """Bytes of the file that ships for this script: its own length if already packed, else pack_source's output
-    (equal to what tools/pack.py writes). Computed once per process: the search takes seconds."""
+def shipped_code_bytes(path: Path, _memo: dict = {}) -> int:  # noqa: B006  (the memo: once per process)
+    """The shipped file's bytes: its own length if packed, else pack_source's (what tools/pack.py writes)."""
     key = str(Path(path).resolve())
-    if key not in _CODE_BYTES:
+    if key not in _memo:
         src = Path(path).read_bytes()
-        _CODE_BYTES[key] = len(src) if is_packed(src) else len(pack_source(src))
-    return _CODE_BYTES[key]
+        _memo[key] = len(src) if _PACK_RE.match(src) else len(pack_source(src))
+    return _memo[key]
 
 
 def model_budget_bytes(h: Hyperparameters, code_bytes: int) -> int:
     return ARTIFACT_LIMIT_BYTES - code_bytes - h.artifact_margin_bytes
 
 
-# Fit to budget: when even the smallest codec's output is over the model budget, zero the int6 values whose
-# removal adds the least reconstruction error, and find how many by a bracketing search on the real compressed
-# size of the codec that ships. An order-0 entropy proxy (per row, so that it sees the row scales) steers the
-# probes; each probe is one real compression, and the result is always a real, verified blob.
+# Fit to budget (fit_to_budget): zero the int6 values whose removal adds the least error until the real blob fits.
 FIT_PROBES = 3  # extra full compressions at most
-FIT_AIM = (0.03, 0.01, 0.005)  # probe i aims this fraction of the overshoot below the budget
+FIT_AIM = (0.03, 0.01, 0.005)  # probe i aims this fraction of the overshoot below the budget (no fit yet: the first)
 FIT_TOLERANCE = (0.02, 1e-4)  # stop at a fit this close: a fraction of the overshoot, or of the budget
 
 
@@ -1600,39 +1510,34 @@ def prune_order(q: dict, limit: int, hessian_diag: dict[str, Tensor] | None = No
     """Up to `limit` int6 values in pruning order: |q| = 1 first, then 2, ...; within a level by the squared error
     that zeroing adds, (|q| s_row)^2, times the input Hessian's diagonal H[col] where given (hessian_diag[name]:
     shape codes.shape[:-2] + (C,)); ties by position. Returns (tensor index into _int6_names(q), flat index)."""
-    names, tids, idxs, total = _int6_names(q), [], [], 0
+    names, costs, empty = _int6_names(q), [], torch.zeros(0, dtype=torch.int64)
+    for n in names:
+        codes, s = q[n][1], q[n][2].float()
+        cost = (codes.abs() * s.unsqueeze(-1)).square()
+        if hessian_diag is not None and n in hessian_diag:
+            hd, want = hessian_diag[n].float().cpu(), tuple(codes.shape[:-2]) + (codes.size(-1),)
+            if tuple(hd.shape) != want:
+                raise ValueError(f"hessian_diag[{n!r}] has shape {tuple(hd.shape)}, expected {want} (per input column)")
+            cost = cost * hd.unsqueeze(-2)
+        costs.append(cost.reshape(-1))
+    tids, idxs, total = [empty], [empty], 0
     for level in range(1, INT6_MAX + 1):
         if total >= limit:
             break
-        cost, tid, idx = [], [], []
-        for t, n in enumerate(names):
-            codes, s = q[n][1], q[n][2].float().reshape(-1)
-            C = codes.size(-1)
-            i = torch.nonzero(codes.reshape(-1).abs() == level).squeeze(1)
-            c = (level * s[i // C]).square()
-            if hessian_diag is not None and n in hessian_diag:
-                hd = hessian_diag[n].float().cpu()
-                if tuple(hd.shape) != tuple(codes.shape[:-2]) + (C,):
-                    raise ValueError(f"hessian_diag[{n!r}] has shape {tuple(hd.shape)}, expected "
-                                     f"{tuple(codes.shape[:-2]) + (C,)} (one entry per input column)")
-                c = c * hd.reshape(-1)[i // (C * codes.size(-2)) * C + i % C]
-            cost.append(c), tid.append(torch.full_like(i, t)), idx.append(i)
-        order = torch.sort(torch.cat(cost), stable=True).indices[:limit - total]
-        tids.append(torch.cat(tid)[order]), idxs.append(torch.cat(idx)[order])
+        sel = [torch.nonzero(q[n][1].reshape(-1).abs() == level).squeeze(1) for n in names]
+        order = torch.sort(torch.cat([c[i] for c, i in zip(costs, sel)]), stable=True).indices[:limit - total]
+        tids.append(torch.cat([torch.full_like(i, t) for t, i in enumerate(sel)])[order])
+        idxs.append(torch.cat(sel)[order])
         total += len(order)
-    empty = torch.zeros(0, dtype=torch.int64)
-    return (torch.cat(tids), torch.cat(idxs)) if tids else (empty, empty)
+    return torch.cat(tids), torch.cat(idxs)
 
 
 def pruned(q: dict, order: tuple[Tensor, Tensor], k: int) -> dict:
     """q with the first k values of `order` set to zero (q itself is left as it is)."""
-    out, names = dict(q), _int6_names(q)
-    tid, idx = order[0][:k], order[1][:k]
+    out, names, tid, idx = dict(q), _int6_names(q), order[0][:k], order[1][:k]
     for t in torch.unique(tid).tolist():
         kind, codes, s = q[names[t]]
-        codes = codes.clone()
-        codes.view(-1)[idx[tid == t]] = 0
-        out[names[t]] = (kind, codes, s)
+        out[names[t]] = (kind, codes.reshape(-1).index_fill(0, idx[tid == t], 0).view(codes.shape), s)
     return out
 
 
@@ -1641,111 +1546,81 @@ def _xlog2x(c: np.ndarray) -> float:
 
 
 class _SizeProxy:
-    """Order-0 entropy (bytes) of each int6 tensor's codes after zeroing the first k values of `order`: bits =
-    sum over tensors of n log2 n - sum over (tensor, code) of c log2 c. Per tensor, not per row: the codecs do
-    not adapt row by row, and per-row entropy overstates the gain of pruning the small-scale rows."""
+    """Order-0 entropy (bytes) of the int6 codes after zeroing the first k values of `order`, per tensor: sum of
+    n log2 n - sum over codes of c log2 c (codecs do not adapt row by row; per row would overstate small rows)."""
 
     def __init__(self, q: dict, order: tuple[Tensor, Tensor]):
-        names, bins = _int6_names(q), 2 * INT6_MAX + 1
-        tid, idx = order[0].numpy(), order[1].numpy()
-        flat = [q[n][1].reshape(-1).numpy().astype(np.int64) + INT6_MAX for n in names]
+        bins, tid, idx = 2 * INT6_MAX + 1, order[0].numpy(), order[1].numpy()
+        flat = [q[n][1].reshape(-1).numpy().astype(np.int64) + INT6_MAX for n in _int6_names(q)]
         self.hist = np.concatenate([np.bincount(f, minlength=bins) for f in flat]).astype(np.float64)
-        vals = np.zeros_like(idx)
-        for t in range(len(names)):
-            sel = tid == t
-            vals[sel] = flat[t][idx[sel]]
+        vals = np.concatenate(flat)[np.cumsum([0] + [f.size for f in flat])[tid] + idx]  # the pruned values' codes
         self.keys, self.zero_keys = tid * bins + vals, tid * bins + INT6_MAX  # (tensor, code) bins, pruning order
         self.total_bits, self.memo = _xlog2x(np.array([f.size for f in flat], dtype=np.float64)), {}
 
     def __call__(self, k: int) -> float:
         if k not in self.memo:
-            h = self.hist
-            if k > 0:
-                h = h - np.bincount(self.keys[:k], minlength=h.size) + np.bincount(self.zero_keys[:k], minlength=h.size)
+            n = self.hist.size
+            h = self.hist - np.bincount(self.keys[:k], minlength=n) + np.bincount(self.zero_keys[:k], minlength=n)
             self.memo[k] = (self.total_bits - _xlog2x(h)) / 8
         return self.memo[k]
 
 
 def int6_rel_error(q: dict, weights: dict[str, Tensor]) -> float:
     """||dequant - w|| / ||w|| over all int6 tensors together."""
-    err = ref = 0.0
-    for n in _int6_names(q):
-        w = weights[n].detach().float().cpu()
-        err += (q[n][1].float() * q[n][2].float().unsqueeze(-1) - w).double().square().sum().item()
-        ref += w.double().square().sum().item()
+    deq = dequantize({n: q[n] for n in _int6_names(q)})
+    err = sum((deq[n] - weights[n].detach().float().cpu()).double().square().sum().item() for n in deq)
+    ref = sum(weights[n].detach().float().cpu().double().square().sum().item() for n in deq)
     return math.sqrt(err / ref) if ref > 0 else 0.0
-
-
-def _aim_count(proxy, real: dict, budget: int, target: float, lo: int, hi: int) -> int:
-    """The smallest k in (lo, hi] whose calibrated proxy size is <= target: real(k) ~ real(a) + alpha (P(k) - P(a)),
-    alpha the secant through the real sizes around the target (1 with only one real point)."""
-    over = max(k for k, r in real.items() if r > budget)
-    fits = [k for k, r in real.items() if r <= budget]
-    b = min(fits) if fits else (max(k for k in real if k != over) if len(real) > 1 else None)
-    p_over = proxy(over)
-    d = proxy(b) - p_over if b is not None else 0.0
-    alpha = (real[b] - real[over]) / d if abs(d) > 1.0 else 1.0
-    alpha = max(alpha, 1e-3)  # pruning never grows the size: keep the model monotone
-    predict = lambda k: real[over] + alpha * (proxy(k) - p_over)  # noqa: E731
-    if predict(hi) > target:
-        return hi
-    while hi - lo > 1:  # predict is non-increasing in k: bisect for the first k at or under the target
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if predict(mid) <= target else (mid, hi)
-    return hi
-
-
-def _search_prune_count(q: dict, order, codec: str, budget: int, before: int, max_fraction: float):
-    """Bracketing search (lo over, hi fitting) for the pruned count, <= FIT_PROBES real compressions with `codec`.
-    Returns (k, blob, probes); RuntimeError when no count within the cap fits."""
-    proxy, n_avail, real, fit = _SizeProxy(q, order), len(order[0]), {0: before}, None
-    overshoot = before - budget
-    for i in range(FIT_PROBES):
-        lo = max(k for k, r in real.items() if r > budget)
-        hi = fit[0] if fit else n_avail
-        if lo == n_avail or fit and hi - lo <= 1:
-            break
-        aim = FIT_AIM[i] if fit else max(FIT_AIM[0], FIT_AIM[i])  # no fit yet: keep aiming safely under
-        k = _aim_count(proxy, real, budget, budget - aim * overshoot, lo, hi - 1 if fit else hi)
-        blob = compress_payload(serialize(pruned(q, order, k)), codec)[0]
-        real[k] = len(blob)
-        if len(blob) <= budget:
-            fit = (k, blob)
-            if budget - len(blob) <= max(FIT_TOLERANCE[0] * overshoot, FIT_TOLERANCE[1] * budget):
-                break
-    if fit is None and n_avail in real:
-        raise RuntimeError(f"fit: zeroing FIT_MAX_PRUNE_FRACTION={max_fraction} of the int6 values ({n_avail}) "
-                           f"leaves {real[n_avail]} bytes > the model budget {budget} ({codec}; unpruned {before} "
-                           f"bytes): the model does not fit; nothing was written")
-    if fit is None:
-        raise RuntimeError(f"fit: no pruned count found under the model budget {budget} in {FIT_PROBES} compressions "
-                           f"({codec}; bytes by pruned count: {dict(sorted(real.items()))}); nothing was written")
-    return fit[0], fit[1], len(real) - 1
 
 
 def fit_to_budget(q: dict, weights: dict[str, Tensor], choice: str, budget: int, max_fraction: float,
                   hessian_diag: dict[str, Tensor] | None = None) -> tuple[bytes, str, dict, dict]:
-    """Compress q with every requested codec; if the smallest blob is over `budget`, prune int6 values (in
-    prune_order) until the shipping codec's real output fits. Returns (blob, codec, sizes of the unpruned
-    compression, stats for the fit line). Raises before anything is written if the cap is not enough."""
+    """Compress q with every requested codec; if the smallest blob is over `budget`, zero int6 values in prune_order,
+    their count found by a bracketing search (lo: the largest count over, hi: the smallest fit) of <= FIT_PROBES real
+    compressions with that codec, each at the first count that real(lo) + alpha (P(k) - P(lo)) (P the size proxy, alpha
+    the secant through the real sizes around the budget, else 1) puts FIT_AIM of the overshoot under it. Returns (blob,
+    codec, unpruned sizes, fit line stats); raises, before anything is written, if none fits."""
     t0, raw = time.perf_counter(), serialize(q)
     blob, codec, sizes = compress_payload(raw, choice)
-    n_values = sum(q[n][1].numel() for n in _int6_names(q))
-    e0 = int6_rel_error(q, weights)
-    stats = dict(raw=len(raw), budget=budget, before=len(blob), after=len(blob), pruned=0, of=n_values, e0=e0, e1=e0,
-                 probes=0)
-    if len(blob) > budget:
+    n_values, e0, before = sum(q[n][1].numel() for n in _int6_names(q)), int6_rel_error(q, weights), len(blob)
+    st = dict(raw=len(raw), budget=budget, before=before, pruned=0, of=n_values, e0=e0, e1=e0, probes=0)
+    if before > budget:
         order = prune_order(q, int(max_fraction * n_values), hessian_diag)
-        k, blob, probes = _search_prune_count(q, order, codec, budget, len(blob), max_fraction)
-        stats.update(after=len(blob), pruned=k, e1=int6_rel_error(pruned(q, order, k), weights), probes=probes)
-    stats.update(seconds=time.perf_counter() - t0, codec=codec)
-    return blob, codec, sizes, stats
+        proxy, n_avail, real, fit = _SizeProxy(q, order), len(order[0]), {0: before}, None
+        for i in range(FIT_PROBES):
+            lo = max(k for k, r in real.items() if r > budget)
+            hi = fit[0] - 1 if fit else n_avail  # candidates: (lo, hi]
+            if hi <= lo:
+                break
+            b = fit[0] if fit else max((k for k in real if k != lo), default=lo)
+            d = proxy(b) - proxy(lo)
+            alpha = max((real[b] - real[lo]) / d if abs(d) > 1.0 else 1.0, 1e-3)  # pruning never grows the size
+            target = budget - FIT_AIM[i if fit else 0] * (before - budget)
+            predict = lambda k: real[lo] + alpha * (proxy(k) - proxy(lo))  # noqa: E731  (non-increasing in k)
+            a, k = (lo, hi) if predict(hi) <= target else (hi - 1, hi)
+            while k - a > 1:  # bisect for the first k at or under the target
+                mid = (a + k) // 2
+                a, k = (a, mid) if predict(mid) <= target else (mid, k)
+            blob = compress_payload(serialize(pruned(q, order, k)), codec)[0]
+            real[k] = len(blob)
+            if len(blob) <= budget:
+                fit = (k, blob)
+                if budget - len(blob) <= max(FIT_TOLERANCE[0] * (before - budget), FIT_TOLERANCE[1] * budget):
+                    break
+        if fit is None:
+            why = "the model does not fit" if n_avail in real else f"no fit found in {FIT_PROBES} compressions"
+            raise RuntimeError(f"fit: zeroing up to FIT_MAX_PRUNE_FRACTION={max_fraction} of the int6 values "
+                               f"({n_avail}): {why}; bytes by pruned count {dict(sorted(real.items()))} > the model "
+                               f"budget {budget} ({codec}; unpruned {before} bytes); nothing was written")
+        k, blob = fit
+        st.update(pruned=k, e1=int6_rel_error(pruned(q, order, k), weights), probes=len(real) - 1)
+    st.update(after=len(blob), seconds=time.perf_counter() - t0, codec=codec)
+    return blob, codec, sizes, st
 
 
 def fit_line(st: dict) -> str:
-    return (f"fit budget:{st['budget']} before:{st['before']} after:{st['after']} pruned:{st['pruned']} of:{st['of']} "
-            f"rel_error:{st['e0']:.6f}->{st['e1']:.6f} time:{st['seconds']:.1f}s codec:{st['codec']} "
-            f"probes:{st['probes']}")
+    return ("fit budget:{budget} before:{before} after:{after} pruned:{pruned} of:{of} rel_error:{e0:.6f}->{e1:.6f} "
+            "time:{seconds:.1f}s codec:{codec} probes:{probes}").format(**st)
 
 
 def hessian_diagonals(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -1753,11 +1628,9 @@ def hessian_diagonals(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
     return {bank: H.diagonal(dim1=-2, dim2=-1) for bank, H in hessians.items()}
 
 
-def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path,
-                    hessian_diag: dict[str, Tensor] | None = None) -> tuple[int, str]:
-    """Rank 0 quantizes, compresses, fits the model budget and writes atomically; the others wait. A model that
-    cannot fit fails on every rank before anything is written."""
-    size, codec, err = 0, "", None
+def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> tuple[int, str]:
+    """Rank 0 quantizes, fits the model budget and writes atomically; a model that cannot fit fails every rank first."""
+    err = None
     if rt.is_main:
         code = shipped_code_bytes(Path(__file__))
         budget = model_budget_bytes(h, code)
@@ -1766,29 +1639,24 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path,
             budget = sys.maxsize
             log0("fit skipped: smoke run, not a submission")
         q = quantize_model(model, model.hessians, h.gptq_damp, h.gptq_block_size)
-        weights = {n: t for n, t in model.state_dict().items() if n in BANK_NAMES}
-        if hessian_diag is None and model.hessians:  # GPTQ's Hessians also rank the values that pruning removes
-            hessian_diag = hessian_diagonals(model.hessians)
+        hd = hessian_diagonals(model.hessians or {})  # GPTQ's Hessians also rank the values that pruning removes
         try:
-            blob, codec, sizes, st = fit_to_budget(q, weights, h.compressor, budget, h.fit_max_prune_fraction,
-                                                   hessian_diag)
+            blob, codec, sizes, st = fit_to_budget(q, model.state_dict(), h.compressor, budget,
+                                                   h.fit_max_prune_fraction, hd)
         except RuntimeError as e:
             err = e
             log0(f"ERROR: {e}")
-    if dist.is_initialized():  # doubles as the barrier: every rank learns whether rank 0 wrote an artifact
-        if all_reduce_(torch.tensor([float(err is not None)], device=rt.device)).item() and err is None:
-            err = RuntimeError("export failed on rank 0 (see its log)")
-    if err is not None:
-        raise err
+    # the all-reduce doubles as the barrier: every rank learns whether rank 0 can write an artifact
+    if dist.is_initialized() and all_reduce_(torch.tensor([float(err is not None)], device=rt.device)).item() or err:
+        raise err or RuntimeError("export failed on rank 0 (see its log)")
     if rt.is_main:
         write_atomic(path, blob)
-        size = len(blob)
         log0(f"compression raw:{st['raw']} " + " ".join(f"{k}:{v}" for k, v in sizes.items()) + f" chosen:{codec}")
         log0(fit_line(st))
-        log0(f"Serialized model int6+{codec}: {size} bytes")
+        log0(f"Serialized model int6+{codec}: {len(blob)} bytes")
     if dist.is_initialized():
         dist.barrier()
-    return size, codec
+    return (len(blob), codec) if rt.is_main else (0, "")
 
 
 # -----------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def bench_state(model: tg.GPT, shuffles) -> dict:
     shuffled = tg._shuffle_payload(raw, inverse=False)
     rows = []
     for c in tg.CODECS:
-        if not tg._codec_available(c):
+        if tg._codec(c) is None:
             rows.append(dict(codec=c, missing=True))
             continue
         comp, _ = tg._codec(c)

@@ -5,7 +5,7 @@
 
 OUT.py is one ASCII line:
 
-    exec(compile(__import__("lzma").decompress(__import__("base64").b85decode("...")ARGS),__file__,"exec"))
+    exec(compile(__import__("lzma").decompress(__import__("base64").b85decode("...")),__file__,"exec"))
 
 - compile(..., __file__, "exec") gives every code object the wrapper's real path as co_filename, so tracebacks
   name the shipped file with the original line numbers, and Numba's @njit(cache=True) finds a source file to key
@@ -17,9 +17,8 @@ OUT.py is one ASCII line:
   the wrapper, and traceback *lines* show the wrapper's text (file names and line numbers are right).
 
 The packing itself is train_gpt.pack_source (the run counts its own shipped bytes with it); this tool is its CLI.
-Several LZMA containers are tried at the strongest preset (xz without check, legacy .lzma "alone", raw LZMA2) over
-a small grid of literal/position bits; the shortest complete wrapper wins. Output is deterministic for a given
-liblzma.
+The legacy .lzma ("alone") container is used at the strongest preset (xz and raw LZMA2 were never shorter), over a
+small grid of literal/position bits; the shortest wins. Output is deterministic for a given liblzma.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ def pack_source(src_text: str | bytes, search: bool = True) -> str:
 
 def is_packed(text: str | bytes) -> bool:
     """True if `text` is a wrapper written by this tool."""
-    return tg.is_packed(_bytes(text))
+    return tg._PACK_RE.match(_bytes(text)) is not None
 
 
 def unpack_bytes(packed_text: str | bytes) -> bytes:
