@@ -18,8 +18,7 @@ import torch
 from conftest import ROOT, TINY, tiny
 import train_gpt as tg
 
-sys.path.insert(0, str(ROOT / "tools"))
-import pack  # noqa: E402
+import pack  # tools/, put on sys.path by conftest
 
 CPU = tg.Runtime.local()
 SRC = ROOT / "train_gpt.py"

@@ -15,7 +15,6 @@ import pytest
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 import make_submission as ms  # noqa: E402
 import pack  # noqa: E402
 import plot_log  # noqa: E402
