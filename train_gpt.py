@@ -1092,7 +1092,7 @@ class Muon:
     collective at launch: the same arithmetic in the same order, so the two modes agree bit for bit."""
 
     def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, steps: int, rt: Runtime, overlap: bool = True):
-        self.banks, self.base_lr, self.wd, self.steps, self.rt = banks, lr, wd, steps, rt
+        self.banks, self.wd, self.steps, self.rt = banks, wd, steps, rt
         self.lr, self.momentum, self.overlap = lr, 0.0, overlap
         # momentum of this rank's shard of each bank: ceil(slots / world) slots
         self.buf = [torch.zeros(-(-p.size(0) // rt.world_size), *p.shape[1:], device=p.device) for p in banks]
