@@ -795,18 +795,11 @@ def _quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 def int6_scales(w: Tensor) -> Tensor:
     """Per-row scales (..., R) of matrices (..., R, C); each matrix takes the candidate clip percentile whose
-    quantize-dequantize MSE is lowest."""
+    quantize-dequantize MSE is lowest (the first one on a tie)."""
     w = w.detach().float()
-    best_s, best_err = None, None
-    for clip in row_quantiles(w.abs(), INT6_CLIP_PERCENTILES):
-        s = _grid_scale(clip, INT6_MAX)
-        err = (_quant(w, s, INT6_MAX) * s.unsqueeze(-1) - w).square().sum(dim=(-2, -1))
-        if best_s is None:
-            best_s, best_err = s, err
-        else:
-            better = (err < best_err).unsqueeze(-1)
-            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
-    return best_s
+    s = torch.stack([_grid_scale(c, INT6_MAX) for c in row_quantiles(w.abs(), INT6_CLIP_PERCENTILES)])  # (P, ..., R)
+    err = torch.stack([(_quant(w, c, INT6_MAX) * c.unsqueeze(-1) - w).square().sum(dim=(-2, -1)) for c in s])
+    return s.gather(0, err.argmin(0)[None, ..., None].expand_as(s[:1]))[0]
 
 
 def int8_scales(w: Tensor) -> Tensor:
@@ -819,36 +812,40 @@ def _fake_quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
     return w + (wq.to(w.dtype) - w).detach()
 
 
-def _gptq_inverse_factor(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of H^-1 (batched), H damped by a fraction of its mean diagonal. A column with zero
-    diagonal (an input never active in calibration) gets the mean diagonal, so it is rounded alone. A
-    factorization that fails (singular H with little damping) is retried with 10x the damping."""
-    H = H.detach().float().clone()
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    mean = diag.mean(-1, keepdim=True)
-    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
-    diag.copy_(torch.where(diag > 0, diag, mean))
-    eye = torch.eye(H.size(-1), device=H.device, dtype=H.dtype)
-    for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(H + eye * (damp * mean)[..., None])
-        if not bool((info != 0).any()):
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-        damp = max(10 * damp, 1e-4)
-    raise ValueError(f"GPTQ: Hessian not positive definite even with damping {damp:g}")
+def fake_quant_int6(w: Tensor) -> Tensor:
+    return _fake_quant(w, int6_scales(w), INT6_MAX)
+
+
+def fake_quant_int8(w: Tensor) -> Tensor:
+    return _fake_quant(w, int8_scales(w), INT8_MAX)
 
 
 def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int, qmax: int = INT6_MAX) -> Tensor:
     """GPTQ on a fixed grid: codes (S, R, C) of matrices w (S, R, C) with input Hessians H (S, C, C) and per-row
     scales (S, R). Columns go in order of decreasing H diagonal (most active inputs first); each column is rounded
-    to the grid and its error, scaled by the Cholesky factor of H^-1, is pushed onto the columns not yet rounded
-    (lazily, per block of block_size columns), which minimizes ||(W - Q) X^T|| greedily. With H = I every column is
-    plain round-to-nearest: GPTQ only changes where the inputs are correlated."""
+    to the grid and its error, scaled by the upper Cholesky factor U of H^-1, is pushed onto the columns not yet
+    rounded (lazily, per block of block_size columns), which minimizes ||(W - Q) X^T|| greedily. With H = I every
+    column is plain round-to-nearest: GPTQ only changes where the inputs are correlated.
+    H is damped by damp x its mean diagonal; a zero diagonal (an input never active in calibration) gets the mean,
+    so that column is rounded alone; a factorization that fails (singular H, little damping) retries with 10x."""
     w, s = w.detach().float(), scale.float().unsqueeze(-1)
     S, R, C = w.shape
     perm = H.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
     W = w.gather(2, perm[:, None, :].expand(S, R, C)).clone()
-    Hp = H.gather(1, perm[:, :, None].expand(S, C, C)).gather(2, perm[:, None, :].expand(S, C, C))
-    U = _gptq_inverse_factor(Hp, damp)
+    Hp = H.detach().float().gather(1, perm[:, :, None].expand(S, C, C)).gather(2, perm[:, None, :].expand(S, C, C))
+    diag = Hp.diagonal(dim1=-2, dim2=-1)
+    mean = diag.mean(-1, keepdim=True)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+    diag.copy_(torch.where(diag > 0, diag, mean))
+    eye = torch.eye(C, device=Hp.device, dtype=Hp.dtype)
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(Hp + eye * (damp * mean)[..., None])
+        if not bool((info != 0).any()):
+            break
+        damp = max(10 * damp, 1e-4)
+    else:
+        raise ValueError(f"GPTQ: Hessian not positive definite even with damping {damp:g}")
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     Q = torch.zeros_like(W)
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
@@ -863,14 +860,6 @@ def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int
             E1[:, :, j:j + 1] = e
         W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
     return Q.gather(2, perm.argsort(dim=-1)[:, None, :].expand(S, R, C))
-
-
-def fake_quant_int6(w: Tensor) -> Tensor:
-    return _fake_quant(w, int6_scales(w), INT6_MAX)
-
-
-def fake_quant_int8(w: Tensor) -> Tensor:
-    return _fake_quant(w, int8_scales(w), INT8_MAX)
 
 
 # -----------------------------------------------------------------------------
@@ -893,55 +882,44 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    """Partial RoPE on the first rope_dims of each head (half-split pairs). Built for length 1024, the base is
-    rescaled NTK-style for longer inputs: base * (T/1024)^(d/(d-2)), as in the record."""
+def rotary_cos_sin(T: int, d: int, base: float, device, train_len: int = 1024) -> tuple[Tensor, Tensor]:
+    """Partial RoPE tables (1, T, 1, d/2) for the first d dims of each head (half-split pairs). Built for length
+    1024, the base is rescaled NTK-style for longer inputs: base * (T/1024)^(d/(d-2)), as in the record."""
+    if T > train_len:
+        base = base * (T / train_len) ** (d / (d - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
-    def __init__(self, rope_dims: int, base: float, train_len: int = 1024):
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    d2 = cos.size(-1)
+    x1, x2, rest = x[..., :d2], x[..., d2:2 * d2], x[..., 2 * d2:]
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
+
+
+class ProjectedEmbedding(nn.Module):
+    """A table lookup projected to out_dim and scaled: the value embeddings (normal init), or with hashed=True the
+    bigram hash, a pure input feature that starts at zero and looks up (previous, current) token pairs hashed into
+    rows - 1 buckets (the first position, which has no previous token, takes the last row)."""
+
+    def __init__(self, rows: int, dim: int, out_dim: int, scale: float, hashed: bool = False):
         super().__init__()
-        self.rope_dims, self.base, self.train_len = rope_dims, base, train_len
-
-    def cos_sin(self, T: int, device) -> tuple[Tensor, Tensor]:
-        d = self.rope_dims
-        base = self.base * (T / self.train_len) ** (d / (d - 2)) if T > self.train_len else self.base
-        inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
-        freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, d/2)
-
-    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        d2 = self.rope_dims // 2
-        x1, x2, rest = x[..., :d2], x[..., d2:2 * d2], x[..., 2 * d2:]
-        c, s = cos.to(x.dtype), sin.to(x.dtype)
-        return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
-
-
-class BigramHash(nn.Module):
-    """Hashed (previous, current) token pair embedding: a pure input feature."""
-
-    def __init__(self, buckets: int, dim: int, model_dim: int):
-        super().__init__()
-        self.buckets = buckets
-        self.embed = nn.Embedding(buckets, dim)
-        self.proj = nn.Linear(dim, model_dim, bias=False)
-        self.scale = nn.Parameter(torch.tensor(0.05))
-        nn.init.zeros_(self.embed.weight)
+        self.hashed = hashed
+        self.embed = nn.Embedding(rows, dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(scale))
+        if hashed:
+            nn.init.zeros_(self.embed.weight)
+        else:
+            nn.init.normal_(self.embed.weight, std=0.01)
 
     def forward(self, ids: Tensor, table: Tensor) -> Tensor:
-        t = ids.to(torch.int32)
-        h = torch.bitwise_xor(BIGRAM_MULTS[0] * t[:, 1:], BIGRAM_MULTS[1] * t[:, :-1]) % (self.buckets - 1)
-        h = torch.cat((torch.full_like(t[:, :1], self.buckets - 1), h), dim=1)
-        return self.proj(F.embedding(h.long(), table)) * self.scale
-
-
-class ValueEmbedding(nn.Module):
-    def __init__(self, vocab: int, dim: int, kv_dim: int):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.proj = nn.Linear(dim, kv_dim, bias=False)
-        self.scale = nn.Parameter(torch.tensor(0.1))
-        nn.init.normal_(self.embed.weight, std=0.01)
-
-    def forward(self, ids: Tensor, table: Tensor) -> Tensor:
+        if self.hashed:
+            n, t = table.size(0), ids.to(torch.int32)
+            pair = torch.bitwise_xor(BIGRAM_MULTS[0] * t[:, 1:], BIGRAM_MULTS[1] * t[:, :-1]) % (n - 1)
+            ids = torch.cat((torch.full_like(t[:, :1], n - 1), pair), dim=1).long()
         return self.proj(F.embedding(ids, table)) * self.scale
 
 
@@ -965,10 +943,11 @@ class GPT(nn.Module):
         L, d, H, KV = h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads
         self.L, self.H, self.KV, self.hd = L, H, KV, d // H
         kv_dim, hidden = KV * self.hd, int(h.mlp_mult * d)
-        self.softcap = h.logit_softcap
+        self.softcap, self.rope_dims, self.rope_base = h.logit_softcap, h.rope_dims, h.rope_base
         self.attend = attention_kernel(h.attn_backend)
         self.tok_emb = nn.Embedding(h.vocab_size, d)
-        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size > 0 else None
+        self.bigram = (ProjectedEmbedding(h.bigram_vocab_size, h.bigram_dim, d, 0.05, hashed=True)
+                       if h.bigram_vocab_size > 0 else None)
         self.smear = nn.Parameter(torch.zeros(d))
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))  # Q of layers 0..L-1, then output projections
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))  # K, then V
@@ -978,34 +957,26 @@ class GPT(nn.Module):
         self.n_enc = L // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), d))
         self.ve_layers = {layer: j for j, layer in enumerate(h.ve_layer_list)}
-        self.ve = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if self.ve_layers else None
+        self.ve = ProjectedEmbedding(h.vocab_size, h.ve_dim, kv_dim, 0.1) if self.ve_layers else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
-        self.rotary = Rotary(h.rope_dims, h.rope_base)
         self.tap = None  # fn(site, layer, x), set only while GPTQ collects the bank inputs (BANK_INPUTS sites)
         self.hessians = None  # {bank: (slots, C, C)} from that collection; the export quantizes with them
-        self._init_weights(h)
-
-    @torch.no_grad()
-    def _init_weights(self, h: Hyperparameters) -> None:
-        L = self.L
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-        for bank, slots in ((self.qo_bank, range(L)), (self.kv_bank, range(2 * L)), (self.mlp_up_bank, range(L))):
-            for s in slots:
-                nn.init.orthogonal_(bank[s])
-        self.qo_bank[L:].zero_()  # output projections start at zero (x 1/sqrt(2L) keeps them zero)
-        self.mlp_down_bank.zero_()
-        for m in (self.bigram, self.ve):
-            if m is not None:
-                nn.init.orthogonal_(m.proj.weight)
+        with torch.no_grad():
+            nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+            for bank, slots in ((self.qo_bank, range(L)), (self.kv_bank, range(2 * L)), (self.mlp_up_bank, range(L))):
+                for s in slots:
+                    nn.init.orthogonal_(bank[s])
+            self.qo_bank[L:].zero_()  # output projections start at zero (x 1/sqrt(2L) keeps them zero)
+            self.mlp_down_bank.zero_()
+            for m in (self.bigram, self.ve):
+                if m is not None:
+                    nn.init.orthogonal_(m.proj.weight)
 
     def qat_tensors(self) -> dict[str, Tensor]:
-        """The tensors that QAT fake-quantizes: int6 banks and int8 embedding tables."""
-        out = {n: getattr(self, n) for n in BANK_NAMES}
-        out["tok_emb.weight"] = self.tok_emb.weight
-        for name, m in (("bigram", self.bigram), ("ve", self.ve)):
-            if m is not None:
-                out[f"{name}.embed.weight"] = m.embed.weight
-        return out
+        """The tensors that QAT fake-quantizes: int6 banks and int8 embedding tables (TOKEN_PARAM_NAMES)."""
+        tables = [self.tok_emb] + [m.embed if m is not None else None for m in (self.bigram, self.ve)]
+        return {**{n: getattr(self, n) for n in BANK_NAMES},
+                **{n: m.weight for n, m in zip(TOKEN_PARAM_NAMES, tables) if m is not None}}
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, qat: bool = False) -> Tensor:
         """Logits (B, T, V) in fp32 after the softcap, or the mean cross-entropy when targets are given."""
@@ -1019,12 +990,17 @@ class GPT(nn.Module):
         x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))  # SmearGate: mix in the previous position
         x0 = x
         ve = self.ve(ids, w["ve.embed.weight"]) if self.ve is not None else None
-        cos, sin = self.rotary.cos_sin(ids.size(1), ids.device)
+        cos, sin = rotary_cos_sin(ids.size(1), self.rope_dims, self.rope_base, ids.device)
         skips = []
         for i, blk in enumerate(self.blocks):
-            if i >= self.n_enc and skips:
+            if i >= self.n_enc and skips:  # U-Net skips: encoder outputs in reverse order
                 x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
-            x = self._block(i, blk, x, x0, w, ve, cos, sin)
+            mix = blk.resid_mix.to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
+            x = x + blk.attn_scale.to(x.dtype) * self._attn(i, blk, rms_norm(x) * blk.ln_factor, w, ve, cos, sin)
+            up = F.linear(self._tap("mlp_in", i, rms_norm(x) * blk.ln_factor), w["mlp_up_bank"][i].to(x.dtype))
+            act = self._tap("mlp_act", i, F.leaky_relu(up, 0.5).square())
+            x = x + blk.mlp_scale.to(x.dtype) * F.linear(act, w["mlp_down_bank"][i].to(x.dtype))
             if i < self.n_enc:
                 skips.append(x)
         logits = F.linear(rms_norm(x), w["tok_emb.weight"].to(x.dtype)).float()
@@ -1032,14 +1008,6 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-    def _block(self, i: int, blk: Block, x: Tensor, x0: Tensor, w: dict, ve, cos, sin) -> Tensor:
-        mix = blk.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + blk.attn_scale.to(x.dtype) * self._attn(i, blk, rms_norm(x) * blk.ln_factor, w, ve, cos, sin)
-        up = F.linear(self._tap("mlp_in", i, rms_norm(x) * blk.ln_factor), w["mlp_up_bank"][i].to(x.dtype))
-        mlp = F.linear(self._tap("mlp_act", i, F.leaky_relu(up, 0.5).square()), w["mlp_down_bank"][i].to(x.dtype))
-        return x + blk.mlp_scale.to(x.dtype) * mlp
 
     def _tap(self, site: str, i: int, x: Tensor) -> Tensor:
         if self.tap is not None:
@@ -1056,8 +1024,8 @@ class GPT(nn.Module):
         if ve is not None and i in self.ve_layers:
             v = v + ve.to(x.dtype) * self.ve_layer_scales[self.ve_layers[i]].to(x.dtype)
         v = v.view(B, T, KV, hd)
-        q = self.rotary.apply(rms_norm(q), cos, sin) * blk.q_gain.to(x.dtype)[None, None, :, None]
-        k = self.rotary.apply(rms_norm(k), cos, sin)
+        q = apply_rotary(rms_norm(q), cos, sin) * blk.q_gain.to(x.dtype)[None, None, :, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
         y = self.attend(q, k, v)  # (B, T, H, hd)
         if blk.xsa:  # remove each head's component along its own value direction
             yg = y.view(B, T, KV, H // KV, hd)
@@ -1066,8 +1034,7 @@ class GPT(nn.Module):
         return F.linear(self._tap("attn_out", i, y.reshape(B, T, H * hd)), w["qo_bank"][L + i].to(x.dtype))
 
 
-def build_model(h: Hyperparameters) -> GPT:
-    return GPT(h)
+build_model = GPT  # the name the rest of the script, the tests and the tools build the model by
 
 
 # -----------------------------------------------------------------------------
@@ -1121,75 +1088,64 @@ class Muon:
     collective at launch: the same arithmetic in the same order, so the two modes agree bit for bit."""
 
     def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, steps: int, rt: Runtime, overlap: bool = True):
-        self.banks, self.base_lr, self.wd, self.steps, self.rt = banks, lr, wd, steps, rt
+        self.banks, self.wd, self.steps, self.rt = banks, wd, steps, rt
         self.lr, self.momentum, self.overlap = lr, 0.0, overlap
-        self.shard = {id(p): -(-p.size(0) // rt.world_size) for p in banks}
-        self.buf = {id(p): torch.zeros(self.shard[id(p)], *p.shape[1:], device=p.device) for p in banks}
+        # momentum of this rank's shard of each bank: ceil(slots / world) slots
+        self.buf = [torch.zeros(-(-p.size(0) // rt.world_size), *p.shape[1:], device=p.device) for p in banks]
         self.order = sorted(range(len(banks)), key=lambda i: -banks[i].numel())  # biggest first
 
     def launch_reduce(self) -> list:
-        """Start averaging every bank gradient (reduce-scatter, biggest bank first); returns the pending shards."""
-        pending, world = [None] * len(self.banks), self.rt.world_size
+        """Start averaging every bank gradient (reduce-scatter, biggest bank first); returns the pending
+        (shard, work) of each bank."""
+        world = self.rt.world_size
+        if world == 1:
+            return [(p.grad, None) for p in self.banks]
+        pending = [None] * len(self.banks)
         for i in self.order:
-            p = self.banks[i]
-            if world == 1:
-                pending[i] = (p.grad, None)
-                continue
-            n = self.shard[id(p)]
-            g = torch.zeros(n * world, *p.shape[1:], device=p.device, dtype=p.grad.dtype)
-            g[:p.size(0)] = p.grad
-            out = torch.empty(n, *p.shape[1:], device=p.device, dtype=g.dtype)
+            p, n = self.banks[i], self.buf[i].size(0)
+            g = F.pad(p.grad, (0, 0, 0, 0, 0, n * world - p.size(0)))  # zero-padded to world x shard slots
+            out = g.new_empty(n, *p.shape[1:])
             pending[i] = (out, _collective(dist.reduce_scatter_tensor, out, g, wait=not self.overlap))
         return pending
 
     def finish_reduce(self, pending: list, norms: bool) -> tuple[list[Tensor], list[Tensor]]:
         """This rank's averaged shard of each bank (world 1: the whole bank), waited for in launch order, and each
         shard's float32 sum of squares when norms is set (computed as it lands, under the later transfers)."""
-        shards, sq = [None] * len(self.banks), [None] * len(self.banks)
+        sq = [None] * len(self.banks)
         for i in self.order:
             out, work = pending[i]
             if work is not None:
                 work.wait()
                 out.div_(self.rt.world_size)
-            shards[i] = out
             if norms:
                 sq[i] = out.float().pow(2).sum()
-        return shards, sq
+        return [out for out, _ in pending], sq
 
     @torch.no_grad()
     def step(self, shards: list[Tensor], under_first_gather=None) -> None:
         """Orthogonalize each shard, biggest bank first; bank i's update lands after bank i+1's Newton-Schulz.
         under_first_gather (e.g. the AdamW step) runs while the first all-gather is in flight."""
-        prev = None
+        world, updates = self.rt.world_size, []  # (bank, update, its all-gather or None)
         for j, i in enumerate(self.order):
-            p, g = self.banks[i], shards[i]
-            buf = self.buf[id(p)]
+            p, g, buf = self.banks[i], shards[i], self.buf[i]
             buf.mul_(self.momentum).add_(g)
             u = zeropower_via_newtonschulz5(g.add(buf, alpha=self.momentum), self.steps)
             u = u * math.sqrt(max(1.0, p.size(1) / p.size(2)))
-            cur = (p, u, None)
-            if self.rt.world_size > 1:
-                full = torch.empty(u.size(0) * self.rt.world_size, *u.shape[1:], device=u.device, dtype=u.dtype)
-                cur = (p, full, _collective(dist.all_gather_into_tensor, full, u.contiguous(), wait=not self.overlap))
+            full, work = u, None
+            if world > 1:
+                full = u.new_empty(u.size(0) * world, *u.shape[1:])
+                work = _collective(dist.all_gather_into_tensor, full, u.contiguous(), wait=not self.overlap)
+            updates.append((p, full, work))
             if j == 0 and under_first_gather is not None:
                 under_first_gather()
-            if prev is not None:
-                self._apply(*prev)
-            prev = cur
-        if prev is not None:
-            self._apply(*prev)
+            if j > 0:
+                self._apply(*updates[j - 1])
+        self._apply(*updates[-1])
 
     def _apply(self, p: nn.Parameter, u: Tensor, work) -> None:
         if work is not None:
             work.wait()
         p.mul_(1 - self.lr * self.wd).sub_(u[:p.size(0)].to(p.dtype), alpha=self.lr)
-
-    def state_dict(self) -> dict:
-        return {k: v.clone() for k, v in self.buf.items()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for k, v in sd.items():
-            self.buf[k].copy_(v)
 
 
 class Optimizers:
@@ -1203,11 +1159,10 @@ class Optimizers:
         scalar = [p for n, p in named.items() if n not in TOKEN_PARAM_NAMES and n not in BANK_NAMES]
         self.replicated = token + scalar
         self.muon = Muon(self.banks, h.matrix_lr, h.muon_wd, h.muon_backend_steps, rt, overlap)
-        kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd)
-        if rt.device.type == "cuda":
-            kw["fused"] = True
         self.adam = torch.optim.AdamW([dict(params=token, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr),
-                                       dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)], **kw)
+                                       dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)],
+                                      betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
+                                      fused=(rt.device.type == "cuda") or None)
 
     def set_schedule(self, step: int, lr_mult: float) -> None:
         frac = min(step / self.h.muon_momentum_warmup_steps, 1.0) if self.h.muon_momentum_warmup_steps > 0 else 1.0
@@ -1249,11 +1204,12 @@ class Optimizers:
             p.grad = None
 
     def state_dict(self) -> dict:
-        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": self.muon.state_dict()}
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": [b.clone() for b in self.muon.buf]}
 
     def load_state_dict(self, sd: dict) -> None:
         self.adam.load_state_dict(sd["adam"])
-        self.muon.load_state_dict(sd["muon"])
+        for b, v in zip(self.muon.buf, sd["muon"]):
+            b.copy_(v)
 
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
