@@ -1267,8 +1267,9 @@ def serialize(q: dict) -> bytes:
     passthrough): compressors see homogeneous streams, and byte-shuffling splits the fp16 ones into byte planes."""
     entries = [dict(name=name, kind=kind, shape=list(a.shape), **({"dtype": b} if kind == "fp16" else {}))
                for name, (kind, a, b) in q.items()]
-    body = {sec: b"".join((b if sec == "s" else a).numpy().tobytes() for kind, a, b in q.values()
-                          if (kind == "fp16") == (sec == "f")) for sec in "qsf"}  # codes, scales of int6/int8; fp16
+    coded, plain = [e for e in q.values() if e[0] != "fp16"], [e for e in q.values() if e[0] == "fp16"]
+    body = dict(q=b"".join(a.numpy().tobytes() for _, a, _ in coded),
+                s=b"".join(s.numpy().tobytes() for *_, s in coded), f=b"".join(a.numpy().tobytes() for _, a, _ in plain))
     header = json.dumps(dict(entries=entries, sizes={k: len(v) for k, v in body.items()})).encode()
     return PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + b"".join(body.values())
 
@@ -1602,8 +1603,10 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
         except RuntimeError as e:
             err = e
             log0(f"ERROR: {e}")
-    # the all-reduce doubles as the barrier: every rank learns whether rank 0 can write an artifact
-    if dist.is_initialized() and all_reduce_(torch.tensor([float(err is not None)], device=rt.device)).item() or err:
+    failed = err is not None
+    if dist.is_initialized():  # the all-reduce doubles as a barrier: every rank learns whether rank 0 can write
+        failed = bool(all_reduce_(torch.tensor([float(failed)], device=rt.device)).item())
+    if failed:
         raise err or RuntimeError("export failed on rank 0 (see its log)")
     if rt.is_main:
         write_atomic(path, blob)
