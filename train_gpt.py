@@ -1888,8 +1888,8 @@ class OnlineBias:
         self.r_last, self.p_last, self.depends_on_init = self.init.clone(), None, True
 
     def biases(self, x: Tensor, p: Tensor) -> Tensor:
-        """Bias rows (n, V) for consecutive positions with inputs x (n,) and neural probabilities p (n, V). One
-        in-place cumulative sum per document segment (a BOS starts one): no (n, V) one-hot, gather or select."""
+        """Bias rows (n, V) for consecutive positions with inputs x (n,) and neural probabilities p (n, V): one
+        in-place cumulative sum per document segment (a BOS starts one), no (n, V) one-hot, gather or select."""
         n = x.numel()
         g = torch.empty(n, self.V, dtype=torch.float64, device=p.device)
         g[1:] = p[:-1]
@@ -1897,52 +1897,41 @@ class OnlineBias:
             g[0] = self.p_last
         g.mul_(-self.lr)
         g[torch.arange(n, device=x.device), x.long()] += self.lr
-        if self.p_last is None:
-            g[0] = 0  # the rank's first position starts from the carry; no predecessor term
         resets = torch.nonzero(x == BOS_ID).flatten().tolist()
-        carried = not resets or resets[0] > 0  # positions before the first BOS continue from the carry
-        starts = [0] * carried + resets
-        for a, b in zip(starts, starts[1:] + [n]):
-            seg = g[a:b]
-            if carried and a == 0:
-                seg[0] += self.r_last
-            else:
-                seg[0] = 0  # r = 0 at a BOS
-            seg.cumsum_(0)
+        g[resets + [0] * (self.p_last is None)] = 0  # r = 0 at a BOS; a rank's first position has no p before it
+        if not resets or resets[0] > 0:  # positions before the first BOS continue from the carry
+            g[0] += self.r_last
+        for a, b in zip([0] + resets, resets + [n]):
+            g[a:b].cumsum_(0)
         self.depends_on_init = self.depends_on_init and not resets
         self.r_last, self.p_last = g[-1].clone(), p[-1].double()
         return g.float()
 
     def update(self, scored: "ScoredChunk") -> None:
-        """Advance the committed carry to the next chunk's first position, composing ranks in order."""
-        if self.p_last is not None:
-            y_last = scored.targets[-1:]
+        """Advance the committed carry to the next chunk's first position, composing ranks in order: each sends
+        its r there, less the carry it started from while it still depends on it, and whether it does."""
+        delta, dep = torch.zeros_like(self.carry), self.p_last is None  # no positions: pass the carry through
+        y_last = scored.targets[-1:]
+        if self.p_last is not None and bool(y_last[0] != BOS_ID):  # else the next position starts a document
+            dep = self.depends_on_init
             step = self.lr * (F.one_hot(y_last.long(), self.V)[0].double() - self.p_last)
-            r_next = torch.zeros_like(self.r_last) if bool(y_last[0] == BOS_ID) else self.r_last + step
-            dep = self.depends_on_init and not bool(y_last[0] == BOS_ID)
-        else:
-            r_next, dep = self.init.clone(), True
-        flag = torch.tensor([float(dep)], device=self.device, dtype=torch.float64)
-        summary = torch.cat((r_next - (self.init if dep else 0), flag))
+            delta = self.r_last + step - (self.init if dep else 0)
+        summary = torch.cat((delta, torch.tensor([float(dep)], device=self.device, dtype=torch.float64)))
         parts = [summary]
         if dist.is_initialized():
             parts = [torch.empty_like(summary) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, summary)
-        r = self.carry
         for s in parts:
-            r = r + s[:-1] if s[-1] > 0 else s[:-1]
-        self.carry = r
+            self.carry = self.carry + s[:-1] if s[-1] > 0 else s[:-1]
 
 
 class HedgeMixer:
-    """Online multiplicative weights over normalized experts: p_mix = sum_k w_k p_k is scored; after a chunk
-    is scored, w_k <- w_k exp(-eta * mean loss_k over the chunk), renormalized. Losses are all-reduced, so the
-    weights are identical on every rank.
-
-    Bound: since p_mix >= w_k p_k for every k, each token's loss obeys -log p_mix <= -log p_k + log(1/w_k), with
-    w_k the weight when the token is scored. Summed over the pass, the mixture loses to any expert k (the plain
-    neural one included, which is why it is in the pool) by at most sum_chunks n_c log(1/w_k,c): log K per token
-    in the first chunk, ~0 once Hedge has settled on k."""
+    """Online multiplicative weights over normalized experts: p_mix = sum_k w_k p_k is scored; after a chunk is
+    scored, w_k <- w_k exp(-eta * mean loss_k over the chunk), renormalized (losses all-reduced: the same weights on
+    every rank). Bound: since p_mix >= w_k p_k, each token's loss is -log p_mix <= -log p_k + log(1/w_k), w_k the
+    weight it is scored with. Over the pass the mixture loses to any expert k (the plain neural one included, which
+    is why it is in the pool) by at most sum_chunks n_c log(1/w_k,c): log K per token in the first chunk, ~0 once
+    Hedge has settled on k."""
 
     def __init__(self, n_experts: int, eta: float, device):
         self.eta = eta
@@ -1957,7 +1946,7 @@ class HedgeMixer:
         return out
 
     def update(self, scored: "ScoredChunk") -> None:
-        sums = all_reduce_(torch.cat((scored.expert_nll, scored.n_tokens.view(1))))
+        sums = all_reduce_(torch.cat((scored.expert_nll, scored.expert_nll.new_tensor([scored.targets.numel()]))))
         self.log_w = self.log_w - self.eta * sums[:-1] / sums[-1].clamp(min=1)
         self.log_w = self.log_w - torch.logsumexp(self.log_w, 0)
 
@@ -1969,64 +1958,72 @@ class ScoredChunk:
     n_chunks: int
     lo: int  # scored positions [lo, hi), all ranks together
     hi: int
-    is_last: bool
     targets: Tensor  # this rank's targets, in position order
     stream: Tensor  # val[lo:hi+1]: the chunk's inputs and its (now scored) targets, the only tokens TTT sees
     expert_nll: Tensor  # (experts,) float64 sums over this rank's positions
-    n_tokens: Tensor
 
 
 class Experts:
-    """Turns neural logits into the scored distributions. Sees inputs and logits, never targets.
-
-    Tracks: neural = softmax(z); neural+bias = softmax(z + r); neural+bias+ngram = softmax(z + r + beta_1 b);
-    mixture = Hedge over the pool [neural, neural+bias, softmax(z + r + beta_j b) for each beta]. The plain
-    neural expert is in the pool so that a harmful bias or n-gram boost is mixed away (HedgeMixer's bound). Every
-    track is a full distribution over the vocabulary; b scatters beta-free log-count boosts of the prefix-only
-    candidates."""
+    """Neural logits z -> the scored distributions, from inputs and logits only (never targets), each a full
+    distribution over the vocabulary. Tracks: neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram
+    = softmax(z + r + beta_1 b) (b: beta-free log-count boosts of the prefix-only n-gram candidates), mixture =
+    Hedge over the pool [neural, neural+bias, softmax(z + r + beta_j b) per beta]. Neural is in the pool so that a
+    harmful bias or n-gram boost is mixed away (HedgeMixer's bound)."""
 
     def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None):
         self.bias, self.cands, self.hedge = bias, cands, hedge
         self.betas = h.ngram_beta_list if cands is not None else ()
-        names = ["neural"] + (["neural+bias"] if bias else []) + (["neural+bias+ngram"] if self.betas else [])
-        self.tracks = names + (["mixture"] if hedge else [])
-        self.final = self.tracks[-1]
+        self.tracks = (["neural"] + ["neural+bias"] * (bias is not None) + ["neural+bias+ngram"] * bool(self.betas)
+                       + ["mixture"] * (hedge is not None))
         self.n_experts = self.pool_size(bias is not None, len(self.betas))
 
     @staticmethod
     def pool_size(has_bias: bool, n_betas: int) -> int:
-        """Hedge's pool: neural, neural+bias (with a bias), one n-gram expert per beta."""
         return 1 + int(has_bias) + n_betas
 
+    @property
+    def pool(self) -> list[str]:
+        """Hedge's pool, in log_probs' order: neural, neural+bias (with a bias), one n-gram expert per beta."""
+        return ["neural"] + ["neural+bias"] * (self.bias is not None) + [f"ngram beta:{b}" for b in self.betas]
+
     def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
-        lp_neural = logits.log_softmax(-1)
-        out = {"neural": lp_neural}
-        z = logits
+        experts, z = [logits.log_softmax(-1)], logits
         if self.bias is not None:
-            z = logits + self.bias.biases(x, lp_neural.exp())
-            out["neural+bias"] = z.log_softmax(-1)
-        experts = [lp_neural] + ([out["neural+bias"]] if self.bias is not None else [])
+            z = logits + self.bias.biases(x, experts[0].exp())
+            experts.append(z.log_softmax(-1))
         if self.betas:
             tok, logc = (torch.from_numpy(a[(pos + 1).cpu().numpy()]).to(logits.device) for a in self.cands)
             boost = torch.zeros_like(logits).scatter_add_(1, tok.long().clamp(min=0), logc * (tok >= 0))
-            first = len(experts)
             experts += [(z + beta * boost).log_softmax(-1) for beta in self.betas]
-            out["neural+bias+ngram"] = experts[first]
+        out = dict(zip([t for t in self.tracks if t != "mixture"], experts))  # neural+bias+ngram: the first beta
         if self.hedge is not None:
             out["mixture"] = self.hedge.mix(experts)
         return out, experts
 
 
-class TestTimeTrainer:
+class FixedScorer:
+    """A scorer whose model never changes: plain and sliding evaluation, or the pass with TTT off."""
+    epochs = 0
+
+    def __init__(self, fwd):
+        self.score_fn = fwd
+
+    def current(self):
+        """The model that scores the next chunk."""
+        return self.score_fn
+
+    def update(self, scored: ScoredChunk) -> None:
+        pass
+
+
+class TestTimeTrainer(FixedScorer):
     """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last
     chunk), so chunk c is scored by weights adapted on chunks < c only. Frozen blocks' bank slices are zeroed
     before the clip, so they neither move nor shrink the clip of the trained ones; the per-slice LR multipliers
-    are applied after it (equivalent for SGD+momentum without weight decay).
-
-    With Polyak on, an averaged copy does the scoring, bias-corrected as Adam's moments: avg_t = avg_{t-1} +
-    a_t (theta_t - avg_{t-1}), a_t = (1 - d) / (1 - d^t), the d-weighted mean of the trained iterates alone. With
-    t << 1/(1-d) updates (the CPU pass: ~30) a plain EMA would still hold ~94% of the start weights; with t >>
-    1/(1-d) (the record: ~5,700) a_t -> 1-d, the plain EMA. `fwd` is the compiled `model` (one compilation)."""
+    are applied after it (equivalent for SGD+momentum without weight decay). With Polyak on, an averaged copy
+    scores, bias-corrected as Adam's moments: avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}), a_t = (1 - d) /
+    (1 - d^t), the d-weighted mean of the trained iterates alone; a plain EMA (a_t = 1 - d, the limit for t >>
+    1/(1-d)) would still hold ~94% of the start weights after the CPU pass's ~30 updates."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, fwd, compile_fn):
         self.h, self.rt, self.model, self.train_fn = h, rt, model, fwd
@@ -2037,32 +2034,26 @@ class TestTimeTrainer:
                    "mlp_up_bank": (0, h.ttt_fc_lr_mult)}  # (first slot, LR multiplier): O, MLP down, MLP up
         self.keep, self.lr_mult = {}, {}
         for n in BANK_NAMES:
-            bank = getattr(model, n)
-            keep = torch.ones(bank.size(0), device=rt.device)
-            keep.view(-1, L)[:, :nf] = 0  # slot s belongs to block s % L (Q|O and K|V hold two slots per block)
-            first, m = boosted.get(n, (0, 1.0))
-            mult = torch.ones_like(keep)
-            mult[first:] = m
-            self.keep[bank], self.lr_mult[bank] = keep.view(-1, 1, 1), mult.view(-1, 1, 1)
+            bank, (first, m) = getattr(model, n), boosted.get(n, (0, 1.0))
+            slot = torch.arange(bank.size(0), device=rt.device).view(-1, 1, 1)  # block s % L's (Q|O, K|V: 2 a block)
+            self.keep[bank], self.lr_mult[bank] = (slot % L >= nf).float(), torch.where(slot >= first, m, 1.0)
         self.params = [p for p in model.parameters() if p.requires_grad]
         for p in self.params:  # a rank with no sequences in a chunk still joins the all-reduce with zeros
             p.grad = torch.zeros_like(p)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-        self.epochs = h.ttt_epochs  # the eval budget guard may lower it for the remaining chunks
-        self.avg, self.n_updates = None, 0
-        if h.ttt_polyak_decay > 0:
-            self.avg = copy.deepcopy(model).requires_grad_(False)
-            self.avg_fn = compile_fn(self.avg)
-
-    def current(self):
-        """The model that scores the next chunk."""
-        return self.avg_fn if self.avg is not None else self.train_fn
+        self.epochs, self.n_updates = h.ttt_epochs, 0  # the eval budget guard may lower epochs for the chunks left
+        self.avg = copy.deepcopy(model).requires_grad_(False) if h.ttt_polyak_decay > 0 else None
+        self.score_fn = fwd if self.avg is None else compile_fn(self.avg)
 
     def update(self, scored: ScoredChunk) -> None:
-        h, rt = self.h, self.rt
-        if scored.index == 0:
-            self._log_plan(scored.n_chunks)
-        if scored.is_last or self.epochs == 0:
+        h, rt, n_chunks = self.h, self.rt, scored.n_chunks
+        if scored.index == 0:  # the planned updates, and the start weights' share of the final averaged copy
+            d, n, bc = h.ttt_polyak_decay, (n_chunks - 1) * h.ttt_epochs, h.ttt_polyak_bias_correct
+            avg = "polyak:off" if self.avg is None else (f"polyak_decay:{d} bias_corrected:{int(bc)} "
+                                                         f"start_weight:{float(n == 0) if bc else d ** n:.4f}")
+            avg += f" final_rate:{self.polyak_rate(d, n, bc):.4f}" if self.avg is not None and n > 0 else ""
+            log0(f"ttt lr:{h.ttt_lr} epochs:{h.ttt_epochs} chunks:{n_chunks} planned_updates:{n} {avg}")
+        if scored.index == n_chunks - 1 or self.epochs == 0:
             return
         n_seq = max((scored.hi - scored.lo) // h.eval_seq_len, 1)
         T = min(h.eval_seq_len, scored.hi - scored.lo)
@@ -2070,7 +2061,7 @@ class TestTimeTrainer:
         mine = slice(rt.rank * n_seq // rt.world_size, (rt.rank + 1) * n_seq // rt.world_size)
         x, y = (s.view(n_seq, T)[mine].to(rt.device) for s in (seqs[:-1], seqs[1:]))
         for group in self.opt.param_groups:
-            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * scored.index / max(scored.n_chunks - 1, 1)))
+            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * scored.index / max(n_chunks - 1, 1)))
         self.model.train()
         for _ in range(self.epochs):
             self._step(x, y, n_seq * T)
@@ -2094,36 +2085,13 @@ class TestTimeTrainer:
         self.n_updates += 1
         if self.avg is not None:
             rate = self.polyak_rate(self.h.ttt_polyak_decay, self.n_updates, self.h.ttt_polyak_bias_correct)
-            with torch.no_grad():
-                for pa, p in zip(self.avg.parameters(), self.model.parameters()):
-                    pa.lerp_(p.detach(), rate)
+            for pa, p in zip(self.avg.parameters(), self.model.parameters()):  # avg: no grad, so no graph
+                pa.lerp_(p.detach(), rate)
 
     @staticmethod
     def polyak_rate(decay: float, t: int, bias_correct: bool = True) -> float:
         """a_t after update t >= 1: bias-corrected (1 at t = 1), else the plain EMA's constant 1 - d."""
         return (1 - decay) / (1 - decay ** t) if bias_correct else 1 - decay
-
-    def _log_plan(self, n_chunks: int) -> None:
-        """The planned updates, and the start weights' share of the final averaged copy."""
-        d, n, bc = self.h.ttt_polyak_decay, (n_chunks - 1) * self.h.ttt_epochs, self.h.ttt_polyak_bias_correct
-        avg = "polyak:off" if self.avg is None else (f"polyak_decay:{d} bias_corrected:{int(bc)} "
-                                                     f"start_weight:{float(n == 0) if bc else d ** n:.4f}")
-        avg += f" final_rate:{self.polyak_rate(d, n, bc):.4f}" if self.avg is not None and n > 0 else ""
-        log0(f"ttt lr:{self.h.ttt_lr} epochs:{self.h.ttt_epochs} chunks:{n_chunks} planned_updates:{n} {avg}")
-
-
-class FixedScorer:
-    """A scorer whose model never changes: plain and sliding evaluation, or the pass with TTT off."""
-    epochs = 0
-
-    def __init__(self, fwd):
-        self.fwd = fwd
-
-    def current(self):
-        return self.fwd
-
-    def update(self, scored: ScoredChunk) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -2144,11 +2112,7 @@ class Tally:
 
     @classmethod
     def zeros(cls, n_tracks: int, device) -> "Tally":
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(n_tracks), z(()), z(()))
-
-    def bpb(self, track: int) -> float:
-        return self.nll[track].item() / math.log(2) / max(self.bytes.item(), 1.0)
+        return cls(*(torch.zeros(s, dtype=torch.float64, device=device) for s in (n_tracks, (), ())))
 
 
 @dataclass(frozen=True)
@@ -2184,15 +2148,13 @@ class EvalBudget:
     the declared pass inside it. Decisions read only the clock and the chunk index: after chunk c is scored, the
     rest of the pass is projected from that chunk's scoring time and the last measured time per TTT epoch, and the
     remaining updates get the most epochs (<= TTT_EPOCHS, down to 0) that still end inside the deadline. Chunk 0's
-    times include compilation: it neither decides nor measures. Ranks agree on the max of their times, so every
-    rank takes the same decision. `clock` is injectable so that tests are deterministic."""
+    times include compilation: it neither decides nor measures. Ranks agree on the max of their times (one decision)."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, start: float, clock=time.perf_counter):
         self.h, self.rt, self.start, self.clock = h, rt, start, clock
         self.deadline = h.eval_budget_seconds - h.eval_margin_seconds  # seconds after start
         self.epoch_s, self.score_s, self.score_windows, self.error = None, 0.0, 0, ""
         self.changes = []  # (chunk, epochs before, epochs after): what the log shows
-        self._mark = self._t_update = start
 
     def _now(self) -> float:
         sync(self.rt.device)
@@ -2201,8 +2163,12 @@ class EvalBudget:
     def _agree(self, *values: float) -> list[float]:
         return all_reduce_(torch.tensor(values, dtype=torch.float64, device=self.rt.device), dist.ReduceOp.MAX).tolist()
 
-    def begin(self) -> None:
-        self._mark = self._now()
+    def begin(self, span: ChunkSpan, scorer) -> None:
+        """Chunk `span`'s scoring starts: the update just done (unless chunk 0's) times an epoch for plan()."""
+        now = self._now()
+        if span.index > 1 and scorer.epochs > 0:
+            self.epoch_s = (now - self._t_update) / scorer.epochs
+        self._mark = now
 
     def plan(self, span: ChunkSpan, scorer) -> None:
         """Chunk `span` is scored: set scorer.epochs for its update and the ones after it."""
@@ -2219,23 +2185,13 @@ class EvalBudget:
                           f"{todo * score_s:.1f}s more after chunk {c}/{n}, {left:.1f}s left before "
                           f"EVAL_BUDGET_SECONDS-EVAL_MARGIN_SECONDS: the submission would be invalid")
             log0(self.error)
-        old = e = getattr(scorer, "epochs", 0)
-        if self.h.ttt_epochs > 0 and epoch_s > 0:
-            fits = [k for k in range(self.h.ttt_epochs + 1) if todo * (score_s + k * epoch_s) <= left]
-            e = max(fits, default=0)
+        fits = [k for k in range(self.h.ttt_epochs + 1) if todo * (score_s + k * epoch_s) <= left]
+        old, e = scorer.epochs, max(fits, default=0) if epoch_s > 0 else scorer.epochs  # > 0: an epoch was timed
         if e != old:
             log0(f"budget chunk:{c} epochs:{old}->{e} projected:{todo * (score_s + e * epoch_s):.1f}s "
                  f"left:{left:.1f}s")
             scorer.epochs = e
             self.changes.append((c, old, e))
-
-    def measured(self, span: ChunkSpan, scorer) -> None:
-        """The chunk's update is done: its time per epoch feeds the next decision."""
-        now = self._now()
-        epochs = getattr(scorer, "epochs", 0)
-        if span.index > 0 and epochs > 0 and span.index < span.n_chunks - 1:
-            self.epoch_s = (now - self._t_update) / epochs
-        self._mark = now
 
     def end_pass(self, label: str) -> None:
         elapsed = self._agree(self._now() - self.start)[0]
@@ -2255,99 +2211,72 @@ class EvalBudget:
 
 def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkSpan]:
     """The pass's windows grouped into chunks of chunk_tokens scored positions (0: one chunk), split over ranks."""
-    n_targets, rt = ctx.val.numel() - 1, ctx.rt
+    n_targets, r, w = ctx.val.numel() - 1, ctx.rt.rank, ctx.rt.world_size
     wins = plan_windows(n_targets, ctx.h.eval_seq_len, stride)
-    chunk_of = wins[:, 1] // (chunk_tokens or n_targets)
-    bounds = np.flatnonzero(np.diff(chunk_of, prepend=-1, append=chunk_of[-1] + 1))
-    spans = []
-    for c in range(len(bounds) - 1):
-        cw = wins[bounds[c]:bounds[c + 1]]
-        mine = cw[rt.rank * len(cw) // rt.world_size:(rt.rank + 1) * len(cw) // rt.world_size]
-        spans.append(ChunkSpan(c, len(bounds) - 1, cw, mine))
-    return spans
+    chunks = np.split(wins, np.flatnonzero(np.diff(wins[:, 1] // (chunk_tokens or n_targets))) + 1)
+    return [ChunkSpan(c, len(chunks), cw, cw[r * len(cw) // w:(r + 1) * len(cw) // w]) for c, cw in enumerate(chunks)]
 
 
 def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = None, chunk_tokens: int = 0,
              recorder=None, label: str = "", budget: EvalBudget | None = None) -> EvalResult:
-    """The one scoring path. Left to right over chunks of windows: score a chunk with scorer.current() under
-    inference_mode and record its NLL, then (and only then) hand the recorded chunk to every adaptive component
-    (bias, Hedge, and the scorer itself, which is the TTT trainer or a FixedScorer). Without components this is
-    plain (stride = window) or sliding-window evaluation. With a budget, its guard sets the TTT epochs between the
-    score and the update of every chunk."""
-    t0 = time.perf_counter()
-    experts = experts or Experts(ctx.h, None, None, None)
-    tally = Tally.zeros(len(experts.tracks), ctx.rt.device)
-    updaters = [c for c in (experts.bias, experts.hedge) if c is not None]
-    expert_sums = torch.zeros(experts.n_experts, dtype=torch.float64, device=ctx.rt.device)
-    if budget is not None:
-        budget.begin()
-    for span in (spans := plan_chunks(ctx, stride, chunk_tokens)):
-        scored = _score_chunk(ctx, scorer.current(), experts, span, tally, recorder)
-        expert_sums += scored.expert_nll
-        for comp in updaters:
+    """The one scoring path, left to right over chunks of windows: score a chunk with scorer.current() under
+    inference_mode and record its NLL, then (and only then) hand the record to the adaptive components (bias,
+    Hedge, then the scorer, TTT or fixed; the budget guard sets the TTT epochs in between). Without them: plain or
+    sliding-window evaluation. A non-finite track or expert score raises, on every rank (the sums are all-reduced)."""
+    h, rt, val, t0 = ctx.h, ctx.rt, ctx.val, time.perf_counter()
+    experts = experts or Experts(h, None, None, None)
+    tally, f64 = Tally.zeros(len(experts.tracks), rt.device), dict(dtype=torch.float64, device=rt.device)
+    expert_sums = torch.zeros(experts.n_experts, **f64)
+    for span in plan_chunks(ctx, stride, chunk_tokens):
+        if budget is not None:
+            budget.begin(span, scorer)
+        mine, lo, hi = span.mine, int(span.windows[0, 1]), int(span.windows[:, 2].max())
+        if experts.bias is not None:
+            first = int(mine[0, 1]) if len(mine) else lo
+            experts.bias.begin_chunk(val[lo + 1:first + 1].to(rt.device) if first > lo else None)
+        model, targets, expert_nll = scorer.current(), [], torch.zeros(experts.n_experts, **f64)
+        with torch.inference_mode():
+            for i in range(0, len(mine), h.eval_batch_seqs):
+                logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], h.eval_seq_len, rt.device)
+                x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
+                lps, ex = experts.log_probs(logits, x, pos)
+                nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
+                tally.nll += torch.stack([nll[k].sum() for k in experts.tracks])
+                tally.tokens += y.numel()
+                tally.bytes += token_bytes(x, y, ctx.luts).sum()
+                expert_nll += torch.stack([-e.gather(1, y[:, None]).double().sum() for e in ex])
+                targets.append(y)
+                if recorder is not None:
+                    recorder(dict(chunk=span.index, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
+        y_all = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=rt.device)
+        scored = ScoredChunk(span.index, span.n_chunks, lo, hi, y_all, val[lo:hi + 1], expert_nll)
+        expert_sums += expert_nll
+        for comp in filter(None, (experts.bias, experts.hedge)):
             comp.update(scored)
         if budget is not None:
             budget.plan(span, scorer)
         scorer.update(scored)
-        if budget is not None:
-            budget.measured(span, scorer)
         c, n = span.index, span.n_chunks
         if label and ((c + 1) % max(1, n // 100) == 0 or c + 1 == n):  # <= ~100 points: a curve, not a flood
             _log_progress(label, span, t0, experts.tracks, tally)
-    del spans
     if budget is not None:
         budget.end_pass(label or "pass")
     all_reduce_flat_([tally.nll, tally.tokens, tally.bytes, expert_sums])
     tokens, nbytes = int(tally.tokens.item()), int(tally.bytes.item())
     losses = {k: tally.nll[i].item() / tokens for i, k in enumerate(experts.tracks)}
-    bpbs = {k: v / math.log(2) * tokens / nbytes for k, v in losses.items()}
-    _require_finite(label or f"eval stride:{stride}", losses, experts, expert_sums)
-    return EvalResult(losses, bpbs, experts.final, tokens, nbytes, time.perf_counter() - t0,
-                      budget.error if budget is not None else "")
-
-
-def _require_finite(what: str, losses: dict, experts: Experts, expert_sums: Tensor) -> None:
-    """A non-finite score is an error, never a result: every track, and every expert the mixture weighs.
-    The sums are all-reduced, so every rank raises together."""
-    names = ["neural"] + ["neural+bias"] * (experts.bias is not None) + [f"ngram beta:{b}" for b in experts.betas]
     bad = [f"track {k}={v}" for k, v in losses.items() if not math.isfinite(v)]
-    bad += [f"expert {n} nll_sum={s}" for n, s in zip(names, expert_sums.tolist()) if not math.isfinite(s)]
+    bad += [f"expert {k} nll_sum={s}" for k, s in zip(experts.pool, expert_sums.tolist()) if not math.isfinite(s)]
     if bad:
-        raise FloatingPointError(f"{what}: non-finite score ({', '.join(bad)})")
-
-
-def _score_chunk(ctx: EvalContext, model, experts: Experts, span: ChunkSpan, tally: Tally, recorder) -> ScoredChunk:
-    """Score this rank's windows of one chunk and add them to the tally; returns the record."""
-    h, rt, val, cw, mine = ctx.h, ctx.rt, ctx.val, span.windows, span.mine
-    if experts.bias is not None:
-        lo_chunk, first = int(cw[0, 1]), int(mine[0, 1]) if len(mine) else int(cw[0, 1])
-        experts.bias.begin_chunk(val[lo_chunk + 1:first + 1].to(rt.device) if first > lo_chunk else None)
-    targets, expert_nll = [], torch.zeros(experts.n_experts, dtype=torch.float64, device=rt.device)
-    with torch.inference_mode():
-        for i in range(0, len(mine), h.eval_batch_seqs):
-            logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], h.eval_seq_len, rt.device)
-            x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
-            lps, ex = experts.log_probs(logits, x, pos)
-            nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
-            tally.nll += torch.stack([nll[k].sum() for k in experts.tracks])
-            tally.tokens += y.numel()
-            tally.bytes += token_bytes(x, y, ctx.luts).sum()
-            expert_nll += torch.stack([-e.gather(1, y[:, None]).double().sum() for e in ex])
-            targets.append(y)
-            if recorder is not None:
-                recorder(dict(chunk=span.index, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
-    y_all = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=rt.device)
-    lo, hi = int(cw[0, 1]), int(cw[:, 2].max())
-    return ScoredChunk(span.index, span.n_chunks, lo, hi, span.index == span.n_chunks - 1, y_all, val[lo:hi + 1],
-                       expert_nll, torch.tensor(float(y_all.numel()), dtype=torch.float64, device=rt.device))
+        raise FloatingPointError(f"{label or f'eval stride:{stride}'}: non-finite score ({', '.join(bad)})")
+    return EvalResult(losses, {k: v / math.log(2) * tokens / nbytes for k, v in losses.items()}, experts.tracks[-1],
+                      tokens, nbytes, time.perf_counter() - t0, budget.error if budget is not None else "")
 
 
 def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
     """Rank 0's running bpb of every track so far (a progress view; the score is the all-reduced total)."""
-    el, c = time.perf_counter() - t0, span.index
-    per_track = " ".join(f"{k}:{tally.bpb(j):.4f}" for j, k in enumerate(tracks))
-    log0(f"{label} chunk:{c + 1}/{span.n_chunks} elapsed:{el:.1f}s eta:{el / (c + 1) * (span.n_chunks - c - 1):.1f}s "
-         f"rank0_bpb {per_track}")
+    el, c, n, nbytes = time.perf_counter() - t0, span.index, span.n_chunks, max(tally.bytes.item(), 1.0)
+    per_track = " ".join(f"{k}:{tally.nll[j].item() / math.log(2) / nbytes:.4f}" for j, k in enumerate(tracks))
+    log0(f"{label} chunk:{c + 1}/{n} elapsed:{el:.1f}s eta:{el / (c + 1) * (n - c - 1):.1f}s rank0_bpb {per_track}")
 
 
 # -----------------------------------------------------------------------------

@@ -289,16 +289,15 @@ def test_guard_keeps_a_simulated_pass_inside_its_deadline(n, score_s, epoch_s, c
     g = tg.EvalBudget(h, CPU, 0.0, lambda: t[0])
     sc = _SimScorer()
     sc.epochs = epochs
-    g.begin()
     trained = []
     for c in range(n):
-        t[0] += score_s + (compile_s if c == 0 else 0.0)
         span = tg.ChunkSpan(c, n, np.zeros((4, 3), np.int64), np.zeros((4, 3), np.int64))
+        g.begin(span, sc)
+        t[0] += score_s + (compile_s if c == 0 else 0.0)
         g.plan(span, sc)
         if c < n - 1:
             t[0] += sc.epochs * epoch_s
             trained.append(sc.epochs)
-        g.measured(span, sc)
     minimum = compile_s + n * score_s + 2 * epochs * epoch_s
     if minimum <= g.deadline:
         assert t[0] <= g.deadline and not g.error

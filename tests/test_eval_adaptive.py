@@ -34,8 +34,7 @@ def _one_intra_op_thread():
 
 def _scored_chunk(stream: torch.Tensor, index=0, n_chunks=3) -> tg.ScoredChunk:
     n = stream.numel() - 1
-    return tg.ScoredChunk(index, n_chunks, 0, n, False, stream[1:].long(), stream, torch.zeros(1, dtype=torch.float64),
-                          torch.tensor(float(n), dtype=torch.float64))
+    return tg.ScoredChunk(index, n_chunks, 0, n, stream[1:].long(), stream, torch.zeros(1, dtype=torch.float64))
 
 
 def _reference_ttt(h, model: tg.GPT, stream: torch.Tensor) -> tuple[list[float], dict]:
@@ -96,7 +95,7 @@ def test_ttt_freeze_leaves_frozen_blocks_and_clips_without_them(k, polyak):
     got, want = dict(model.named_parameters()), {n: p.detach() for n, p in ref.named_parameters()}
     _check_frozen_and_trained(got, want, init, k, model.L)
     if polyak > 0:
-        assert ttt.current() is ttt.avg_fn
+        assert ttt.current() is ttt.avg
         _check_frozen_and_trained(dict(ttt.avg.named_parameters()), ref_avg, init, k, model.L)
 
 
@@ -152,7 +151,7 @@ def split(lo: int, hi: int, cuts) -> list[tuple[int, int]]:
 
 
 def bias_rows(bias: tg.OnlineBias, x: np.ndarray, p: np.ndarray, batches) -> np.ndarray:
-    """Feed consecutive batches of positions to biases(), as _score_chunk does; their rows, concatenated."""
+    """Feed consecutive batches of positions to biases(), as run_pass does; their rows, concatenated."""
     return np.concatenate([bias.biases(torch.from_numpy(x[a:b]), torch.from_numpy(p[a:b])).double().numpy()
                            for a, b in batches])
 
@@ -160,8 +159,7 @@ def bias_rows(bias: tg.OnlineBias, x: np.ndarray, p: np.ndarray, batches) -> np.
 def _chunk(targets: np.ndarray) -> tg.ScoredChunk:
     """update() reads only the targets of the rank's positions."""
     t = torch.from_numpy(targets)
-    return tg.ScoredChunk(0, 1, 0, len(t), False, t, t, torch.zeros(1, dtype=torch.float64),
-                          torch.tensor(float(len(t)), dtype=torch.float64))
+    return tg.ScoredChunk(0, 1, 0, len(t), t, t, torch.zeros(1, dtype=torch.float64))
 
 
 H_BIAS = tiny(bias_lr=LR)
