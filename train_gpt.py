@@ -2532,27 +2532,32 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
     ctx = EvalContext(h, rt, val, tuple(t.to(rt.device) for t in load_tokenizer_luts(h)))
     if h.val_max_tokens > 0:
         log0(f"val_subset tokens:{val.numel() - 1} (VAL_MAX_TOKENS={h.val_max_tokens}): a pipeline check, not a score")
-    path, steps, train_ms, float_fwd = Path(h.eval_only or Path(h.out_dir) / "final_model.int6.ptz"), 0, 0.0, None
+    path = Path(h.eval_only or Path(h.out_dir) / "final_model.int6.ptz")
     if h.eval_only:  # no training: the artifact is scored exactly as a full run scores its own
         if not path.is_file():
             raise FileNotFoundError(f"EVAL_ONLY={h.eval_only}: no such artifact file")
         log0(f"eval_only artifact:{path}\nval_tokens:{val.numel() - 1}")
-    else:
-        log0(f"train_shards:{len(shard_files(h.train_files))} train_tokens:{check_shards(h.train_files)} "
-             f"val_tokens:{val.numel() - 1}")
-        model = build_model(h).to(rt.device)
-        log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
-        require_free_space(path, sum(p.numel() for p in model.parameters()))
-        steps, train_ms, float_fwd = train(ctx, model)
-    # From here on OUT_DIR's artifact is this run's: an older submission.json beside it would describe another run
-    # if this one dies, so it moves aside (the new one is written only at the very end).
-    t_eval, sub = clock(), Path(h.out_dir) / "submission.json"
+        retire_submission(h, rt)
+        return score_artifact(ctx, path, clock(), 0, 0.0, None, clock)
+    log0(f"train_shards:{len(shard_files(h.train_files))} train_tokens:{check_shards(h.train_files)} "
+         f"val_tokens:{val.numel() - 1}")
+    model = build_model(h).to(rt.device)
+    log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    require_free_space(path, sum(p.numel() for p in model.parameters()))
+    steps, train_ms, float_fwd = train(ctx, model)
+    t_eval = clock()
+    retire_submission(h, rt)
+    timed("export", export_artifact, h, rt, model, path)
+    return score_artifact(ctx, path, t_eval, steps, train_ms, float_fwd, clock)
+
+
+def retire_submission(h: Hyperparameters, rt: Runtime) -> None:
+    """From here on OUT_DIR's artifact is this run's: an older submission.json beside it would describe another
+    run if this one dies, so it moves aside (the new one is written only at the very end)."""
+    sub = Path(h.out_dir) / "submission.json"
     if rt.is_main and sub.exists():
         os.replace(sub, sub.with_name("submission.json.stale"))
         log0(f"moved the previous {sub} to {sub.with_name('submission.json.stale')}: it describes another run")
-    if not h.eval_only:
-        timed("export", export_artifact, h, rt, model, path)
-    return score_artifact(ctx, path, t_eval, steps, train_ms, float_fwd, clock)
 
 
 def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int, train_ms: float, float_fwd, clock) -> int:
