@@ -93,10 +93,9 @@ def _parse_list(text: str, typ, name: str) -> tuple:
         raise ValueError(f"{name}={text!r} must be a comma-separated list of {typ.__name__}") from None
 
 
-# Named presets. "cpu": every component on, sized so that the whole main job takes minutes on 2 cores. It trains a
-# fixed step count (the same score on every machine; MAX_WALLCLOCK_SECONDS stays available as a safety net): 450
-# steps x ~640 ms on an idle 2-core box, the ~150 s eval (diagnostics off), the pip step and the corpus build fit
-# in 10 min. Its eval knobs (the last line) were tuned on held-out train documents (bench/tune_eval.py), never val.
+# Named presets. "cpu": every component on, sized for 2 cores: a fixed step count (the same score on every machine;
+# MAX_WALLCLOCK_SECONDS stays a safety net). 450 steps x ~640 ms (idle 2-core box), the ~150 s eval (diagnostics
+# off), pip and the corpus build fit in 10 min. Eval knobs (last line): tuned on held-out train docs, never val.
 PRESETS = {
     "cpu": dict(
         preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
@@ -284,9 +283,8 @@ class Hyperparameters:
         """Read every field from its upper-cased env var; PRESET picks named defaults first."""
         env = os.environ if env is None else env
         by_env = {f.name.upper(): f for f in fields(cls)}
-        unknown = sorted(k for k in env if k not in by_env and _looks_like_a_knob(k, list(by_env)))
-        if unknown:
-            name = unknown[0]
+        name = min((k for k in env if k not in by_env and _looks_like_a_knob(k, list(by_env))), default=None)
+        if name is not None:  # the first unknown look-alike, in sorted order
             hint = [_ALIASES[name]] if name in _ALIASES else difflib.get_close_matches(name, by_env, n=1, cutoff=0.5)
             raise ValueError(f"unknown env var {name}" + (f" (did you mean {hint[0]}?)" if hint else "")
                              + "; every knob is a Hyperparameters field")
@@ -427,9 +425,8 @@ def attention_candidates(device: torch.device) -> list[str]:
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=q.size(2) != k.size(2)).transpose(1, 2)
 
 
 def sdpa_pinned(kernel: str, expand: bool):
@@ -578,8 +575,7 @@ def shard_num_tokens(path) -> int:
 
 
 def load_shard(path, vocab_size: int = 0) -> np.ndarray:
-    """The shard's tokens; with vocab_size, a token id >= vocab_size is an error naming the file and the id
-    (one vectorized max, instead of an IndexError or a device assert mid-run)."""
+    """The shard's tokens; an id >= vocab_size (if given) fails here, not as a device assert mid-run."""
     n = shard_num_tokens(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
     if vocab_size and (top := int(tokens.max())) >= vocab_size:
@@ -591,12 +587,11 @@ def load_shard(path, vocab_size: int = 0) -> np.ndarray:
 
 def write_shard(path, tokens) -> None:
     """The one writer of the shard format (data tools and tests use it); atomic, so a crash leaves no half shard."""
-    tokens = np.asarray(tokens)
+    path, tokens = Path(path), np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
         raise ValueError(f"shard {path}: token ids must fit uint16, got range [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(SHARD_HEADER_INTS, "<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
     os.replace(tmp, path)
@@ -619,8 +614,7 @@ class TokenStream:
     def __init__(self, pattern: str, vocab_size: int = 0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
         check_shards(pattern)  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
-        self.file_idx, self.pos = 0, 0
-        self.tokens = load_shard(self.files[0], vocab_size)
+        self.file_idx, self.pos, self.tokens = 0, 0, load_shard(self.files[0], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
