@@ -7,26 +7,8 @@ Map:   1 Hyperparameters  2 Runtime & logging  3 Data & BPB  4 Quantization grid
 """
 from __future__ import annotations
 
-import base64
-import copy
-import difflib
-import errno
-import glob
-import hashlib
-import json
-import lzma
-import math
-import os
-import platform
-import re
-import shutil
-import struct
-import subprocess
-import sys
-import time
-import uuid
-import warnings
-import zlib
+import base64, copy, difflib, errno, glob, hashlib, json, lzma, math, os, platform, re, shutil  # noqa: E401
+import struct, subprocess, sys, time, uuid, warnings, zlib  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
