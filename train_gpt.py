@@ -7,26 +7,8 @@ Map:   1 Hyperparameters  2 Runtime & logging  3 Data & BPB  4 Quantization grid
 """
 from __future__ import annotations
 
-import base64
-import copy
-import difflib
-import errno
-import glob
-import hashlib
-import json
-import lzma
-import math
-import os
-import platform
-import re
-import shutil
-import struct
-import subprocess
-import sys
-import time
-import uuid
-import warnings
-import zlib
+import base64, copy, difflib, errno, glob, hashlib, json, lzma, math, os, platform, re, shutil  # noqa: E401
+import struct, subprocess, sys, time, uuid, warnings, zlib  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -43,18 +25,14 @@ try:  # optional accelerator: without numba the n-gram kernels run as plain Pyth
     from numba import njit
 except ImportError:
     numba = None
-
-    def njit(*args, **kwargs):
-        return args[0] if len(args) == 1 and callable(args[0]) else (lambda f: f)
+    njit = lambda *args, **kwargs: args[0] if len(args) == 1 and callable(args[0]) else (lambda f: f)  # noqa: E731
 
 
 # -----------------------------------------------------------------------------
 # 1. Hyperparameters
 #
-# Defaults are the PR #549 record run (8xH100, BIGRAM_VOCAB_SIZE=1536, TTT on, freeze 0) plus our eval-time
-# adaptation. Env var = field name upper-cased; bools are "0"/"1". PRESET=cpu swaps in a named set of defaults
-# that explicit env vars still override.
-
+# Defaults: the PR #549 record run (8xH100, BIGRAM_VOCAB_SIZE=1536, TTT on, freeze 0) plus our eval-time adaptation.
+# Bools are "0"/"1"; explicit env vars override a PRESET's named defaults.
 
 SHARD_GLOB = "fineweb_{split}_*.bin"  # the challenge's shard names: fineweb_train_000000.bin, fineweb_val_000000.bin
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
@@ -71,25 +49,21 @@ def _looks_like_a_knob(name: str, knobs: list[str]) -> bool:
     match of a field (VOCAB_SIZ); a field's own prefix, except the ones other tools share (TTT_EPOCH); a name made
     only of our fields' words (SEQ_LEN, DATA_DIR, MAX_STEPS), or one word that starts a field (VOCAB, WARMDOWN).
     The machine's variables (PATH, HOME, RANK, WORLD_SIZE, CUDA_*, TORCH_*, NCCL_*, PYTHON*) share no such form."""
-    words = {w for k in knobs for w in k.split("_")}
-    parts = name.split("_")
+    words, parts = {w for k in knobs for w in k.split("_")}, name.split("_")
     if name in _ALIASES or difflib.get_close_matches(name, knobs, n=1, cutoff=0.9):
         return True
-    if len(parts) > 1 and parts[0] + "_" not in _GENERIC_PREFIXES and any(k.startswith(parts[0] + "_") for k in knobs):
-        return True
-    close = lambda w: w in words or bool(difflib.get_close_matches(w, words, n=1, cutoff=0.88))  # noqa: E731
-    if len(parts) > 1:
-        return all(p and close(p) for p in parts)
-    return any(k.startswith(name + "_") for k in knobs)
+    if len(parts) == 1:
+        return any(k.startswith(name + "_") for k in knobs)
+    field_prefix = parts[0] + "_" not in _GENERIC_PREFIXES and any(k.startswith(parts[0] + "_") for k in knobs)
+    return field_prefix or all(part and (part in words or difflib.get_close_matches(part, words, n=1, cutoff=0.88))
+                               for part in parts)
 
 
 def _parse_value(name: str, default, text: str):
     try:
-        if isinstance(default, bool):
-            if text not in ("0", "1"):
-                raise ValueError("expected 0 or 1")
-            return text == "1"
-        return type(default)(text)
+        if isinstance(default, bool) and text not in ("0", "1"):
+            raise ValueError("expected 0 or 1")
+        return text == "1" if isinstance(default, bool) else type(default)(text)
     except ValueError as e:
         raise ValueError(f"env var {name}={text!r} is not a valid {type(default).__name__}: {e}") from None
 
@@ -101,10 +75,9 @@ def _parse_list(text: str, typ, name: str) -> tuple:
         raise ValueError(f"{name}={text!r} must be a comma-separated list of {typ.__name__}") from None
 
 
-# Named presets. "cpu": every component on, sized so that the whole main job takes minutes on 2 cores. It trains a
-# fixed step count (the same score on every machine; MAX_WALLCLOCK_SECONDS stays available as a safety net): 450
-# steps x ~640 ms on an idle 2-core box, the ~150 s eval (diagnostics off), the pip step and the corpus build fit
-# in 10 min. Its eval knobs (the last line) were tuned on held-out train documents (bench/tune_eval.py), never val.
+# Named presets. "cpu": every component on, sized for 2 cores: a fixed step count (the same score on every machine;
+# MAX_WALLCLOCK_SECONDS stays a safety net). 450 steps x ~640 ms (idle 2-core box), the ~150 s eval (diagnostics
+# off), pip and the corpus build fit in 10 min. Eval knobs (last line): tuned on held-out train docs, never val.
 PRESETS = {
     "cpu": dict(
         preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
@@ -233,15 +206,13 @@ class Hyperparameters:
     def __post_init__(self):
         """Every knob checked with its value named, so a bad one fails here, not after training. The n-gram limits
         are section 8's kernel limits (this runs once the module is loaded)."""
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{f.name.upper()}={v} must be a finite number")
         L, hd, get = self.num_layers, self.model_dim // max(self.num_heads, 1), lambda n: getattr(self, n)
         choices = dict(torch_compile=("auto", "0", "1"), attn_backend=("auto",) + ATTN_BACKENDS,
                        compressor=tuple(c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle")),
                        preset=("",) + tuple(PRESETS))
         ranges = lambda: [  # noqa: E731  (field, ok, rule)
+            *[(f.name, math.isfinite(v), "a finite number") for f in fields(self)
+              if isinstance(v := getattr(self, f.name), float)],
             *[(n, get(n) >= 1, ">= 1") for n in (
                 "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim", "num_heads",
                 "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps", "eval_seq_len", "eval_batch_seqs",
@@ -284,41 +255,23 @@ class Hyperparameters:
                 if not ok:
                     raise ValueError(f"{name.upper()}={get(name)} must be {rule}")
 
-    @property
-    def train_files(self) -> str:
-        return os.path.join(self.data_path, SHARD_GLOB.format(split="train"))
-
-    @property
-    def val_files(self) -> str:
-        return os.path.join(self.data_path, SHARD_GLOB.format(split="val"))
-
-    @property
-    def ve_layer_list(self) -> tuple[int, ...]:
-        return _parse_list(self.ve_layers, int, "VE_LAYERS")
-
-    @property
-    def ngram_beta_list(self) -> tuple[float, ...]:
-        return _parse_list(self.ngram_betas, float, "NGRAM_BETAS")
+    train_files = property(lambda self: os.path.join(self.data_path, SHARD_GLOB.format(split="train")))
+    val_files = property(lambda self: os.path.join(self.data_path, SHARD_GLOB.format(split="val")))
+    ve_layer_list = property(lambda self: _parse_list(self.ve_layers, int, "VE_LAYERS"))
+    ngram_beta_list = property(lambda self: _parse_list(self.ngram_betas, float, "NGRAM_BETAS"))
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
         """Read every field from its upper-cased env var; PRESET picks named defaults first."""
         env = os.environ if env is None else env
         by_env = {f.name.upper(): f for f in fields(cls)}
-        unknown = sorted(k for k in env if k not in by_env and _looks_like_a_knob(k, list(by_env)))
-        if unknown:
-            hint = _ALIASES.get(unknown[0]) or difflib.get_close_matches(unknown[0], list(by_env), n=1, cutoff=0.5)
-            hint = [hint] if isinstance(hint, str) else hint
-            raise ValueError(f"unknown env var {unknown[0]}" + (f" (did you mean {hint[0]}?)" if hint else "")
+        name = min((k for k in env if k not in by_env and _looks_like_a_knob(k, list(by_env))), default=None)
+        if name is not None:  # the first unknown look-alike, in sorted order
+            hint = [_ALIASES[name]] if name in _ALIASES else difflib.get_close_matches(name, by_env, n=1, cutoff=0.5)
+            raise ValueError(f"unknown env var {name}" + (f" (did you mean {hint[0]}?)" if hint else "")
                              + "; every knob is a Hyperparameters field")
-        preset = env.get("PRESET", "")
-        if preset not in PRESETS and preset != "":
-            raise ValueError(f"PRESET must be one of {sorted(PRESETS)}, got {preset!r}")
-        values = dict(PRESETS.get(preset, {}))
-        for name, f in by_env.items():
-            if name in env:
-                values[f.name] = _parse_value(name, f.default, env[name])
-        return cls(**values)
+        values = {f.name: _parse_value(name, f.default, env[name]) for name, f in by_env.items() if name in env}
+        return cls(**{**PRESETS.get(values.get("preset", ""), {}), **values})  # an unknown PRESET fails its rule
 
 
 # -----------------------------------------------------------------------------
@@ -331,14 +284,8 @@ class Runtime:
     local_rank: int
     world_size: int
     device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return 8 // self.world_size
+    is_main = property(lambda self: self.rank == 0)
+    grad_accum_steps = property(lambda self: 8 // self.world_size)
 
     @classmethod
     def local(cls, device: str | torch.device = "cpu") -> "Runtime":
@@ -440,6 +387,7 @@ def autocast(device: torch.device):
 # see K/V expanded (always correct, and the measurement charges them for the copy).
 SDPA_BACKENDS = {"sdpa_cudnn": ("CUDNN_ATTENTION", True), "sdpa_flash": ("FLASH_ATTENTION", False),
                  "sdpa_efficient": ("EFFICIENT_ATTENTION", True)}
+FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAttention 3 / 2
 ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs (bf16 resolution is 2^-8)
 
 
@@ -449,7 +397,7 @@ def attention_candidates(device: torch.device) -> list[str]:
     if device.type != "cuda":
         return ["sdpa"]
     found = []
-    for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
+    for name, module in FLASH_MODULES.items():
         try:
             if (name == "fa2" or torch.cuda.get_device_capability(device)[0] == 9) and __import__(module).flash_attn_func:
                 found.append(name)
@@ -459,9 +407,8 @@ def attention_candidates(device: torch.device) -> list[str]:
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=q.size(2) != k.size(2)).transpose(1, 2)
 
 
 def sdpa_pinned(kernel: str, expand: bool):
@@ -485,10 +432,7 @@ def attention_kernel(backend: str):
         return _sdpa
     if backend in SDPA_BACKENDS:
         return sdpa_pinned(*SDPA_BACKENDS[backend])
-    if backend == "fa3":
-        from flash_attn_interface import flash_attn_func as fa
-    else:
-        from flash_attn import flash_attn_func as fa
+    fa = __import__(FLASH_MODULES[backend]).flash_attn_func
 
     def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # bf16 only; the q/k norms may have autocast to fp32
         out = fa(*(t.to(torch.bfloat16) for t in (q, k, v)), causal=True)
@@ -497,37 +441,30 @@ def attention_kernel(backend: str):
     return flash
 
 
-def _attention_inputs(shape, device, requires_grad: bool = True):
-    B, T, H, KV, D = shape
-    g = torch.Generator(device=device).manual_seed(0)
-    return [torch.randn(B, T, n, D, device=device, generator=g).bfloat16().requires_grad_(requires_grad)
-            for n in (H, KV, KV)]
-
-
-def attention_error(backend: str, shape, device) -> float:
-    """Max |kernel - fp32 reference| of one causal attention on bf16 inputs of the run's shape (batch 1)."""
-    q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device, False)
-    with torch.no_grad():
-        y = attention_kernel(backend)(q, k, v).float()
-        ref = _sdpa(q.float(), *(t.float().repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v)))
-    return (y - ref).abs().max().item()
-
-
 def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3) -> dict:
     """{backend: ms of one forward + backward at the run's shape (B, T, H, KV, D), bf16, after one untimed call},
-    or {backend: why it is out}: it raised, missed the fp32 reference by more than ATTN_TOLERANCE, or
-    (compile_check: FlashAttention builds are opaque to torch.compile) failed to trace."""
+    or {backend: why it is out}: it raised, missed the fp32 reference by more than ATTN_TOLERANCE (one causal
+    attention at batch 1), or (compile_check: FlashAttention builds are opaque to torch.compile) failed to trace."""
+    B, T, H, KV, D = shape
+
+    def inputs(batch: int) -> list[Tensor]:
+        g = torch.Generator(device=device).manual_seed(0)
+        return [torch.randn(batch, T, n, D, device=device, generator=g).bfloat16().requires_grad_()
+                for n in (H, KV, KV)]
+
     out = {}
     for b in cands:
         try:
-            err = attention_error(b, shape, device)
+            fn, (q, k, v) = attention_kernel(b), inputs(1)
+            with torch.no_grad():
+                ref = _sdpa(q.float(), *(t.float().repeat_interleave(H // KV, dim=2) for t in (k, v)))
+                err = (fn(q, k, v).float() - ref).abs().max().item()
             if not err <= ATTN_TOLERANCE:
                 out[b] = f"mismatch({err:.3g})"
                 continue
-            if compile_check and b in ("fa3", "fa2"):
-                q, k, v = _attention_inputs((1,) + tuple(shape[1:]), device)
-                torch.compile(attention_kernel(b), fullgraph=True, dynamic=False)(q, k, v).sum().backward()
-            fn, (q, k, v) = attention_kernel(b), _attention_inputs(shape, device)
+            if compile_check and b in FLASH_MODULES:
+                torch.compile(fn, fullgraph=True, dynamic=False)(q, k, v).sum().backward()
+            q, k, v = inputs(B)
             dy = torch.randn_like(q)
             for i in range(reps + 1):
                 if i == 1:
@@ -548,16 +485,14 @@ def resolve_attention(requested: str, device: torch.device, shape=None, notes: l
     and agreed across ranks (slowest rank's time per kernel); one line of times goes to `notes`. Else FA3 ->
     FA2 -> SDPA."""
     available = attention_candidates(device)
-    if requested != "auto":
-        if requested not in available:
-            raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
-        if device.type == "cuda" and shape is not None:
-            why = measure_attention([requested], shape, device, compile_check)[requested]
-            if isinstance(why, str):
-                raise ValueError(f"ATTN_BACKEND={requested} does not work on this device at shape {shape}: {why}")
-        return requested
+    if requested != "auto" and requested not in available:
+        raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
     if device.type != "cuda" or shape is None:
-        return available[0]
+        return available[0] if requested == "auto" else requested
+    if requested != "auto":
+        if isinstance(why := measure_attention([requested], shape, device, compile_check)[requested], str):
+            raise ValueError(f"ATTN_BACKEND={requested} does not work on this device at shape {shape}: {why}")
+        return requested
     table = measure_attention(available, shape, device, compile_check)
     ms = torch.tensor([v if isinstance(v, float) else math.inf for v in table.values()], device=device)
     ms = all_reduce_(ms, dist.ReduceOp.MAX).tolist()
@@ -577,9 +512,7 @@ def compile_enabled(h: Hyperparameters, device: torch.device) -> bool:
 
 
 def make_compile_fn(h: Hyperparameters, device: torch.device):
-    if compile_enabled(h, device):
-        return lambda m: torch.compile(m, fullgraph=True, dynamic=False)
-    return lambda m: m
+    return (lambda m: torch.compile(m, fullgraph=True, dynamic=False)) if compile_enabled(h, device) else (lambda m: m)
 
 
 def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
@@ -607,9 +540,8 @@ BOS_ID = 1
 
 def shard_num_tokens(path) -> int:
     """Header and file size only (fast on 80 shards): the token count of a well-formed, non-empty shard."""
-    path = Path(path)
+    path, header_bytes = Path(path), SHARD_HEADER_INTS * 4
     size = path.stat().st_size
-    header_bytes = SHARD_HEADER_INTS * 4
     if size < header_bytes:
         raise ValueError(f"shard {path}: {size} bytes is shorter than the {header_bytes}-byte header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
@@ -625,8 +557,7 @@ def shard_num_tokens(path) -> int:
 
 
 def load_shard(path, vocab_size: int = 0) -> np.ndarray:
-    """The shard's tokens; with vocab_size, a token id >= vocab_size is an error naming the file and the id
-    (one vectorized max, instead of an IndexError or a device assert mid-run)."""
+    """The shard's tokens; an id >= vocab_size (if given) fails here, not as a device assert mid-run."""
     n = shard_num_tokens(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
     if vocab_size and (top := int(tokens.max())) >= vocab_size:
@@ -638,12 +569,11 @@ def load_shard(path, vocab_size: int = 0) -> np.ndarray:
 
 def write_shard(path, tokens) -> None:
     """The one writer of the shard format (data tools and tests use it); atomic, so a crash leaves no half shard."""
-    tokens = np.asarray(tokens)
+    path, tokens = Path(path), np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
         raise ValueError(f"shard {path}: token ids must fit uint16, got range [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(SHARD_HEADER_INTS, "<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
     os.replace(tmp, path)
@@ -657,7 +587,6 @@ def shard_files(pattern: str) -> list[str]:
 
 
 def check_shards(pattern: str) -> int:
-    """Start-up validation of every shard's header and size; returns the total token count."""
     return sum(shard_num_tokens(f) for f in shard_files(pattern))
 
 
@@ -667,8 +596,7 @@ class TokenStream:
     def __init__(self, pattern: str, vocab_size: int = 0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
         check_shards(pattern)  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
-        self.file_idx, self.pos = 0, 0
-        self.tokens = load_shard(self.files[0], vocab_size)
+        self.file_idx, self.pos, self.tokens = 0, 0, load_shard(self.files[0], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
@@ -676,10 +604,8 @@ class TokenStream:
             if self.pos >= len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
                 self.tokens, self.pos = load_shard(self.files[self.file_idx], self.vocab_size), 0
-            k = min(n, len(self.tokens) - self.pos)
-            parts.append(self.tokens[self.pos:self.pos + k])
-            self.pos += k
-            n -= k
+            parts.append(self.tokens[self.pos:self.pos + n])
+            self.pos, n = self.pos + len(parts[-1]), n - len(parts[-1])
         return np.concatenate(parts)
 
 
@@ -693,17 +619,14 @@ class DistributedTokenLoader:
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.rt.world_size * self.rt.grad_accum_steps)
         span = self.stream.take((local + 1) * self.rt.world_size)[self.rt.rank * (local + 1):][:local + 1]
-        t = torch.from_numpy(span.astype(np.int64))
-        if self.rt.device.type == "cuda":  # pinned: the copy is truly asynchronous, the host runs ahead
-            t = t.pin_memory()
-        t = t.to(self.rt.device, non_blocking=True)
+        t = torch.from_numpy(span.astype(np.int64))  # pinned on CUDA: the copy is asynchronous, the host runs ahead
+        t = (t.pin_memory() if self.rt.device.type == "cuda" else t).to(self.rt.device, non_blocking=True)
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
 
 
 def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0, vocab_size: int = 0) -> Tensor:
-    """The validation split in whole sequences of seq_len targets (+1 input), ids checked against vocab_size.
-    max_tokens > 0 keeps only the first max_tokens targets (rounded down to whole sequences): a subset for smoke
-    runs, never a score."""
+    """The validation split in whole sequences of seq_len targets (+1 input). max_tokens > 0 keeps only the first
+    max_tokens targets (rounded down to whole sequences): a subset for smoke runs, never a score."""
     tokens = np.concatenate([load_shard(f, vocab_size) for f in shard_files(pattern)])
     usable = ((len(tokens) - 1) // seq_len) * seq_len
     if usable <= 0:
@@ -722,20 +645,13 @@ def build_bpb_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token byte LUTs: a leading U+2581 counts as one byte unless the previous token is a boundary
     (control/unknown/unused); byte-fallback pieces are one byte; control tokens are zero bytes."""
     n = max(sp.vocab_size(), vocab_size)
-    base = np.zeros(n, np.int16)
-    lead = np.zeros(n, np.bool_)
-    boundary = np.ones(n, np.bool_)
+    base, lead, boundary = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.ones(n, np.bool_)
     for i in range(sp.vocab_size()):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            lead[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
+        piece, byte = sp.id_to_piece(i), sp.is_byte(i)
+        boundary[i], lead[i] = False, not byte and piece.startswith("\u2581")
+        base[i] = 1 if byte else len(piece.removeprefix("\u2581").encode("utf-8"))
     return torch.from_numpy(base), torch.from_numpy(lead), torch.from_numpy(boundary)
 
 

