@@ -7,10 +7,28 @@ Map:   1 Hyperparameters  2 Runtime & logging  3 Data & BPB  4 Quantization grid
 """
 from __future__ import annotations
 
-import base64, copy, difflib, errno, glob, hashlib, json, lzma, math, os, platform, re, shutil  # noqa: E401
-import struct, subprocess, sys, time, uuid, warnings, zlib  # noqa: E401
+import base64
+import copy
+import difflib
+import errno
+import glob
+import hashlib
+import json
+import lzma
+import math
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -25,7 +43,9 @@ try:  # optional accelerator: without numba the n-gram kernels run as plain Pyth
     from numba import njit
 except ImportError:
     numba = None
-    njit = lambda *args, **kwargs: args[0] if len(args) == 1 and callable(args[0]) else (lambda f: f)  # noqa: E731
+
+    def njit(*args, **kwargs):
+        return args[0] if len(args) == 1 and callable(args[0]) else (lambda f: f)
 
 
 # -----------------------------------------------------------------------------
@@ -230,7 +250,7 @@ class Hyperparameters:
             *[(n, get(n) > 0, "> 0") for n in (
                 "mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip", "eval_budget_seconds")],
             *[(n, 0 <= get(n) <= 1, "in [0, 1]") for n in ("late_qat_threshold", "fit_max_prune_fraction")],
-            *[(n, get(n) in c, f"one of {','.join(c)}") for n, c in choices.items()],
+            *[(n, get(n) in c, f"one of {', '.join(map(repr, c))}") for n, c in choices.items()],
             ("vocab_size", 2 <= self.vocab_size <= 65536, "in [2, 65536] (shards hold uint16 token ids)"),
             ("bigram_vocab_size", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "0 (off) or >= 2"),
             ("rope_dims", self.rope_dims == 0 or self.rope_dims >= 4, "0 (off) or >= 4"),
@@ -339,7 +359,7 @@ def log_failure(exc: BaseException, rank: int) -> None:
 
 
 def log0(msg: str, console: bool = True) -> None:
-    """Rank-0 logging: console and logs/<run_id>.txt, one line per call."""
+    """Rank-0 logging: console and logs/<run_id>.txt."""
     if not _LOG["main"]:
         return
     if console:
@@ -396,10 +416,10 @@ def attention_candidates(device: torch.device) -> list[str]:
     SDPA pinned to each CUDA backend."""
     if device.type != "cuda":
         return ["sdpa"]
-    found = []
+    found, hopper = [], torch.cuda.get_device_capability(device)[0] == 9
     for name, module in FLASH_MODULES.items():
         try:
-            if (name == "fa2" or torch.cuda.get_device_capability(device)[0] == 9) and __import__(module).flash_attn_func:
+            if (name == "fa2" or hopper) and __import__(module).flash_attn_func:
                 found.append(name)
         except ImportError:
             pass
@@ -1184,8 +1204,8 @@ def serialize(q: dict) -> bytes:
     entries = [dict(name=name, kind=kind, shape=list(a.shape), **({"dtype": b} if kind == "fp16" else {}))
                for name, (kind, a, b) in q.items()]
     coded, plain = [e for e in q.values() if e[0] != "fp16"], [e for e in q.values() if e[0] == "fp16"]
-    body = dict(q=b"".join(a.numpy().tobytes() for _, a, _ in coded),
-                s=b"".join(s.numpy().tobytes() for *_, s in coded), f=b"".join(a.numpy().tobytes() for _, a, _ in plain))
+    join = lambda arrays: b"".join(t.numpy().tobytes() for t in arrays)  # noqa: E731
+    body = dict(q=join(a for _, a, _ in coded), s=join(s for *_, s in coded), f=join(a for _, a, _ in plain))
     header = json.dumps(dict(entries=entries, sizes={k: len(v) for k, v in body.items()})).encode()
     return PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + b"".join(body.values())
 
@@ -2382,7 +2402,6 @@ def log_header(h: Hyperparameters, rt: Runtime) -> None:
     log0(f"source:{Path(__file__).resolve()} python:{platform.python_version()} torch:{torch.__version__} "
          f"numpy:{np.__version__} numba:{numba_version} cuda:{torch.version.cuda} "
          f"cpu_kernels:{torch.backends.cpu.get_cpu_capability()} threads:{torch.get_num_threads()}")
-    from contextlib import suppress
     with suppress(OSError, subprocess.SubprocessError):  # no nvidia-smi, or it hangs: the log goes on without it
         if rt.device.type == "cuda":
             log0(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout, console=False)
