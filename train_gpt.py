@@ -695,10 +695,9 @@ def load_tokenizer_luts(h: Hyperparameters):
 # -----------------------------------------------------------------------------
 # 4. Quantization grid
 #
-# The int6/int8 grids that QAT trains against and the export writes. Banks -> per-row int6 ("GPTQ-lite": per
-# matrix, the clip percentile with the lowest MSE), embedding tables -> per-row int8, everything small -> fp16.
-# Scales are fp16 with a floor of one fp16 subnormal, so the tiny weights of a short run are not rounded away (the
-# record's 1/31 floor zeroed them).
+# The grids that QAT trains against and the export writes: banks per-row int6 (GPTQ, or "GPTQ-lite": per matrix the
+# clip percentile with the lowest MSE), embedding tables per-row int8, everything small fp16. Scales are fp16, floored
+# at one fp16 subnormal so that a short run's tiny weights are not rounded away (the record's 1/31 floor zeroed them).
 
 INT6_MAX, INT8_MAX = 31, 127
 INT6_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -709,14 +708,12 @@ SCALE_FLOOR = 2.0 ** -24
 def row_quantiles(absw: Tensor, ps) -> list[Tensor]:
     """Exact linear-interpolation quantiles of each row (last dim), via topk of the few largest entries."""
     n = absw.size(-1)
-    k = min(n, n - math.floor(min(ps) * (n - 1)))
-    top = absw.topk(k, dim=-1).values  # descending: ascending rank r sits at index n-1-r
+    top = absw.topk(min(n, n - math.floor(min(ps) * (n - 1))), dim=-1).values  # descending: rank r at index n-1-r
     out = []
     for p in ps:
         pos = p * (n - 1)
         lo = math.floor(pos)
-        a = top[..., n - 1 - lo]
-        b = top[..., max(n - 2 - lo, 0)] if lo < n - 1 else a
+        a, b = top[..., n - 1 - lo], top[..., max(n - 2 - lo, 0)]  # ranks lo and lo + 1 (both the max at p = 1)
         out.append(a + (b - a) * (pos - lo))
     return out
 
@@ -730,8 +727,7 @@ def _quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 
 def int6_scales(w: Tensor) -> Tensor:
-    """Per-row scales (..., R) of matrices (..., R, C); each matrix takes the candidate clip percentile whose
-    quantize-dequantize MSE is lowest (the first one on a tie)."""
+    """Per-row scales (..., R) of matrices (..., R, C) at each matrix's lowest-MSE clip percentile (first on a tie)."""
     w = w.detach().float()
     s = torch.stack([_grid_scale(c, INT6_MAX) for c in row_quantiles(w.abs(), INT6_CLIP_PERCENTILES)])  # (P, ..., R)
     err = torch.stack([(_quant(w, c, INT6_MAX) * c.unsqueeze(-1) - w).square().sum(dim=(-2, -1)) for c in s])
@@ -742,26 +738,19 @@ def int8_scales(w: Tensor) -> Tensor:
     return _grid_scale(row_quantiles(w.detach().float().abs(), (INT8_CLIP_PERCENTILE,))[0], INT8_MAX)
 
 
-def _fake_quant(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    """Straight-through estimator: the forward sees the dequantized grid value, the gradient passes as identity."""
+def fake_quant(w: Tensor, int6: bool) -> Tensor:
+    """Straight-through estimator on the int6 (banks) or int8 (tables) grid: the forward sees the dequantized grid
+    value, the gradient passes as identity."""
+    scale, qmax = (int6_scales(w), INT6_MAX) if int6 else (int8_scales(w), INT8_MAX)
     wq = _quant(w.float(), scale, qmax) * scale.unsqueeze(-1)
     return w + (wq.to(w.dtype) - w).detach()
 
 
-def fake_quant_int6(w: Tensor) -> Tensor:
-    return _fake_quant(w, int6_scales(w), INT6_MAX)
-
-
-def fake_quant_int8(w: Tensor) -> Tensor:
-    return _fake_quant(w, int8_scales(w), INT8_MAX)
-
-
 def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int, qmax: int = INT6_MAX) -> Tensor:
     """GPTQ on a fixed grid: codes (S, R, C) of matrices w (S, R, C) with input Hessians H (S, C, C) and per-row
-    scales (S, R). Columns go in order of decreasing H diagonal (most active inputs first); each column is rounded
-    to the grid and its error, scaled by the upper Cholesky factor U of H^-1, is pushed onto the columns not yet
-    rounded (lazily, per block of block_size columns), which minimizes ||(W - Q) X^T|| greedily. With H = I every
-    column is plain round-to-nearest: GPTQ only changes where the inputs are correlated.
+    scales (S, R). Columns go in order of decreasing H diagonal (most active inputs first); each is rounded to the
+    grid and its error, scaled by the upper Cholesky factor U of H^-1, pushed onto the columns not yet rounded
+    (lazily, per block of block_size columns): a greedy minimization of ||(W - Q) X^T||; with H = I, plain rounding.
     H is damped by damp x its mean diagonal; a zero diagonal (an input never active in calibration) gets the mean,
     so that column is rounded alone; a factorization that fails (singular H, little damping) retries with 10x."""
     w, s = w.detach().float(), scale.float().unsqueeze(-1)
@@ -789,11 +778,9 @@ def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int
         E1 = torch.zeros_like(W1)
         for j in range(i2 - i1):
             col = W1[:, :, j:j + 1]
-            q = (col / s).round().clamp(-qmax, qmax)
-            Q[:, :, i1 + j:i1 + j + 1] = q
-            e = (col - q * s) / U1[:, j, j][:, None, None]
+            Q[:, :, i1 + j:i1 + j + 1] = q = (col / s).round().clamp(-qmax, qmax)
+            E1[:, :, j:j + 1] = e = (col - q * s) / U1[:, j, j][:, None, None]
             W1[:, :, j:] -= e * U1[:, j:j + 1, j:]
-            E1[:, :, j:j + 1] = e
         W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
     return Q.gather(2, perm.argsort(dim=-1)[:, None, :].expand(S, R, C))
 
@@ -819,8 +806,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def rotary_cos_sin(T: int, d: int, base: float, device, train_len: int = 1024) -> tuple[Tensor, Tensor]:
-    """Partial RoPE tables (1, T, 1, d/2) for the first d dims of each head (half-split pairs). Built for length
-    1024, the base is rescaled NTK-style for longer inputs: base * (T/1024)^(d/(d-2)), as in the record."""
+    """Partial RoPE tables (1, T, 1, d/2) for each head's first d dims (half-split pairs); NTK base past train_len."""
     if T > train_len:
         base = base * (T / train_len) ** (d / (d - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
@@ -904,9 +890,8 @@ class GPT(nn.Module):
                     nn.init.orthogonal_(bank[s])
             self.qo_bank[L:].zero_()  # output projections start at zero (x 1/sqrt(2L) keeps them zero)
             self.mlp_down_bank.zero_()
-            for m in (self.bigram, self.ve):
-                if m is not None:
-                    nn.init.orthogonal_(m.proj.weight)
+            for m in [m for m in (self.bigram, self.ve) if m is not None]:
+                nn.init.orthogonal_(m.proj.weight)
 
     def qat_tensors(self) -> dict[str, Tensor]:
         """The tensors that QAT fake-quantizes: int6 banks and int8 embedding tables (TOKEN_PARAM_NAMES)."""
@@ -916,8 +901,7 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, qat: bool = False) -> Tensor:
         """Logits (B, T, V) in fp32 after the softcap, or the mean cross-entropy when targets are given."""
-        w = {n: (fake_quant_int6(t) if n in BANK_NAMES else fake_quant_int8(t)) if qat else t
-             for n, t in self.qat_tensors().items()}
+        w = {n: fake_quant(t, int6=n in BANK_NAMES) if qat else t for n, t in self.qat_tensors().items()}
         x = F.embedding(ids, w["tok_emb.weight"])
         if self.bigram is not None:
             x = x + self.bigram(ids, w["bigram.embed.weight"])
@@ -941,9 +925,7 @@ class GPT(nn.Module):
                 skips.append(x)
         logits = F.linear(rms_norm(x), w["tok_emb.weight"].to(x.dtype)).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits if targets is None else F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     def _tap(self, site: str, i: int, x: Tensor) -> Tensor:
         if self.tap is not None:
@@ -976,21 +958,19 @@ build_model = GPT  # the name the rest of the script, the tests and the tools bu
 # -----------------------------------------------------------------------------
 # 6. Optimizer
 #
-# Muon on the 4 banks, AdamW on embeddings and control tensors. With several ranks the bank gradients are
-# reduce-scattered so each rank orthogonalizes only its shard of matrices, then the updates are all-gathered;
-# the collectives are asynchronous and overlap with compute (Parallel Muon, Optimizers.step).
-# Unlike the record (which clipped each rank's local gradient), the clip uses the norm of the averaged
-# gradient, so 1, 2, 4 and 8 ranks take the same step.
+# Muon on the 4 banks, AdamW on embeddings and control tensors. With several ranks each one orthogonalizes only its
+# shard of the bank matrices: gradients reduce-scattered, updates all-gathered, asynchronously under compute (Parallel
+# Muon). The clip uses the norm of the averaged gradient (the record clipped each rank's local one), so 1, 2, 4 and 8
+# ranks take the same step.
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) with a quintic Newton-Schulz
-    iteration, in bf16 on CUDA (as the record) and fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX
-    or not), which moved a 150-step CPU run's score by 1.4e-3 between kernel sets, against 1.4e-5 in fp32. The
-    coefficients trade exactness for speed: singular values land in roughly [0.7, 1.2] instead of exactly 1, which
-    Muon tolerates."""
+    """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) by a quintic Newton-Schulz iteration,
+    in bf16 on CUDA (as the record) and fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX or not),
+    which moved a 150-step CPU run's score by 1.4e-3 between kernel sets (1.4e-5 in fp32). The coefficients trade
+    exactness for speed: singular values land in roughly [0.7, 1.2], not exactly 1, which Muon tolerates."""
     a, b, c = NS_COEFFS
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
@@ -1003,98 +983,21 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
     return (X.mT if transposed else X).to(G.dtype)
 
 
-def _collective(fn, *args, wait: bool):
-    """Launch an async collective (the tensor-API names warn with FutureWarning on some builds); wait=True
-    completes it at once, which is the synchronous step that bench_cpu.py and the tests compare against."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        work = fn(*args, async_op=True)
-    if wait:
-        work.wait()
-    return work
-
-
-class Muon:
-    """Muon for 3-D banks (slots, rows, cols): Nesterov momentum, Newton-Schulz orthogonalization, update scaled
-    by sqrt(max(1, rows/cols)), decoupled weight decay W <- W (1 - lr wd) - lr s U. Each rank owns
-    ceil(slots/world) slots (the bank is zero-padded) and keeps momentum only for them.
-
-    Overlap (several ranks): the reduce-scatters start together, biggest bank first, and the caller works while
-    they fly; each bank's all-gather then runs under the next bank's Newton-Schulz. overlap=False waits on every
-    collective at launch: the same arithmetic in the same order, so the two modes agree bit for bit."""
-
-    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, steps: int, rt: Runtime, overlap: bool = True):
-        self.banks, self.wd, self.steps, self.rt = banks, wd, steps, rt
-        self.lr, self.momentum, self.overlap = lr, 0.0, overlap
-        # momentum of this rank's shard of each bank: ceil(slots / world) slots
-        self.buf = [torch.zeros(-(-p.size(0) // rt.world_size), *p.shape[1:], device=p.device) for p in banks]
-        self.order = sorted(range(len(banks)), key=lambda i: -banks[i].numel())  # biggest first
-
-    def launch_reduce(self) -> list:
-        """Start averaging every bank gradient (reduce-scatter, biggest bank first); returns the pending
-        (shard, work) of each bank."""
-        world = self.rt.world_size
-        if world == 1:
-            return [(p.grad, None) for p in self.banks]
-        pending = [None] * len(self.banks)
-        for i in self.order:
-            p, n = self.banks[i], self.buf[i].size(0)
-            g = F.pad(p.grad, (0, 0, 0, 0, 0, n * world - p.size(0)))  # zero-padded to world x shard slots
-            out = g.new_empty(n, *p.shape[1:])
-            pending[i] = (out, _collective(dist.reduce_scatter_tensor, out, g, wait=not self.overlap))
-        return pending
-
-    def finish_reduce(self, pending: list, norms: bool) -> tuple[list[Tensor], list[Tensor]]:
-        """This rank's averaged shard of each bank (world 1: the whole bank), waited for in launch order, and each
-        shard's float32 sum of squares when norms is set (computed as it lands, under the later transfers)."""
-        sq = [None] * len(self.banks)
-        for i in self.order:
-            out, work = pending[i]
-            if work is not None:
-                work.wait()
-                out.div_(self.rt.world_size)
-            if norms:
-                sq[i] = out.float().pow(2).sum()
-        return [out for out, _ in pending], sq
-
-    @torch.no_grad()
-    def step(self, shards: list[Tensor], under_first_gather=None) -> None:
-        """Orthogonalize each shard, biggest bank first; bank i's update lands after bank i+1's Newton-Schulz.
-        under_first_gather (e.g. the AdamW step) runs while the first all-gather is in flight."""
-        world, updates = self.rt.world_size, []  # (bank, update, its all-gather or None)
-        for j, i in enumerate(self.order):
-            p, g, buf = self.banks[i], shards[i], self.buf[i]
-            buf.mul_(self.momentum).add_(g)
-            u = zeropower_via_newtonschulz5(g.add(buf, alpha=self.momentum), self.steps)
-            u = u * math.sqrt(max(1.0, p.size(1) / p.size(2)))
-            full, work = u, None
-            if world > 1:
-                full = u.new_empty(u.size(0) * world, *u.shape[1:])
-                work = _collective(dist.all_gather_into_tensor, full, u.contiguous(), wait=not self.overlap)
-            updates.append((p, full, work))
-            if j == 0 and under_first_gather is not None:
-                under_first_gather()
-            if j > 0:
-                self._apply(*updates[j - 1])
-        self._apply(*updates[-1])
-
-    def _apply(self, p: nn.Parameter, u: Tensor, work) -> None:
-        if work is not None:
-            work.wait()
-        p.mul_(1 - self.lr * self.wd).sub_(u[:p.size(0)].to(p.dtype), alpha=self.lr)
-
-
 class Optimizers:
-    """Muon (banks) + AdamW (token tables; scalars and small matrices), one LR multiplier for all."""
+    """Muon on the banks (Nesterov momentum, Newton-Schulz, update scaled by sqrt(max(1, rows/cols)), decoupled
+    weight decay W <- W (1 - lr wd) - lr s U), AdamW on the rest; one LR multiplier. Each rank owns ceil(slots/world)
+    slots of each bank (zero-padded) and keeps momentum only for them. overlap=False waits on every collective at
+    launch: the same arithmetic in the same order, so the two modes agree bit for bit."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
-        self.h, self.rt = h, rt
+        self.h, self.rt, self.overlap, self.muon_lr, self.momentum = h, rt, overlap, h.matrix_lr, 0.0
         named = dict(model.named_parameters())
         self.banks = [named[n] for n in BANK_NAMES]
+        self.order = sorted(range(len(self.banks)), key=lambda i: -self.banks[i].numel())  # biggest first
+        self.buf = [torch.zeros(-(-p.size(0) // rt.world_size), *p.shape[1:], device=p.device) for p in self.banks]
         token = [p for n, p in named.items() if n in TOKEN_PARAM_NAMES]
         scalar = [p for n, p in named.items() if n not in TOKEN_PARAM_NAMES and n not in BANK_NAMES]
         self.replicated = token + scalar
-        self.muon = Muon(self.banks, h.matrix_lr, h.muon_wd, h.muon_backend_steps, rt, overlap)
         self.adam = torch.optim.AdamW([dict(params=token, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr),
                                        dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr)],
                                       betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
@@ -1102,49 +1005,95 @@ class Optimizers:
 
     def set_schedule(self, step: int, lr_mult: float) -> None:
         frac = min(step / self.h.muon_momentum_warmup_steps, 1.0) if self.h.muon_momentum_warmup_steps > 0 else 1.0
-        self.muon.momentum = (1 - frac) * self.h.muon_momentum_warmup_start + frac * self.h.muon_momentum
-        self.muon.lr = self.h.matrix_lr * lr_mult
+        self.momentum = (1 - frac) * self.h.muon_momentum_warmup_start + frac * self.h.muon_momentum
+        self.muon_lr = self.h.matrix_lr * lr_mult
         for group in self.adam.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
 
     @torch.no_grad()
     def step(self) -> None:
-        """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads.
-
-        Order: the replicated gradients' one flat all-reduce (small, ~4 MB), then the bank reduce-scatters, biggest
-        first, all in flight at once (NCCL runs one communicator's collectives in launch order, so the small one
-        goes first). While the banks fly, the replicated gradients land and their norm is taken. The clip needs
-        every reduced gradient, so with a clip AdamW runs under Muon's first all-gather, without one under the
-        reduce-scatters. The arithmetic is that of the plain sequence, bit for bit."""
+        """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads. Order: the
+        replicated gradients' one flat all-reduce (small, ~4 MB), then the bank reduce-scatters, biggest first, all
+        in flight at once (NCCL runs one communicator's collectives in launch order, so the small one goes first).
+        While the banks fly, the replicated gradients land and their norm is taken, then each bank shard's in launch
+        order, under the later transfers. The clip needs every reduced gradient, so with a clip AdamW runs under
+        Muon's first all-gather, without one under the reduce-scatters. Bit for bit the plain sequence's arithmetic."""
+        world, clip = self.rt.world_size, self.h.grad_clip_norm > 0
         for p in self.replicated:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        clip = self.h.grad_clip_norm > 0
         grads = [p.grad for p in self.replicated]
-        finish = all_reduce_flat_(grads, 1.0 / self.rt.world_size, async_op=self.muon.overlap)
-        pending = self.muon.launch_reduce()
+        finish = all_reduce_flat_(grads, 1.0 / world, async_op=self.overlap)
+        pending = [(p.grad, None) for p in self.banks]  # (this rank's shard of the gradient, its reduce-scatter)
+        if world > 1:
+            for i in self.order:
+                p, n = self.banks[i], self.buf[i].size(0)
+                g = F.pad(p.grad, (0, 0, 0, 0, 0, n * world - p.size(0)))  # zero-padded to world x shard slots
+                out = g.new_empty(n, *p.shape[1:])
+                pending[i] = (out, self._launch(dist.reduce_scatter_tensor, out, g))
         if finish is not None:
             finish()
         if clip:
             rep_sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
         else:
             self.adam.step()
-        bank_shards, sq = self.muon.finish_reduce(pending, norms=clip)
+        sq = [None] * len(self.banks)
+        for i in self.order:
+            out, work = pending[i]
+            if work is not None:
+                work.wait()
+                out.div_(world)
+            if clip:
+                sq[i] = out.float().pow(2).sum()
+        shards = [out for out, _ in pending]
         if clip:
-            sq = torch.stack(sq)
-            bank_sq = all_reduce_(sq.sum()) if self.rt.world_size > 1 else sq.sum()
+            bank_sq = all_reduce_(torch.stack(sq).sum())  # a no-op without torch.distributed
             coef = (self.h.grad_clip_norm / ((bank_sq + rep_sq).sqrt() + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads + bank_shards, coef)
-        self.muon.step(bank_shards, under_first_gather=self.adam.step if clip else None)
+            torch._foreach_mul_(grads + shards, coef)
+        self._muon_step(shards, under_first_gather=self.adam.step if clip else None)
         for p in self.replicated + self.banks:
             p.grad = None
 
+    def _muon_step(self, shards: list[Tensor], under_first_gather=None) -> None:
+        """Orthogonalize each shard, biggest bank first; bank i's update lands after bank i+1's Newton-Schulz.
+        under_first_gather (e.g. the AdamW step) runs while the first all-gather is in flight."""
+        world, updates = self.rt.world_size, []  # (bank, update, its all-gather or None)
+        for j, i in enumerate(self.order):
+            p, g, buf = self.banks[i], shards[i], self.buf[i]
+            buf.mul_(self.momentum).add_(g)
+            u = zeropower_via_newtonschulz5(g.add(buf, alpha=self.momentum), self.h.muon_backend_steps)
+            u = u * math.sqrt(max(1.0, p.size(1) / p.size(2)))
+            full, work = u, None
+            if world > 1:
+                full = u.new_empty(u.size(0) * world, *u.shape[1:])
+                work = self._launch(dist.all_gather_into_tensor, full, u.contiguous())
+            updates.append((p, full, work))
+            if j == 0 and under_first_gather is not None:
+                under_first_gather()
+            if j > 0:
+                self._apply(*updates[j - 1])
+        self._apply(*updates[-1])
+
+    def _launch(self, fn, *args):
+        """Start an async collective (silencing the FutureWarning some builds give); without overlap, finish it."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            work = fn(*args, async_op=True)
+        if not self.overlap:
+            work.wait()
+        return work
+
+    def _apply(self, p: nn.Parameter, u: Tensor, work) -> None:
+        if work is not None:
+            work.wait()
+        p.mul_(1 - self.muon_lr * self.h.muon_wd).sub_(u[:p.size(0)].to(p.dtype), alpha=self.muon_lr)
+
     def state_dict(self) -> dict:
-        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": [b.clone() for b in self.muon.buf]}
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": [b.clone() for b in self.buf]}
 
     def load_state_dict(self, sd: dict) -> None:
         self.adam.load_state_dict(sd["adam"])
-        for b, v in zip(self.muon.buf, sd["muon"]):
+        for b, v in zip(self.buf, sd["muon"]):
             b.copy_(v)
 
 
@@ -1154,8 +1103,7 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     if h.warmdown_iters <= 0:
         return 1.0
     if h.max_wallclock_seconds <= 0:
-        start = max(h.iterations - h.warmdown_iters, 0)
-        return max((h.iterations - step) / h.warmdown_iters, 0.0) if step >= start else 1.0
+        return max((h.iterations - step) / h.warmdown_iters, 0.0) if step >= h.iterations - h.warmdown_iters else 1.0
     warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
     remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
@@ -1203,9 +1151,9 @@ def serialize(q: dict) -> bytes:
     passthrough): compressors see homogeneous streams, and byte-shuffling splits the fp16 ones into byte planes."""
     entries = [dict(name=name, kind=kind, shape=list(a.shape), **({"dtype": b} if kind == "fp16" else {}))
                for name, (kind, a, b) in q.items()]
-    coded, plain = [e for e in q.values() if e[0] != "fp16"], [e for e in q.values() if e[0] == "fp16"]
-    join = lambda arrays: b"".join(t.numpy().tobytes() for t in arrays)  # noqa: E731
-    body = dict(q=join(a for _, a, _ in coded), s=join(s for *_, s in coded), f=join(a for _, a, _ in plain))
+    coded = [(a, s) for kind, a, s in q.values() if kind != "fp16"]
+    body = dict(q=b"".join(a.numpy().tobytes() for a, _ in coded), s=b"".join(s.numpy().tobytes() for _, s in coded),
+                f=b"".join(a.numpy().tobytes() for kind, a, _ in q.values() if kind == "fp16"))
     header = json.dumps(dict(entries=entries, sizes={k: len(v) for k, v in body.items()})).encode()
     return PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + b"".join(body.values())
 
@@ -1335,7 +1283,6 @@ class ArtifactInfo:
 
 
 def load_artifact(path: Path, h: Hyperparameters, device) -> GPT:
-    """Every rank builds a fresh model from the file on disk: all post-training scores come from it."""
     if not path.is_file():
         raise FileNotFoundError(f"artifact {path} does not exist")
     q, model = deserialize(decompress_artifact(path.read_bytes(), path)), build_model(h)
@@ -1369,7 +1316,6 @@ def pack_source(src: bytes, search: bool = True) -> bytes:
 
 
 def unpack_source(packed: bytes) -> bytes:
-    """The exact source bytes held by a wrapper that pack_source wrote."""
     m = _PACK_RE.match(packed)
     if m is None:
         raise ValueError("not a packed file written by pack_source (tools/pack.py)")
@@ -1389,7 +1335,6 @@ def model_budget_bytes(h: Hyperparameters, code_bytes: int) -> int:
     return ARTIFACT_LIMIT_BYTES - code_bytes - h.artifact_margin_bytes
 
 
-# Fit to budget (fit_to_budget): zero the int6 values whose removal adds the least error until the real blob fits.
 FIT_PROBES = 3  # extra full compressions at most
 FIT_AIM = (0.03, 0.01, 0.005)  # probe i aims this fraction of the overshoot below the budget (no fit yet: the first)
 FIT_TOLERANCE = (0.02, 1e-4)  # stop at a fit this close: a fraction of the overshoot, or of the budget
@@ -1516,11 +1461,6 @@ def fit_line(st: dict) -> str:
             "time:{seconds:.1f}s codec:{codec} probes:{probes}").format(**st)
 
 
-def hessian_diagonals(hessians: dict[str, Tensor]) -> dict[str, Tensor]:
-    """{bank: (slots, C)}: how much each input column matters, which ranks the values that pruning removes."""
-    return {bank: H.diagonal(dim1=-2, dim2=-1) for bank, H in hessians.items()}
-
-
 def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> tuple[int, str]:
     """Rank 0 quantizes, fits the model budget and writes atomically; a model that cannot fit fails every rank first."""
     err = None
@@ -1532,17 +1472,15 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
             budget = sys.maxsize
             log0("fit skipped: smoke run, not a submission")
         q = quantize_model(model, model.hessians, h.gptq_damp, h.gptq_block_size)
-        hd = hessian_diagonals(model.hessians or {})  # GPTQ's Hessians also rank the values that pruning removes
+        hd = {b: H.diagonal(dim1=-2, dim2=-1) for b, H in (model.hessians or {}).items()}  # ranks what pruning drops
         try:
             blob, codec, sizes, st = fit_to_budget(q, model.state_dict(), h.compressor, budget,
                                                    h.fit_max_prune_fraction, hd)
         except RuntimeError as e:
             err = e
             log0(f"ERROR: {e}")
-    failed = err is not None
-    if dist.is_initialized():  # the all-reduce doubles as a barrier: every rank learns whether rank 0 can write
-        failed = bool(all_reduce_(torch.tensor([float(failed)], device=rt.device)).item())
-    if failed:
+    # the all-reduce (a no-op in one process) doubles as a barrier: every rank learns whether rank 0 can write
+    if all_reduce_(torch.tensor([float(err is not None)], device=rt.device)).item():
         raise err or RuntimeError("export failed on rank 0 (see its log)")
     if rt.is_main:
         write_atomic(path, blob)
