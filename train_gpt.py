@@ -2162,7 +2162,6 @@ class EMA:
         self.decay, self.params = decay, list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
 
-    @torch.no_grad()
     def update(self) -> None:
         torch._foreach_mul_(self.shadow, self.decay)
         torch._foreach_add_(self.shadow, [p.detach().float() for p in self.params], alpha=1 - self.decay)
@@ -2172,8 +2171,7 @@ class EMA:
         if steps < min_steps:
             log0(f"ema:skipped steps:{steps} < EMA_MIN_STEPS={min_steps} (the average still holds the init)")
             return
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s)
+        torch._foreach_copy_(self.params, self.shadow)
         log0(f"ema:applied decay:{self.decay} steps:{steps}")
 
 
@@ -2190,9 +2188,8 @@ def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
 
 
 def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
-    """Run real steps so torch.compile builds every graph the timed loop needs (with and without QAT), then restore
-    the initial weights, optimizer state and data order: the timed run starts from the true init. Compiling, never
-    fewer steps than graphs (the cpu preset's WARMUP_STEPS=0), else step 1 compiles inside the timed window."""
+    """Real steps so torch.compile builds every graph the timed loop needs (QAT on and off); weights, optimizer state
+    and data order are then restored. Compiling, at least one step per graph, even at WARMUP_STEPS=0."""
     both = not h.qat_enabled and h.late_qat_threshold > 0
     n_steps = max(h.warmup_steps, 1 + both) if compile_enabled(h, rt.device) else h.warmup_steps
     if n_steps <= 0:
@@ -2211,8 +2208,7 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
 def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tensor]:
     """H = mean x^T x (fp32) of every bank matrix's inputs (the eager model's taps) over `batches` training batches
     (never validation data) on each rank, averaged across ranks; {bank: (slots, C, C)} in BANK_INPUTS order."""
-    d, hidden = model.tok_emb.embedding_dim, model.mlp_up_bank.size(1)
-    sizes = {"attn_in": d, "attn_out": d, "mlp_in": d, "mlp_act": hidden}
+    sizes = {site: getattr(model, bank).size(-1) for bank, sites in BANK_INPUTS.items() for site in sites}
     acc = {site: torch.zeros(model.L, c, c, device=rt.device) for site, c in sizes.items()}
 
     def tap(site: str, i: int, x: Tensor) -> None:
@@ -2235,9 +2231,8 @@ def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tenso
 
 
 def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
-    """Seconds the timed loop stops early so that the Hessian collection fits in MAX_WALLCLOCK_SECONDS: the
-    GPTQ_RESERVE_SECONDS setting, or (< 0) measured on one batch (after a warm-up one) and scaled to
-    GPTQ_CALIB_BATCHES with a margin. The slowest rank's figure, so all ranks agree."""
+    """Seconds the timed loop stops early so that the Hessian collection fits in MAX_WALLCLOCK_SECONDS: the setting,
+    or (< 0) one batch measured and scaled to GPTQ_CALIB_BATCHES with a margin, the slowest rank's (all agree)."""
     if not h.gptq_enabled or h.max_wallclock_seconds <= 0:
         return 0.0
     source, reserve = "set", h.gptq_reserve_seconds
@@ -2300,9 +2295,8 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
         if ema is not None:
             ema.update()
         step += 1
-        # The step's only host-device sync: one tiny all-reduce of [ranks with a non-finite loss, summed loss, summed
-        # elapsed ms], built on the device. The mean time (taken when the step is queued: it trails the device by at
-        # most a step) drives the LR schedule, late QAT and the cap identically on every rank.
+        # The step's only host-device sync: one all-reduce of [ranks with a non-finite loss, loss, elapsed ms]. The
+        # mean time (taken as the step is queued, at most a step behind the device) drives LR, late QAT and the cap.
         now = torch.full((), train_ms + 1000 * (clock() - t0), dtype=torch.float64, device=loss.device)
         sums = all_reduce_(torch.stack(((~torch.isfinite(loss)).double(), loss.double(), now))).tolist()
         loss, elapsed_ms = sums[1] / rt.world_size, sums[2] / rt.world_size
@@ -2378,14 +2372,12 @@ def timed(label: str, fn, *args, **kw):
     return out
 
 
-def diagnostic(ctx: EvalContext, name: str, fwd, stride: int, decimals: int = 8) -> EvalResult:
-    """One plain-scoring diagnostic (no adaptation), logged once, with its time."""
+def diagnostic(ctx: EvalContext, name: str, fwd, stride: int, digits: int = 8) -> EvalResult:
     try:
         r = run_pass(ctx, FixedScorer(fwd), stride)
     except FloatingPointError as e:
         raise FloatingPointError(f"{name}: {e}") from None
-    log0(f"{name} val_loss:{r.val_loss:.{decimals}f} val_bpb:{r.val_bpb:.{decimals}f} "
-         f"eval_time:{1000 * r.seconds:.0f}ms")
+    log0(f"{name} val_loss:{r.val_loss:.{digits}f} val_bpb:{r.val_bpb:.{digits}f} eval_time:{1000 * r.seconds:.0f}ms")
     return r
 
 
@@ -2445,8 +2437,7 @@ def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int, trai
         log0(f"ablation track:{k} val_loss:{final.losses[k]:.8f} val_bpb:{final.bpbs[k]:.8f}")
     log0(f"{'subset_score' if h.val_max_tokens > 0 else 'final_score'} val_loss:{final.val_loss:.8f} "
          f"val_bpb:{final.val_bpb:.8f} eval_time:{1000 * final.seconds:.0f}ms")
-    # Then the diagnostics in priority order, each only if the budget has room for a plain scoring of its windows at
-    # the pass's rate: the artifact roundtrip (the challenge's parsers read its line), sliding windows, the float model.
+    # Then the diagnostics by priority (the parsers read the roundtrip's line), each if the budget has room for it
     todo = [("final_int8_zlib_roundtrip", fwd, h.eval_seq_len, True),
             ("int6_sliding", fwd, h.eval_stride, h.sliding_diagnostic),
             ("final_float", float_fwd, h.eval_seq_len, h.float_diagnostic and float_fwd is not None)]
@@ -2459,7 +2450,7 @@ def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int, trai
                  f"EVAL_BUDGET_SECONDS-EVAL_MARGIN_SECONDS{extra}")
         elif name == "final_int8_zlib_roundtrip":  # TTT moved the weights: score the artifact's own again
             model.load_state_dict(load_artifact(path, h, "cpu").state_dict())
-            r = diagnostic(ctx, name, f, stride, decimals=4)
+            r = diagnostic(ctx, name, f, stride, digits=4)
             log0(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
         else:
             diagnostic(ctx, name, f, stride)
@@ -2469,9 +2460,8 @@ def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int, trai
 
 
 def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec, art: ArtifactInfo | None = None):
-    """Size accounting and submission.json: written once, at the very end, as strict JSON (never a non-finite number)
-    tied to the log and artifact by run_id and sha256. Over 16,000,000 bytes or a declared pass that overran the eval
-    budget is an error after everything is written; a smoke run's verdict does not change its exit code."""
+    """Size accounting and submission.json, written once at the very end as strict JSON tied to the log and artifact
+    by run_id and sha256. Then exit 1 if over the byte limit or the eval budget (a smoke run only reports its size)."""
     if not rt.is_main:
         return 0
     code_bytes = shipped_code_bytes(Path(__file__))  # the packed file that ships (this file, if already packed)
