@@ -2189,7 +2189,8 @@ def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
 
 def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
     """Real steps so torch.compile builds every graph the timed loop needs (QAT on and off); weights, optimizer state
-    and data order are then restored. Compiling, at least one step per graph, even at WARMUP_STEPS=0."""
+    and data order are then restored. When compiling, one step per graph even at WARMUP_STEPS=0: otherwise step 1
+    would compile inside the timed window."""
     both = not h.qat_enabled and h.late_qat_threshold > 0
     n_steps = max(h.warmup_steps, 1 + both) if compile_enabled(h, rt.device) else h.warmup_steps
     if n_steps <= 0:
