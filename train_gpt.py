@@ -1495,9 +1495,8 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
 # -----------------------------------------------------------------------------
 # 8. Evaluation
 #
-# One scoring path serves every score: windows of EVAL_SEQ_LEN inputs advanced by a stride; the first window
-# scores all its positions, later ones only their last `stride` (each target exactly once). Stride = window
-# is the plain non-overlapping eval. Position i means input val[i] and target val[i+1].
+# Every score slides windows of EVAL_SEQ_LEN inputs by a stride: the first window scores all its positions, later ones
+# their last `stride` (each target once; stride = window: the plain eval). Position i: input val[i], target val[i+1].
 
 
 def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
@@ -1520,34 +1519,28 @@ def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device) -> 
     return logits.reshape(-1, logits.size(-1))[rows.to(device)], pos.to(device)
 
 
-# Causal n-gram candidates for the eval-time logit boost (legal by construction).
-#
-# LEGALITY INVARIANT: row t reads only tokens[:t]; token t is inserted after row t is emitted, and
-# each token is offered to each order's table exactly once. Keys hash the context only (never the
-# continuation); the backoff gate uses only prefix statistics (bucket tag and total).
-#
+# Causal n-gram candidates for the eval-time logit boost. LEGALITY INVARIANT: row t reads only tokens[:t]; token t is
+# inserted after row t is emitted, and each token is offered to each order's table exactly once. Keys hash the context
+# only (never the continuation); the backoff gate uses only prefix statistics (bucket tag and total).
 # ORDER k: the context tokens[t-k .. t-1] (a (k+1)-gram), which exists for t >= k.
 # HASH, two lanes (P = NG_MUL_ROW or NG_MUL_TAG, M = 2**31 - 1), updated by a rolling (Rabin-Karp) step:
 #     H_P(t) = sum_{j=1..k} (tokens[t-j] + 1) * P**(j-1) mod M,   bucket = H_ROW & (2**table_bits - 1), tag = H_TAG
-# BUCKET, int64 [1 + top_k], one table per order: word 0 = tag << 32 | total; words 1.. = slots
-# (count << 16 | token), sorted descending (count, ties -> larger token id); empty = 0.
+# BUCKET, int64 [1 + top_k], one table per order: word 0 = tag << 32 | total; words 1.. = slots (count << 16 | token),
+# sorted descending (count, ties -> larger token id); empty = 0.
 # HEAD RULE when (tag g, token x) is offered to a bucket (decay replacement, Misra-Gries style):
 #     empty or tag == g : total += 1, x goes into the slots              ("inserted")
 #     other tag, total>1: total -= 1, x is not stored for this order     ("dropped")
 #     other tag, total=1: bucket reset to (g, total 1, slots {x: 1})     ("inserted", evicts the slot mass)
-# SLOT RULE (space-saving): x in a slot -> +1; else first empty slot with count 1; else x replaces
-# the smallest slot and gets its count + 1.
-# BACKOFF at t: the highest order whose bucket has tag == g and total >= min_count emits its slots as
-# (token, log1p(count)); no order: (-1, 0).
-# Execution: each chunk of positions is replayed per order (independent tables) on a thread pool into
-# per-order buffers, then merged by backoff; results do not depend on the thread count or chunk size.
+# SLOT RULE (space-saving): x's slot +1; else the first empty slot, count 1; else x replaces the smallest, count + 1.
+# BACKOFF at t: the highest order with tag == g and total >= min_count emits its slots as (token, log1p(count));
+# no order: (-1, 0).
+# Execution: chunk by chunk, orders replay in parallel, then merge by backoff; rows never depend on threads/chunking.
 
 NG_MOD = 2147483647  # 2**31 - 1; every product stays < 2**63, so int64 never overflows
 NG_MUL_ROW = 1220703125  # 5**13
 NG_MUL_TAG = 1977686641  # 48271**2 mod M
 NG_TOK_BITS = 16
 NG_TOK_MASK = (1 << NG_TOK_BITS) - 1
-NG_LO32 = (1 << 32) - 1
 NG_AHEAD = 16  # prefetch distance (positions)
 NG_RING = 32  # ring of hashed-ahead buckets, > NG_AHEAD
 NG_CHUNK = 1 << 18  # positions per parallel step (buffers: orders x chunk x top_k x 8 bytes)
@@ -1560,10 +1553,9 @@ def _ng_make_prefetch():
     if numba is None or numba.config.DISABLE_JIT:
         return lambda arr, i: None
     from llvmlite import ir
-    from numba.core import cgutils, types
-    from numba.extending import intrinsic
+    from numba.core import cgutils, extending, types
 
-    @intrinsic
+    @extending.intrinsic
     def prefetch(typingctx, arr, i):
         def codegen(context, builder, sig, args):
             aryty, i32 = sig.args[0], ir.IntType(32)
@@ -1575,9 +1567,7 @@ def _ng_make_prefetch():
             fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch." + ptr.type.intrinsic_name)
             builder.call(fn, [ptr, i32(1), i32(3), i32(1)])  # for write, high locality, data cache
             return context.get_dummy_value()
-
         return types.void(arr, i), codegen
-
     return prefetch
 
 
@@ -1598,44 +1588,35 @@ def _ng_order_chunk(tokens, k, c0, c1, min_count, table, buf_tok, buf_cnt, count
     buf_tok[., 0] = -1), then tokens[t] is offered to the bucket. counters += (inserted, dropped, evicted mass).
     Buckets are hashed NG_AHEAD positions ahead and prefetched. No array views in the loop (refcounting)."""
     start = max(c0, k)
-    for t in range(c0, min(start, c1)):
-        buf_tok[t - c0, 0] = -1  # no order-k context yet
-    if start >= c1:
-        return
+    buf_tok[:min(start, c1) - c0, 0] = -1  # no order-k context yet
     mask = table.shape[0] - 1
-    h_row = h_tag = 0
-    top_row = top_tag = 1
-    for j in range(start - k, start - 1):  # Horner over the first k - 1 context tokens; top = P**(k-1)
-        h_row = _ng_mod(h_row * NG_MUL_ROW + int(tokens[j]) + 1)
-        h_tag = _ng_mod(h_tag * NG_MUL_TAG + int(tokens[j]) + 1)
+    h_row, h_tag, top_row, top_tag = 0, 0, 1, 1
+    for _ in range(k - 1):  # top = P**(k-1), the weight of the oldest context token
         top_row = _ng_mod(top_row * NG_MUL_ROW)
         top_tag = _ng_mod(top_tag * NG_MUL_TAG)
-    ring_row = np.zeros(NG_RING, np.int64)
-    ring_tag = np.zeros(NG_RING, np.int64)
+    ring = np.zeros((NG_RING, 2), np.int64)  # (bucket, tag) of the positions hashed ahead
     inserted = dropped = evicted = 0
-    for s in range(start, c1 + NG_AHEAD):
-        if s < c1:  # roll the hash to position s: drop tokens[s-1-k] (none at start), append tokens[s-1]
+    for s in range(start - k + 1, c1 + NG_AHEAD):  # the first k steps hash the context of position `start`
+        if s < c1:  # roll the hash to position s: drop tokens[s-1-k] (none up to start), append tokens[s-1]
             old = int(tokens[s - 1 - k]) + 1 if s > start else 0
             new = int(tokens[s - 1]) + 1
             h_row = _ng_mod((h_row + NG_MOD - _ng_mod(old * top_row)) * NG_MUL_ROW + new)
             h_tag = _ng_mod((h_tag + NG_MOD - _ng_mod(old * top_tag)) * NG_MUL_TAG + new)
-            ring_row[s % NG_RING] = h_row & mask
-            ring_tag[s % NG_RING] = h_tag
+            ring[s % NG_RING, 0] = h_row & mask
+            ring[s % NG_RING, 1] = h_tag
             _ng_prefetch(table, h_row & mask)
         t = s - NG_AHEAD
         if t < start:
             continue
-        r = ring_row[t % NG_RING]
-        g = ring_tag[t % NG_RING]
+        r, g = ring[t % NG_RING, 0], ring[t % NG_RING, 1]
         w = table[r, 0]
-        total = w & NG_LO32
-        if (w >> 32) == g and total >= min_count:  # emit row t from the prefix state
+        total = w & 0xFFFFFFFF  # word 0's low 32 bits
+        buf_tok[t - c0, 0] = -1  # order k does not qualify at t, unless its bucket matches:
+        if (w >> 32) == g and total >= min_count:  # then emit row t from the prefix state
             for j in range(buf_tok.shape[1]):
                 v = table[r, 1 + j]
                 buf_tok[t - c0, j] = v & NG_TOK_MASK if v != 0 else -1
                 buf_cnt[t - c0, j] = v >> NG_TOK_BITS
-        else:
-            buf_tok[t - c0, 0] = -1  # order k does not qualify at t
         if total == 0 or (w >> 32) == g:  # HEAD RULE: only now does token t enter the table
             table[r, 0] = (g << 32) | (total + 1)
         elif total > 1:
@@ -1662,9 +1643,7 @@ def _ng_order_chunk(tokens, k, c0, c1, min_count, table, buf_tok, buf_cnt, count
             j -= 1
         table[r, j] = v
         inserted += 1
-    counters[0] += inserted
-    counters[1] += dropped
-    counters[2] += evicted
+    counters += np.array((inserted, dropped, evicted))
 
 
 @njit(cache=True, nogil=True)
@@ -1680,22 +1659,17 @@ def _ng_merge(min_order, c0, a, b, buf_tok, buf_cnt, cand_tok, cand_cnt, chosen)
             cand_cnt[t, j] = buf_cnt[o, t - c0, j] if o >= 0 else 0
 
 
-_HP = Hyperparameters  # the kernel's defaults are the run's
-
-
-def ngram_candidates(tokens, min_order=_HP.ngram_min_order, max_order=_HP.ngram_max_order,
-                     table_bits=_HP.ngram_table_bits, top_k=_HP.ngram_top_k, min_count=_HP.ngram_min_count,
-                     debug=False):
-    """Rows by the header comment's rules: (cand_tok int32 [N, top_k], cand_logc float32 [N, top_k], stats), the
-    same on every rank. stats: "order" (int8 [N], the emitting order, 0 = none; prefix-only, usable as a gate),
-    "with_candidates", and {order: n} dicts "hits_per_order", "inserted_per_order", "dropped_per_order",
-    "evicted_mass_per_order"; debug=True adds "slot_mass_per_order" (it reads every table page).
-    Defaults: > 5M tokens/s, < 2 GB for ~30M tokens on 2 cores (stand-in corpus; bench/bench_ngram.py --sweep).
-    Table memory: 2**table_bits * 8 * (1 + top_k) bytes per order."""
-    bounds = {"min_order": (min_order, 1, max_order), "max_order": (max_order, 1, 127),
-              "table_bits": (table_bits, 0, NG_MAX_TABLE_BITS), "top_k": (top_k, 1, NG_MAX_TOP_K),
-              "min_count": (min_count, 1, math.inf)}
-    for name, (v, lo, hi) in bounds.items():
+def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_order=Hyperparameters.ngram_max_order,
+                     table_bits=Hyperparameters.ngram_table_bits, top_k=Hyperparameters.ngram_top_k,
+                     min_count=Hyperparameters.ngram_min_count, debug=False):
+    """Rows by the header comment's rules: (cand_tok int32 [N, top_k], cand_logc float32 [N, top_k], stats), the same
+    on every rank. stats: "order" (int8 [N], the emitting order, 0 = none; prefix-only, usable as a gate),
+    "with_candidates", and {order: n} dicts "<hits|inserted|dropped|evicted_mass>_per_order"; debug=True adds
+    "slot_mass_per_order" (it reads every table page). Table memory: 2**table_bits * 8 * (1 + top_k) bytes per order.
+    Defaults: > 5M tokens/s, < 2 GB for ~30M tokens on 2 cores (stand-in corpus; bench/bench_ngram.py --sweep)."""
+    for name, v, lo, hi in (("min_order", min_order, 1, max_order), ("max_order", max_order, 1, 127),
+                            ("table_bits", table_bits, 0, NG_MAX_TABLE_BITS), ("top_k", top_k, 1, NG_MAX_TOP_K),
+                            ("min_count", min_count, 1, math.inf)):
         if not lo <= v <= hi:
             raise ValueError(f"ngram_candidates: {name}: {v} not in [{lo}, {hi}]")
     tokens = np.asarray(tokens)
@@ -1709,12 +1683,9 @@ def ngram_candidates(tokens, min_order=_HP.ngram_min_order, max_order=_HP.ngram_
     raw = np.zeros(size + 8, np.int64)  # numpy already madvises huge pages (fewer TLB misses)
     off = (-raw.ctypes.data % 64) // 8  # 64-byte aligned: no bucket straddles two cache lines (1.3x faster)
     tables = raw[off:off + size].reshape(n_ord, 1 << table_bits, 1 + top_k)
-    buf_tok = np.empty((n_ord, chunk, top_k), np.int32)
-    buf_cnt = np.empty((n_ord, chunk, top_k), np.float32)
-    cand_tok = np.empty((n, top_k), np.int32)  # every row is written by _ng_merge
-    cand_logc = np.empty((n, top_k), np.float32)
-    chosen = np.empty(n, np.int8)
-    counters = np.zeros((n_ord, 3), np.int64)
+    buf_tok, buf_cnt = np.empty((n_ord, chunk, top_k), np.int32), np.empty((n_ord, chunk, top_k), np.float32)
+    cand_tok, cand_logc = np.empty((n, top_k), np.int32), np.empty((n, top_k), np.float32)  # _ng_merge sets every row
+    chosen, counters = np.empty(n, np.int8), np.zeros((n_ord, 3), np.int64)
 
     def replay(o, c0, c1):
         _ng_order_chunk(tokens, min_order + o, c0, c1, min_count, tables[o], buf_tok[o], buf_cnt[o], counters[o])
@@ -1722,7 +1693,6 @@ def ngram_candidates(tokens, min_order=_HP.ngram_min_order, max_order=_HP.ngram_
     def merge(c0, a, b):  # then count -> log1p(count); numba and numpy both release the GIL
         _ng_merge(min_order, c0, a, b, buf_tok, buf_cnt, cand_tok, cand_logc, chosen)
         np.log1p(cand_logc[a:b], out=cand_logc[a:b])
-
     with ThreadPoolExecutor(threads) as pool:
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
@@ -1730,26 +1700,23 @@ def ngram_candidates(tokens, min_order=_HP.ngram_min_order, max_order=_HP.ngram_
             cuts = np.linspace(c0, c1, threads + 1).astype(np.int64)
             list(pool.map(merge, [c0] * threads, cuts[:-1], cuts[1:]))
     orders = range(min_order, max_order + 1)
-    per = lambda a: {k: int(v) for k, v in zip(orders, a)}  # noqa: E731
     hits = [np.count_nonzero(chosen == k) for k in orders]
-    stats = {"order": chosen, "with_candidates": int(sum(hits)), "hits_per_order": per(hits),
-             "inserted_per_order": per(counters[:, 0]), "dropped_per_order": per(counters[:, 1]),
-             "evicted_mass_per_order": per(counters[:, 2])}
+    per_order = {"hits": hits, "inserted": counters[:, 0], "dropped": counters[:, 1], "evicted_mass": counters[:, 2]}
     if debug:
-        stats["slot_mass_per_order"] = per((tables[:, :, 1:] >> NG_TOK_BITS).sum(axis=(1, 2)))
+        per_order["slot_mass"] = (tables[:, :, 1:] >> NG_TOK_BITS).sum(axis=(1, 2))
+    stats = {"order": chosen, "with_candidates": int(sum(hits))}
+    stats.update({f"{name}_per_order": dict(zip(orders, map(int, a))) for name, a in per_order.items()})
     return cand_tok, cand_logc, stats
 
 
 class OnlineBias:
-    """Per-document logit bias (Nacrith-style online SGD on cross-entropy), reset at every BOS.
-
-    Sequential rule, for position t with input x_t (= the previous target):
+    """Per-document logit bias (Nacrith-style online SGD on cross-entropy), reset at every BOS. Sequential rule, for
+    position t with input x_t (= the previous target):
         r_t = 0                                          if x_t is BOS
         r_t = r_{t-1} + lr * (onehot(x_t) - p_{t-1})     otherwise
-    p is the neural distribution (without the bias), so r is a segmented prefix sum that a batch computes in
-    parallel from its inputs alone. r_t reads only tokens before t's target; the committed carry between chunks
-    is advanced with a chunk's last target only in update(), after its score is recorded. Inside a chunk each
-    rank starts from the committed carry (or 0 after a BOS), so several ranks drop some in-chunk context."""
+    p: the neural distribution (no bias), so r_t reads only inputs up to t: a segmented prefix sum, computed per batch
+    in parallel. The carry between chunks advances with a chunk's last target only in update(), after its score is
+    recorded; in a chunk each rank starts from it (or 0 after a BOS): several ranks drop some in-chunk context."""
 
     def __init__(self, h: Hyperparameters, vocab: int, device):
         self.lr, self.V, self.device = h.bias_lr, vocab, device
@@ -1800,16 +1767,14 @@ class OnlineBias:
 
 
 class HedgeMixer:
-    """Online multiplicative weights over normalized experts: p_mix = sum_k w_k p_k is scored; after a chunk is
-    scored, w_k <- w_k exp(-eta * mean loss_k over the chunk), renormalized (losses all-reduced: the same weights on
-    every rank). Bound: since p_mix >= w_k p_k, each token's loss is -log p_mix <= -log p_k + log(1/w_k), w_k the
-    weight it is scored with. Over the pass the mixture loses to any expert k (the plain neural one included, which
-    is why it is in the pool) by at most sum_chunks n_c log(1/w_k,c): log K per token in the first chunk, ~0 once
-    Hedge has settled on k."""
+    """Online multiplicative weights over normalized experts: p_mix = sum_k w_k p_k is scored; after a chunk is scored,
+    w_k <- w_k exp(-eta * mean loss_k over the chunk), renormalized (losses all-reduced: the same weights on every
+    rank). Bound: since p_mix >= w_k p_k, each token's loss is -log p_mix <= -log p_k + log(1/w_k), w_k the weight it
+    is scored with, so over the pass the mixture loses to any expert k (the plain neural one included) by at most
+    sum_chunks n_c log(1/w_k,c): log K per token in the first chunk, ~0 once Hedge has settled on k."""
 
     def __init__(self, n_experts: int, eta: float, device):
-        self.eta = eta
-        self.log_w = torch.full((n_experts,), -math.log(n_experts), device=device, dtype=torch.float64)
+        self.eta, self.log_w = eta, torch.full((n_experts,), -math.log(n_experts), device=device, dtype=torch.float64)
 
     def mix(self, lps: list[Tensor]) -> Tensor:
         """log sum_k w_k p_k, folded pairwise (elementwise logaddexp: 3x faster on CPU than a stacked logsumexp)."""
@@ -1838,11 +1803,10 @@ class ScoredChunk:
 
 
 class Experts:
-    """Neural logits z -> the scored distributions, from inputs and logits only (never targets), each a full
-    distribution over the vocabulary. Tracks: neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram
-    = softmax(z + r + beta_1 b) (b: beta-free log-count boosts of the prefix-only n-gram candidates), mixture =
-    Hedge over the pool [neural, neural+bias, softmax(z + r + beta_j b) per beta]. Neural is in the pool so that a
-    harmful bias or n-gram boost is mixed away (HedgeMixer's bound)."""
+    """Neural logits z -> the scored distributions, from inputs and logits (never targets), each normalized over the
+    vocabulary. Tracks: neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram = softmax(z + r + b_1 n)
+    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), mixture = Hedge over the pool [neural,
+    neural+bias, softmax(z + r + b_j n) per beta]; neural in the pool mixes a harmful boost away (Hedge's bound)."""
 
     def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None):
         self.bias, self.cands, self.hedge = bias, cands, hedge
@@ -1856,8 +1820,7 @@ class Experts:
         return 1 + int(has_bias) + n_betas
 
     @property
-    def pool(self) -> list[str]:
-        """Hedge's pool, in log_probs' order: neural, neural+bias (with a bias), one n-gram expert per beta."""
+    def pool(self) -> list[str]:  # Hedge's pool, in log_probs' order
         return ["neural"] + ["neural+bias"] * (self.bias is not None) + [f"ngram beta:{b}" for b in self.betas]
 
     def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
@@ -1880,24 +1843,19 @@ class FixedScorer:
     epochs = 0
 
     def __init__(self, fwd):
-        self.score_fn = fwd
-
-    def current(self):
-        """The model that scores the next chunk."""
-        return self.score_fn
+        self.current = fwd  # the model that scores the next chunk
 
     def update(self, scored: ScoredChunk) -> None:
         pass
 
 
 class TestTimeTrainer(FixedScorer):
-    """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last
-    chunk), so chunk c is scored by weights adapted on chunks < c only. Frozen blocks' bank slices are zeroed
-    before the clip, so they neither move nor shrink the clip of the trained ones; the per-slice LR multipliers
-    are applied after it (equivalent for SGD+momentum without weight decay). With Polyak on, an averaged copy
-    scores, bias-corrected as Adam's moments: avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}), a_t = (1 - d) /
-    (1 - d^t), the d-weighted mean of the trained iterates alone; a plain EMA (a_t = 1 - d, the limit for t >>
-    1/(1-d)) would still hold ~94% of the start weights after the CPU pass's ~30 updates."""
+    """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last chunk), so
+    chunk c is scored by weights adapted on chunks < c only. Frozen blocks' bank slices are zeroed before the clip
+    (they neither move nor shrink the trained ones' clip); the per-slice LR multipliers apply after it (equivalent for
+    SGD+momentum without weight decay). With Polyak on, an averaged copy scores, bias-corrected as Adam's moments:
+    avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}), a_t = (1 - d) / (1 - d^t), the d-weighted mean of the trained
+    iterates alone; a plain EMA (a_t = 1 - d) would still hold ~94% of the start weights after ~30 updates."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, fwd, compile_fn):
         self.h, self.rt, self.model, self.train_fn = h, rt, model, fwd
@@ -1917,16 +1875,16 @@ class TestTimeTrainer(FixedScorer):
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
         self.epochs, self.n_updates = h.ttt_epochs, 0  # the eval budget guard may lower epochs for the chunks left
         self.avg = copy.deepcopy(model).requires_grad_(False) if h.ttt_polyak_decay > 0 else None
-        self.score_fn = fwd if self.avg is None else compile_fn(self.avg)
+        self.current = fwd if self.avg is None else compile_fn(self.avg)
 
     def update(self, scored: ScoredChunk) -> None:
         h, rt, n_chunks = self.h, self.rt, scored.n_chunks
         if scored.index == 0:  # the planned updates, and the start weights' share of the final averaged copy
             d, n, bc = h.ttt_polyak_decay, (n_chunks - 1) * h.ttt_epochs, h.ttt_polyak_bias_correct
-            avg = "polyak:off" if self.avg is None else (f"polyak_decay:{d} bias_corrected:{int(bc)} "
-                                                         f"start_weight:{float(n == 0) if bc else d ** n:.4f}")
-            avg += f" final_rate:{self.polyak_rate(d, n, bc):.4f}" if self.avg is not None and n > 0 else ""
-            log0(f"ttt lr:{h.ttt_lr} epochs:{h.ttt_epochs} chunks:{n_chunks} planned_updates:{n} {avg}")
+            avg = f"polyak_decay:{d} bias_corrected:{int(bc)} start_weight:{float(n == 0) if bc else d ** n:.4f}"
+            avg += f" final_rate:{self.polyak_rate(d, n, bc):.4f}" if n > 0 else ""
+            log0(f"ttt lr:{h.ttt_lr} epochs:{h.ttt_epochs} chunks:{n_chunks} planned_updates:{n} "
+                 + (avg if self.avg is not None else "polyak:off"))
         if scored.index == n_chunks - 1 or self.epochs == 0:
             return
         n_seq = max((scored.hi - scored.lo) // h.eval_seq_len, 1)
@@ -1934,24 +1892,21 @@ class TestTimeTrainer(FixedScorer):
         seqs = scored.stream[:n_seq * T + 1].long()
         mine = slice(rt.rank * n_seq // rt.world_size, (rt.rank + 1) * n_seq // rt.world_size)
         x, y = (s.view(n_seq, T)[mine].to(rt.device) for s in (seqs[:-1], seqs[1:]))
-        for group in self.opt.param_groups:
-            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * scored.index / max(n_chunks - 1, 1)))
+        self.opt.param_groups[0]["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * scored.index / max(n_chunks - 1, 1)))
         self.model.train()
         for _ in range(self.epochs):
             self._step(x, y, n_seq * T)
 
     def _step(self, x: Tensor, y: Tensor, global_tokens: int) -> None:
         self.opt.zero_grad(set_to_none=False)
-        for i in range(0, x.size(0), self.h.ttt_batch_seqs):
+        for xb, yb in zip(x.split(self.h.ttt_batch_seqs), y.split(self.h.ttt_batch_seqs)):
             with autocast(self.rt.device):
-                logits = self.train_fn(x[i:i + self.h.ttt_batch_seqs])
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[i:i + self.h.ttt_batch_seqs].reshape(-1),
-                                   reduction="sum")
+                logits = self.train_fn(xb)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="sum")
             (loss / global_tokens).backward()
         all_reduce_flat_([p.grad for p in self.params])
-        if self.h.ttt_freeze_blocks > 0:
-            for p, keep in self.keep.items():
-                p.grad.mul_(keep)
+        for p, keep in self.keep.items():  # all ones without frozen blocks: exact
+            p.grad.mul_(keep)
         torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
         for p, mult in self.lr_mult.items():
             p.grad.mul_(mult)
@@ -1969,33 +1924,32 @@ class TestTimeTrainer(FixedScorer):
 
 
 @dataclass(frozen=True)
-class EvalContext:
-    """What every pass reads: the config, the runtime, the validation tokens and the byte LUTs."""
+class EvalContext:  # what every pass reads
     h: Hyperparameters
     rt: Runtime
-    val: Tensor
-    luts: tuple
+    val: Tensor  # the validation tokens
+    luts: tuple  # the tokenizer's byte LUTs
 
 
 @dataclass
 class Tally:
-    """One rank's running sums over a pass (float64): NLL per track, scored tokens, their UTF-8 bytes."""
+    """One rank's running sums over a pass (float64): NLL per track, scored tokens, their bytes, NLL per expert."""
     nll: Tensor
     tokens: Tensor
     bytes: Tensor
+    experts: Tensor
 
     @classmethod
-    def zeros(cls, n_tracks: int, device) -> "Tally":
-        return cls(*(torch.zeros(s, dtype=torch.float64, device=device) for s in (n_tracks, (), ())))
+    def zeros(cls, n_tracks: int, device, n_experts: int = 1) -> "Tally":
+        return cls(*(torch.zeros(s, dtype=torch.float64, device=device) for s in (n_tracks, (), (), n_experts)))
 
 
 @dataclass(frozen=True)
 class ChunkSpan:
-    """Chunk `index` of `n_chunks`: all of its windows (start, lo, hi), and the ones this rank scores."""
     index: int
     n_chunks: int
-    windows: np.ndarray
-    mine: np.ndarray
+    windows: np.ndarray  # all of the chunk's windows, (start, lo, hi) each
+    mine: np.ndarray  # the ones this rank scores
 
 
 @dataclass
@@ -2018,11 +1972,10 @@ class EvalResult:
 
 
 class EvalBudget:
-    """The evaluation's deadline, EVAL_BUDGET_SECONDS - EVAL_MARGIN_SECONDS after `start`, and the guard that keeps
-    the declared pass inside it. Decisions read only the clock and the chunk index: after chunk c is scored, the
-    rest of the pass is projected from that chunk's scoring time and the last measured time per TTT epoch, and the
-    remaining updates get the most epochs (<= TTT_EPOCHS, down to 0) that still end inside the deadline. Chunk 0's
-    times include compilation: it neither decides nor measures. Ranks agree on the max of their times (one decision)."""
+    """The deadline, EVAL_BUDGET_SECONDS - EVAL_MARGIN_SECONDS after `start`, and the guard that keeps the declared pass
+    inside it, from the clock and chunk index only: after chunk c is scored, the rest is projected from c's scoring
+    time and the last timed TTT epoch; the remaining updates get the most epochs (<= TTT_EPOCHS, down to 0) that end
+    inside the deadline. Chunk 0 (compilation) neither decides nor measures; ranks agree on the max of their times."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, start: float, clock=time.perf_counter):
         self.h, self.rt, self.start, self.clock = h, rt, start, clock
@@ -2039,15 +1992,13 @@ class EvalBudget:
 
     def begin(self, span: ChunkSpan, scorer) -> None:
         """Chunk `span`'s scoring starts: the update just done (unless chunk 0's) times an epoch for plan()."""
-        now = self._now()
+        self._mark = self._now()
         if span.index > 1 and scorer.epochs > 0:
-            self.epoch_s = (now - self._t_update) / scorer.epochs
-        self._mark = now
+            self.epoch_s = (self._mark - self._t_update) / scorer.epochs
 
     def plan(self, span: ChunkSpan, scorer) -> None:
         """Chunk `span` is scored: set scorer.epochs for its update and the ones after it."""
-        now = self._now()
-        c, n = span.index, span.n_chunks
+        now, c, n = self._now(), span.index, span.n_chunks
         if c > 0 or n == 1:
             self.score_s, self.score_windows = self.score_s + now - self._mark, self.score_windows + len(span.windows)
         elapsed, score_s, epoch_s = self._agree(now - self.start, now - self._mark, self.epoch_s or 0.0)
@@ -2062,8 +2013,7 @@ class EvalBudget:
         fits = [k for k in range(self.h.ttt_epochs + 1) if todo * (score_s + k * epoch_s) <= left]
         old, e = scorer.epochs, max(fits, default=0) if epoch_s > 0 else scorer.epochs  # > 0: an epoch was timed
         if e != old:
-            log0(f"budget chunk:{c} epochs:{old}->{e} projected:{todo * (score_s + e * epoch_s):.1f}s "
-                 f"left:{left:.1f}s")
+            log0(f"budget chunk:{c} epochs:{old}->{e} projected:{todo * (score_s + e * epoch_s):.1f}s left:{left:.1f}s")
             scorer.epochs = e
             self.changes.append((c, old, e))
 
@@ -2093,14 +2043,12 @@ def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkS
 
 def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = None, chunk_tokens: int = 0,
              recorder=None, label: str = "", budget: EvalBudget | None = None) -> EvalResult:
-    """The one scoring path, left to right over chunks of windows: score a chunk with scorer.current() under
-    inference_mode and record its NLL, then (and only then) hand the record to the adaptive components (bias,
-    Hedge, then the scorer, TTT or fixed; the budget guard sets the TTT epochs in between). Without them: plain or
-    sliding-window evaluation. A non-finite track or expert score raises, on every rank (the sums are all-reduced)."""
+    """The one scoring path, over chunks of windows left to right: score a chunk with scorer.current (inference_mode),
+    record its NLL, then (only then) hand the record to bias, Hedge and the scorer (TTT or fixed; the budget guard sets
+    TTT's epochs just before). Without them: plain or sliding eval. A non-finite score raises on every rank."""
     h, rt, val, t0 = ctx.h, ctx.rt, ctx.val, time.perf_counter()
     experts = experts or Experts(h, None, None, None)
-    tally, f64 = Tally.zeros(len(experts.tracks), rt.device), dict(dtype=torch.float64, device=rt.device)
-    expert_sums = torch.zeros(experts.n_experts, **f64)
+    tally = Tally.zeros(len(experts.tracks), rt.device, experts.n_experts)
     for span in plan_chunks(ctx, stride, chunk_tokens):
         if budget is not None:
             budget.begin(span, scorer)
@@ -2108,7 +2056,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
         if experts.bias is not None:
             first = int(mine[0, 1]) if len(mine) else lo
             experts.bias.begin_chunk(val[lo + 1:first + 1].to(rt.device) if first > lo else None)
-        model, targets, expert_nll = scorer.current(), [], torch.zeros(experts.n_experts, **f64)
+        model, targets, expert_nll = scorer.current, [], torch.zeros_like(tally.experts)
         with torch.inference_mode():
             for i in range(0, len(mine), h.eval_batch_seqs):
                 logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], h.eval_seq_len, rt.device)
@@ -2124,22 +2072,21 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
                     recorder(dict(chunk=span.index, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
         y_all = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=rt.device)
         scored = ScoredChunk(span.index, span.n_chunks, lo, hi, y_all, val[lo:hi + 1], expert_nll)
-        expert_sums += expert_nll
+        tally.experts += expert_nll
         for comp in filter(None, (experts.bias, experts.hedge)):
             comp.update(scored)
         if budget is not None:
             budget.plan(span, scorer)
         scorer.update(scored)
-        c, n = span.index, span.n_chunks
-        if label and ((c + 1) % max(1, n // 100) == 0 or c + 1 == n):  # <= ~100 points: a curve, not a flood
+        if label and ((span.index + 1) % max(1, span.n_chunks // 100) == 0 or span.index + 1 == span.n_chunks):
             _log_progress(label, span, t0, experts.tracks, tally)
     if budget is not None:
         budget.end_pass(label or "pass")
-    all_reduce_flat_([tally.nll, tally.tokens, tally.bytes, expert_sums])
+    all_reduce_flat_([tally.nll, tally.tokens, tally.bytes, tally.experts])
     tokens, nbytes = int(tally.tokens.item()), int(tally.bytes.item())
     losses = {k: tally.nll[i].item() / tokens for i, k in enumerate(experts.tracks)}
     bad = [f"track {k}={v}" for k, v in losses.items() if not math.isfinite(v)]
-    bad += [f"expert {k} nll_sum={s}" for k, s in zip(experts.pool, expert_sums.tolist()) if not math.isfinite(s)]
+    bad += [f"expert {k} nll_sum={s}" for k, s in zip(experts.pool, tally.experts.tolist()) if not math.isfinite(s)]
     if bad:
         raise FloatingPointError(f"{label or f'eval stride:{stride}'}: non-finite score ({', '.join(bad)})")
     return EvalResult(losses, {k: v / math.log(2) * tokens / nbytes for k, v in losses.items()}, experts.tracks[-1],
@@ -2147,7 +2094,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
 
 
 def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
-    """Rank 0's running bpb of every track so far (a progress view; the score is the all-reduced total)."""
+    """Rank 0's running bpb of every track (run_pass logs <= ~100 chunks; the score is the all-reduced total)."""
     el, c, n, nbytes = time.perf_counter() - t0, span.index, span.n_chunks, max(tally.bytes.item(), 1.0)
     per_track = " ".join(f"{k}:{tally.nll[j].item() / math.log(2) / nbytes:.4f}" for j, k in enumerate(tracks))
     log0(f"{label} chunk:{c + 1}/{n} elapsed:{el:.1f}s eta:{el / (c + 1) * (n - c - 1):.1f}s rank0_bpb {per_track}")

@@ -175,7 +175,7 @@ def test_polyak_scores_with_a_separate_copy(env):
     off, on = Recorder(), Recorder()
     _, _, ttt_off = adaptive(dataclasses.replace(h, ttt_polyak_decay=0.0), perturbed_model(h), val, luts, off)
     _, _, ttt_on = adaptive(dataclasses.replace(h, ttt_polyak_decay=0.9), perturbed_model(h), val, luts, on)
-    assert ttt_off.current() is ttt_off.model and ttt_on.current() is ttt_on.avg
+    assert ttt_off.current is ttt_off.model and ttt_on.current is ttt_on.avg
     first = [p for p in off.nll["neural"] if p < h.ttt_chunk_tokens]
     assert all(off.nll["neural"][p] == on.nll["neural"][p] for p in first)  # chunk 0: nothing trained yet
     later = [p for p in off.nll["neural"] if p >= 2 * h.ttt_chunk_tokens]

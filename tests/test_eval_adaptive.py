@@ -95,7 +95,7 @@ def test_ttt_freeze_leaves_frozen_blocks_and_clips_without_them(k, polyak):
     got, want = dict(model.named_parameters()), {n: p.detach() for n, p in ref.named_parameters()}
     _check_frozen_and_trained(got, want, init, k, model.L)
     if polyak > 0:
-        assert ttt.current() is ttt.avg
+        assert ttt.current is ttt.avg
         _check_frozen_and_trained(dict(ttt.avg.named_parameters()), ref_avg, init, k, model.L)
 
 
