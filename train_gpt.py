@@ -1,7 +1,7 @@
 """Parameter Golf: the 1.1194 record GPT (PR #549 stack) with int6 QAT, and one legal adaptive evaluation pass.
 
 Run:   torchrun --standalone --nproc_per_node=8 train_gpt.py        (or: python3 train_gpt.py; PRESET=cpu for CPU)
-Knobs: every Hyperparameters field is overridden by its UPPERCASE env var, e.g. SEED=42 TTT_EPOCHS=4.
+Knobs: every Hyperparameters field is overridden by its UPPERCASE env var, e.g. SEED=42 TTT_EPOCHS=4 (bools: 0/1).
 Map:   1 Hyperparameters  2 Runtime & logging  3 Data & BPB  4 Quantization grid  5 Model  6 Optimizer  7 Artifact
        8 Evaluation (sliding windows, n-gram, online bias, Hedge mixer, TTT, the legal pass)  9 Training  10 main
 """
@@ -52,12 +52,9 @@ except ImportError:
 # 1. Hyperparameters
 #
 # Defaults: the PR #549 record run (8xH100, BIGRAM_VOCAB_SIZE=1536, TTT on, freeze 0) plus our eval-time adaptation.
-# Bools are "0"/"1"; explicit env vars override a PRESET's named defaults.
 
 SHARD_GLOB = "fineweb_{split}_*.bin"  # the challenge's shard names: fineweb_train_000000.bin, fineweb_val_000000.bin
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
-# Attention kernels (section 2): FlashAttention 3/2, SDPA pinned to one CUDA backend, SDPA's own dispatch.
-ATTN_BACKENDS = ("fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
 _GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # other tools'
 _ALIASES = {"MAX_STEPS": "ITERATIONS", "NUM_ITERATIONS": "ITERATIONS", "STEPS": "ITERATIONS", "VOCAB": "VOCAB_SIZE",
@@ -95,9 +92,8 @@ def _parse_list(text: str, typ, name: str) -> tuple:
         raise ValueError(f"{name}={text!r} must be a comma-separated list of {typ.__name__}") from None
 
 
-# Named presets. "cpu": every component on, sized for 2 cores: a fixed step count (the same score on every machine;
-# MAX_WALLCLOCK_SECONDS stays a safety net). 450 steps x ~640 ms (idle 2-core box), the ~150 s eval (diagnostics
-# off), pip and the corpus build fit in 10 min. Eval knobs (last line): tuned on held-out train docs, never val.
+# Named presets. "cpu": every component on, sized for 2 cores, a fixed step count (the same score on every machine):
+# 450 steps x ~640 ms, the ~150 s eval, pip and the corpus build fit 10 min. Eval knobs (last line) tuned on train docs.
 PRESETS = {
     "cpu": dict(
         preset="cpu", data_path="./data/standin/datasets/fineweb10B_sp1024",
@@ -108,14 +104,10 @@ PRESETS = {
         xsa_last_n=2, ve_dim=32, ve_layers="2,3", matrix_lr=0.03, scalar_lr=0.03, tied_embed_lr=0.05,
         muon_momentum_warmup_steps=100, eval_seq_len=256, eval_stride=128, eval_batch_seqs=64,
         ttt_epochs=1, ttt_batch_seqs=16, float_diagnostic=False, sliding_diagnostic=False,
-        ngram_min_count=2, ngram_betas="2.0,4.0,8.0", bias_lr=0.08, hedge_eta=0.125,
-    ),
-    # One GPU, record model: ~8x the 8-GPU step time, so ~700 steps in 600 s. The record's 3500-step warmdown
-    # would start the LR at ~20% and switch QAT on early; warm down over the last third instead.
+        ngram_min_count=2, ngram_betas="2.0,4.0,8.0", bias_lr=0.08, hedge_eta=0.125),
+    # One GPU, record model: ~700 steps in 600 s; warm down over the last third (3500 steps: LR from ~20%, early QAT).
     "1gpu": dict(preset="1gpu", warmdown_iters=250, muon_momentum_warmup_steps=200),
-    # A pipeline check on one GPU, ~3 minutes end to end with compile: the record model (so the artifact has a
-    # full run's size), 30 s of training at 1/6 of the batch with the warmdown and late QAT at its end, and a
-    # 131,072-token validation subset. Exits 0 whatever the size; never a score (VAL_MAX_TOKENS marks it).
+    # One-GPU pipeline check, ~3 min: the record model (full artifact size), 30 s of training, a val subset; no score.
     "smoke": dict(preset="smoke", iterations=100000, max_wallclock_seconds=30.0, warmup_steps=2, warmdown_iters=40,
                   train_batch_tokens=131072, val_loss_every=0, train_log_every=25, muon_momentum_warmup_steps=100,
                   val_max_tokens=131072),
@@ -224,56 +216,50 @@ class Hyperparameters:
     hedge_eta: float = 1.0
 
     def __post_init__(self):
-        """Every knob checked with its value named, so a bad one fails here, not after training. The n-gram limits
-        are section 8's kernel limits (this runs once the module is loaded)."""
+        """Every knob checked with its value named, so a bad one fails here, not after training."""
+        for name, ok, rule in self._rules():
+            if not ok:
+                raise ValueError(f"{name.upper()}={getattr(self, name)} must be {rule}")
+
+    def _rules(self):
+        """(field, ok, rule), lazily: the closing relations divide by fields checked before. NG_MAX_*: section 8."""
         L, hd, get = self.num_layers, self.model_dim // max(self.num_heads, 1), lambda n: getattr(self, n)
         choices = dict(torch_compile=("auto", "0", "1"), attn_backend=("auto",) + ATTN_BACKENDS,
                        compressor=tuple(c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle")),
                        preset=("",) + tuple(PRESETS))
-        ranges = lambda: [  # noqa: E731  (field, ok, rule)
-            *[(f.name, math.isfinite(v), "a finite number") for f in fields(self)
-              if isinstance(v := getattr(self, f.name), float)],
-            *[(n, get(n) >= 1, ">= 1") for n in (
-                "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim", "num_heads",
-                "num_kv_heads", "bigram_dim", "ve_dim", "muon_backend_steps", "eval_seq_len", "eval_batch_seqs",
-                "ttt_batch_seqs", "ttt_chunk_tokens", "ngram_min_order", "ngram_min_count", "gptq_calib_batches",
-                "gptq_block_size")],
-            *[(n, get(n) >= 0, ">= 0") for n in (
-                "warmdown_iters", "warmup_steps", "max_wallclock_seconds", "val_loss_every", "train_log_every",
-                "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps",
-                "muon_wd", "adam_wd", "grad_clip_norm", "ema_min_steps", "gptq_damp", "artifact_margin_bytes",
-                "eval_margin_seconds", "val_max_tokens", "ttt_epochs", "ttt_lr", "ttt_proj_lr_mult",
-                "ttt_fc_lr_mult", "bias_lr", "hedge_eta")],
-            *[(n, 0 <= get(n) < 1, "in [0, 1)") for n in (
-                "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum",
-                "ttt_polyak_decay")],
-            *[(n, get(n) > 0, "> 0") for n in (
-                "mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip", "eval_budget_seconds")],
-            *[(n, 0 <= get(n) <= 1, "in [0, 1]") for n in ("late_qat_threshold", "fit_max_prune_fraction")],
-            *[(n, get(n) in c, f"one of {', '.join(map(repr, c))}") for n, c in choices.items()],
-            ("vocab_size", 2 <= self.vocab_size <= 65536, "in [2, 65536] (shards hold uint16 token ids)"),
-            ("bigram_vocab_size", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "0 (off) or >= 2"),
-            ("rope_dims", self.rope_dims == 0 or self.rope_dims >= 4, "0 (off) or >= 4"),
-            ("xsa_last_n", 0 <= self.xsa_last_n <= L, f"in [0, NUM_LAYERS={L}]"),
-            ("ttt_freeze_blocks", 0 <= self.ttt_freeze_blocks <= L, f"in [0, NUM_LAYERS={L}]"),
-            ("ngram_max_order", self.ngram_min_order <= self.ngram_max_order <= 127, "in [NGRAM_MIN_ORDER, 127]"),
-            ("ngram_table_bits", 0 <= self.ngram_table_bits <= NG_MAX_TABLE_BITS, f"in [0, {NG_MAX_TABLE_BITS}]"),
-            ("ngram_top_k", 1 <= self.ngram_top_k <= NG_MAX_TOP_K, f"in [1, {NG_MAX_TOP_K}]"),
-        ]
-        relations = lambda: [  # noqa: E731  only once the ranges hold: these divide by some of them
-            ("model_dim", self.model_dim % self.num_heads == 0, "divisible by NUM_HEADS"),
-            ("num_heads", self.num_heads % self.num_kv_heads == 0, "divisible by NUM_KV_HEADS"),
-            ("rope_dims", self.rope_dims % 2 == 0 and self.rope_dims <= hd, f"even and <= head_dim {hd}"),
-            ("eval_stride", 0 < self.eval_stride <= self.eval_seq_len, "in (0, EVAL_SEQ_LEN]"),
-            ("train_batch_tokens", self.train_batch_tokens % (8 * self.train_seq_len) == 0,
-             "a multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches of whole sequences)"),
-            ("ve_layers", all(0 <= i < L for i in self.ve_layer_list), "layer indices < NUM_LAYERS"),
-            ("ngram_betas", all(math.isfinite(b) for b in self.ngram_beta_list), "finite numbers"),
-        ]
-        for rules in (ranges, relations):
-            for name, ok, rule in rules():
-                if not ok:
-                    raise ValueError(f"{name.upper()}={get(name)} must be {rule}")
+        yield from ((f.name, math.isfinite(v), "a finite number") for f in fields(self)
+                    if isinstance(v := getattr(self, f.name), float))
+        yield from ((n, get(n) >= 1, ">= 1") for n in (
+            "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim", "num_heads", "num_kv_heads",
+            "bigram_dim", "ve_dim", "muon_backend_steps", "eval_seq_len", "eval_batch_seqs", "ttt_batch_seqs",
+            "ttt_chunk_tokens", "ngram_min_order", "ngram_min_count", "gptq_calib_batches", "gptq_block_size"))
+        yield from ((n, get(n) >= 0, ">= 0") for n in (
+            "warmdown_iters", "warmup_steps", "max_wallclock_seconds", "val_loss_every", "train_log_every",
+            "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps", "muon_wd",
+            "adam_wd", "grad_clip_norm", "ema_min_steps", "gptq_damp", "artifact_margin_bytes", "eval_margin_seconds",
+            "val_max_tokens", "ttt_epochs", "ttt_lr", "ttt_proj_lr_mult", "ttt_fc_lr_mult", "bias_lr", "hedge_eta"))
+        yield from ((n, 0 <= get(n) < 1, "in [0, 1)") for n in (
+            "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum",
+            "ttt_polyak_decay"))
+        yield from ((n, get(n) > 0, "> 0") for n in (
+            "mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip", "eval_budget_seconds"))
+        yield from ((n, 0 <= get(n) <= 1, "in [0, 1]") for n in ("late_qat_threshold", "fit_max_prune_fraction"))
+        yield from ((n, get(n) in c, f"one of {', '.join(map(repr, c))}") for n, c in choices.items())
+        yield "vocab_size", 2 <= self.vocab_size <= 65536, "in [2, 65536] (shards hold uint16 token ids)"
+        yield "bigram_vocab_size", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "0 (off) or >= 2"
+        yield "rope_dims", self.rope_dims == 0 or self.rope_dims >= 4, "0 (off) or >= 4"
+        yield from ((n, 0 <= get(n) <= L, f"in [0, NUM_LAYERS={L}]") for n in ("xsa_last_n", "ttt_freeze_blocks"))
+        yield "ngram_max_order", self.ngram_min_order <= self.ngram_max_order <= 127, "in [NGRAM_MIN_ORDER, 127]"
+        yield "ngram_table_bits", 0 <= self.ngram_table_bits <= NG_MAX_TABLE_BITS, f"in [0, {NG_MAX_TABLE_BITS}]"
+        yield "ngram_top_k", 1 <= self.ngram_top_k <= NG_MAX_TOP_K, f"in [1, {NG_MAX_TOP_K}]"
+        yield "model_dim", self.model_dim % self.num_heads == 0, "divisible by NUM_HEADS"
+        yield "num_heads", self.num_heads % self.num_kv_heads == 0, "divisible by NUM_KV_HEADS"
+        yield "rope_dims", self.rope_dims % 2 == 0 and self.rope_dims <= hd, f"even and <= head_dim {hd}"
+        yield "eval_stride", 0 < self.eval_stride <= self.eval_seq_len, "in (0, EVAL_SEQ_LEN]"
+        yield ("train_batch_tokens", self.train_batch_tokens % (8 * self.train_seq_len) == 0,
+               "a multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches of whole sequences)")
+        yield "ve_layers", all(0 <= i < L for i in self.ve_layer_list), "layer indices < NUM_LAYERS"
+        yield "ngram_betas", all(math.isfinite(b) for b in self.ngram_beta_list), "finite numbers"
 
     train_files = property(lambda self: os.path.join(self.data_path, SHARD_GLOB.format(split="train")))
     val_files = property(lambda self: os.path.join(self.data_path, SHARD_GLOB.format(split="val")))
@@ -309,7 +295,6 @@ class Runtime:
 
     @classmethod
     def local(cls, device: str | torch.device = "cpu") -> "Runtime":
-        """A single-process runtime (tests, tools, benchmarks)."""
         return cls(0, 0, 1, torch.device(device))
 
 
@@ -321,12 +306,12 @@ def init_runtime() -> Runtime:
         raise ValueError(f"WORLD_SIZE={world} must divide 8 so that grad accumulation keeps the global batch")
     if not (0 <= rank < world and local_rank >= 0):
         raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world}) and LOCAL_RANK={local_rank} >= 0")
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        kw = dict(backend="nccl", device_id=device) if device.type == "cuda" else dict(backend="gloo")
-        dist.init_process_group(**kw)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Runtime(rank, local_rank, world, device)
 
 
@@ -381,8 +366,7 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 
 
 def all_reduce_flat_(tensors: list[Tensor], scale: float = 1.0, async_op: bool = False):
-    """Sum (then scale) a list of tensors across ranks in place, as one flat buffer: one collective, not many.
-    async_op=True returns a `finish()` to call before the tensors are read; the collective runs meanwhile."""
+    """Sum then scale tensors across ranks, in place, in one flat collective (async_op: call the returned finish())."""
     if not dist.is_initialized() or not tensors:
         return (lambda: None) if async_op else None
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -402,27 +386,24 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-# SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash takes grouped KV heads
-# natively; the efficient kernel rejects them on older builds and cuDNN's does not check head counts, so those two
-# see K/V expanded (always correct, and the measurement charges them for the copy).
+# SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash takes grouped KV heads; the
+# efficient kernel (older builds) and cuDNN's (no head-count check) get K/V expanded: always correct, copy timed.
 SDPA_BACKENDS = {"sdpa_cudnn": ("CUDNN_ATTENTION", True), "sdpa_flash": ("FLASH_ATTENTION", False),
                  "sdpa_efficient": ("EFFICIENT_ATTENTION", True)}
 FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAttention 3 / 2
+ATTN_BACKENDS = (*FLASH_MODULES, "sdpa", *SDPA_BACKENDS)  # every ATTN_BACKEND but "auto"
 ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs (bf16 resolution is 2^-8)
 
 
 def attention_candidates(device: torch.device) -> list[str]:
-    """The kernels that can run here, in fallback order: FA3 (Hopper only) and FA2 where importable, SDPA, then
-    SDPA pinned to each CUDA backend."""
+    """The kernels that run here, in fallback order: FA3 (Hopper only), FA2 (where importable), SDPA, pinned SDPA."""
     if device.type != "cuda":
         return ["sdpa"]
     found, hopper = [], torch.cuda.get_device_capability(device)[0] == 9
     for name, module in FLASH_MODULES.items():
-        try:
+        with suppress(ImportError):
             if (name == "fa2" or hopper) and __import__(module).flash_attn_func:
                 found.append(name)
-        except ImportError:
-            pass
     return found + ["sdpa"] + list(SDPA_BACKENDS)
 
 
@@ -462,30 +443,25 @@ def attention_kernel(backend: str):
 
 
 def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3) -> dict:
-    """{backend: ms of one forward + backward at the run's shape (B, T, H, KV, D), bf16, after one untimed call},
-    or {backend: why it is out}: it raised, missed the fp32 reference by more than ATTN_TOLERANCE (one causal
-    attention at batch 1), or (compile_check: FlashAttention builds are opaque to torch.compile) failed to trace."""
+    """{backend: ms of a bf16 forward + backward at shape (B, T, H, KV, D)} or {backend: why it is out}: it raised,
+    missed the fp32 reference by more than ATTN_TOLERANCE, or (compile_check) failed to trace (FlashAttention)."""
     B, T, H, KV, D = shape
-
-    def inputs(batch: int) -> list[Tensor]:
-        g = torch.Generator(device=device).manual_seed(0)
-        return [torch.randn(batch, T, n, D, device=device, generator=g).bfloat16().requires_grad_()
-                for n in (H, KV, KV)]
-
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, T, n, D, device=device, generator=g).bfloat16().requires_grad_() for n in (H, KV, KV))
+    dy = torch.randn_like(q)
+    with torch.no_grad():  # the correctness check: the first sequence against this fp32 reference
+        ref = _sdpa(q[:1].float(), *(t[:1].float().repeat_interleave(H // KV, dim=2) for t in (k, v)))
     out = {}
     for b in cands:
         try:
-            fn, (q, k, v) = attention_kernel(b), inputs(1)
+            fn = attention_kernel(b)
             with torch.no_grad():
-                ref = _sdpa(q.float(), *(t.float().repeat_interleave(H // KV, dim=2) for t in (k, v)))
-                err = (fn(q, k, v).float() - ref).abs().max().item()
+                err = (fn(q[:1], k[:1], v[:1]).float() - ref).abs().max().item()
             if not err <= ATTN_TOLERANCE:
                 out[b] = f"mismatch({err:.3g})"
                 continue
             if compile_check and b in FLASH_MODULES:
-                torch.compile(fn, fullgraph=True, dynamic=False)(q, k, v).sum().backward()
-            q, k, v = inputs(B)
-            dy = torch.randn_like(q)
+                torch.compile(fn, fullgraph=True, dynamic=False)(q[:1], k[:1], v[:1]).sum().backward()
             for i in range(reps + 1):
                 if i == 1:
                     sync(device)
@@ -500,10 +476,8 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
 
 def resolve_attention(requested: str, device: torch.device, shape=None, notes: list | None = None,
                       compile_check: bool = False) -> str:
-    """A forced backend must be importable here (and on CUDA, given the run's shape, run and match the fp32
-    reference). "auto": on CUDA with a shape, the fastest candidate that matches, timed once (forward + backward)
-    and agreed across ranks (slowest rank's time per kernel); one line of times goes to `notes`. Else FA3 ->
-    FA2 -> SDPA."""
+    """A forced backend must be importable here (and on CUDA, given a shape, run and match the fp32 reference).
+    "auto": on CUDA with a shape, the fastest match by the slowest rank's time (times in `notes`); else the first."""
     available = attention_candidates(device)
     if requested != "auto" and requested not in available:
         raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
@@ -542,8 +516,7 @@ def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
 
 
 def resolve_startup(h: Hyperparameters, rt: Runtime, notes: list | None = None) -> Hyperparameters:
-    """Everything decided once at start-up goes into the hyperparameters, so the hparams line shows it. The
-    attention measurement (CUDA) takes seconds here, before the timed training starts."""
+    """Start-up decisions (run id, attention backend: seconds of measuring on CUDA) go into the hparams line."""
     backend = resolve_attention(h.attn_backend, rt.device, attention_shape(h), notes, compile_enabled(h, rt.device))
     return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=backend)
 
@@ -560,15 +533,12 @@ BOS_ID = 1
 
 def shard_num_tokens(path) -> int:
     """Header and file size only (fast on 80 shards): the token count of a well-formed, non-empty shard."""
-    path, header_bytes = Path(path), SHARD_HEADER_INTS * 4
-    size = path.stat().st_size
+    size, header_bytes = os.path.getsize(path), SHARD_HEADER_INTS * 4
     if size < header_bytes:
         raise ValueError(f"shard {path}: {size} bytes is shorter than the {header_bytes}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"shard {path}: bad magic/version {header[0]}/{header[1]} "
-                         f"(expected {SHARD_MAGIC}/{SHARD_VERSION})")
-    n = int(header[2])
+    magic, version, n = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
+    if (magic, version) != (SHARD_MAGIC, SHARD_VERSION):
+        raise ValueError(f"shard {path}: bad magic/version {magic}/{version} (expected {SHARD_MAGIC}/{SHARD_VERSION})")
     if size != header_bytes + 2 * n:
         raise ValueError(f"shard {path}: file size {size} != {header_bytes} + 2*{n} (truncated or corrupt)")
     if n == 0:
@@ -578,8 +548,7 @@ def shard_num_tokens(path) -> int:
 
 def load_shard(path, vocab_size: int = 0) -> np.ndarray:
     """The shard's tokens; an id >= vocab_size (if given) fails here, not as a device assert mid-run."""
-    n = shard_num_tokens(path)
-    tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
+    tokens = np.fromfile(path, dtype="<u2", count=shard_num_tokens(path), offset=SHARD_HEADER_INTS * 4)
     if vocab_size and (top := int(tokens.max())) >= vocab_size:
         at = int(np.argmax(tokens >= vocab_size))
         raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE={vocab_size} "
@@ -594,9 +563,7 @@ def write_shard(path, tokens) -> None:
         raise ValueError(f"shard {path}: token ids must fit uint16, got range [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(SHARD_HEADER_INTS, "<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
+    write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 def shard_files(pattern: str) -> list[str]:
@@ -648,16 +615,14 @@ def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0, vocab_size:
     """The validation split in whole sequences of seq_len targets (+1 input). max_tokens > 0 keeps only the first
     max_tokens targets (rounded down to whole sequences): a subset for smoke runs, never a score."""
     tokens = np.concatenate([load_shard(f, vocab_size) for f in shard_files(pattern)])
-    usable = ((len(tokens) - 1) // seq_len) * seq_len
-    if usable <= 0:
+    if len(tokens) - 1 < seq_len:
         raise ValueError(f"validation split {pattern} is shorter than one sequence of {seq_len}")
-    if max_tokens > 0:
-        if max_tokens < seq_len:
-            raise ValueError(f"VAL_MAX_TOKENS={max_tokens} is shorter than one sequence of EVAL_SEQ_LEN={seq_len}")
-        if max_tokens > len(tokens) - 1:  # a "subset" larger than the set is a mistake, not a request for all of it
-            raise ValueError(f"VAL_MAX_TOKENS={max_tokens} is larger than the validation set {pattern} "
-                             f"({len(tokens) - 1} targets); use 0 for all of it")
-        usable = min(usable, max_tokens // seq_len * seq_len)
+    if 0 < max_tokens < seq_len:
+        raise ValueError(f"VAL_MAX_TOKENS={max_tokens} is shorter than one sequence of EVAL_SEQ_LEN={seq_len}")
+    if max_tokens > len(tokens) - 1:  # a "subset" larger than the set is a mistake, not a request for all of it
+        raise ValueError(f"VAL_MAX_TOKENS={max_tokens} is larger than the validation set {pattern} "
+                         f"({len(tokens) - 1} targets); use 0 for all of it")
+    usable = (max_tokens if max_tokens > 0 else len(tokens) - 1) // seq_len * seq_len
     return torch.from_numpy(tokens[:usable + 1].astype(np.int32))
 
 
