@@ -1459,19 +1459,17 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
 
 # -----------------------------------------------------------------------------
 # 8. Evaluation
-#
-# Every score slides windows of EVAL_SEQ_LEN inputs by a stride: the first window scores all its positions, later ones
-# their last `stride` (each target once; stride = window: the plain eval). Position i: input val[i], target val[i+1].
 
 
 def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
-    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi)."""
+    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi). Every score slides windows
+    of EVAL_SEQ_LEN inputs by a stride: the first window scores all its positions, later ones their last `stride` (each
+    target once; stride = window: the plain eval). Position i: input val[i], target val[i+1]."""
     starts = [ws for ws in range(0, n_targets, stride) if ws == 0 or ws + window - stride < n_targets]
     return np.array([(ws, ws if ws == 0 else ws + window - stride, min(ws + window, n_targets)) for ws in starts],
                     dtype=np.int64).reshape(-1, 3)
 
 
-@torch.no_grad()
 def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device) -> tuple[Tensor, Tensor]:
     """Logits (n, V) of the scored positions of a batch of windows, and those positions (n,)."""
     x = torch.zeros(len(wins), window, dtype=torch.int64)
@@ -1487,8 +1485,7 @@ def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device) -> 
 # Causal n-gram candidates for the eval-time logit boost. LEGALITY INVARIANT: row t reads only tokens[:t]; token t is
 # inserted after row t is emitted, and each token is offered to each order's table exactly once. Keys hash the context
 # only (never the continuation); the backoff gate uses only prefix statistics (bucket tag and total).
-# ORDER k: the context tokens[t-k .. t-1] (a (k+1)-gram), which exists for t >= k.
-# HASH, two lanes (P = NG_MUL_ROW or NG_MUL_TAG, M = 2**31 - 1), updated by a rolling (Rabin-Karp) step:
+# HASH of order k's context tokens[t-k .. t-1] (t >= k), 2 rolling lanes (P = NG_MUL_ROW or NG_MUL_TAG, M = NG_MOD):
 #     H_P(t) = sum_{j=1..k} (tokens[t-j] + 1) * P**(j-1) mod M,   bucket = H_ROW & (2**table_bits - 1), tag = H_TAG
 # BUCKET, int64 [1 + top_k], one table per order: word 0 = tag << 32 | total; words 1.. = slots (count << 16 | token),
 # sorted descending (count, ties -> larger token id); empty = 0.
@@ -1497,8 +1494,7 @@ def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device) -> 
 #     other tag, total>1: total -= 1, x is not stored for this order     ("dropped")
 #     other tag, total=1: bucket reset to (g, total 1, slots {x: 1})     ("inserted", evicts the slot mass)
 # SLOT RULE (space-saving): x's slot +1; else the first empty slot, count 1; else x replaces the smallest, count + 1.
-# BACKOFF at t: the highest order with tag == g and total >= min_count emits its slots as (token, log1p(count));
-# no order: (-1, 0).
+# BACKOFF at t: the highest order with tag == g, total >= min_count emits slots as (token, log1p(count)); none: (-1, 0).
 # Execution: chunk by chunk, orders replay in parallel, then merge by backoff; rows never depend on threads/chunking.
 
 NG_MOD = 2147483647  # 2**31 - 1; every product stays < 2**63, so int64 never overflows
@@ -1513,15 +1509,16 @@ NG_MAX_TABLE_BITS = 30  # 2**30 buckets x 32 bytes = 32 GiB per order: far past 
 NG_MAX_TOP_K = 64
 
 
-def _ng_make_prefetch():
-    """llvm.prefetch (for write) of the row arr[i] under numba (halves the kernel's time); plain Python: no-op."""
-    if numba is None or numba.config.DISABLE_JIT:
-        return lambda arr, i: None
-    from llvmlite import ir
-    from numba.core import cgutils, extending, types
+if numba is None or numba.config.DISABLE_JIT:
+    def _ng_prefetch(arr, i):
+        """Plain Python: no prefetch."""
+else:
+    @numba.extending.intrinsic
+    def _ng_prefetch(typingctx, arr, i):
+        """llvm.prefetch (for write) of the row arr[i] under numba: halves the kernel's time."""
+        from llvmlite import ir
+        from numba.core import cgutils, types
 
-    @extending.intrinsic
-    def prefetch(typingctx, arr, i):
         def codegen(context, builder, sig, args):
             aryty, i32 = sig.args[0], ir.IntType(32)
             idx = [args[1]] + [context.get_constant(types.intp, 0)] * (aryty.ndim - 1)
@@ -1533,10 +1530,6 @@ def _ng_make_prefetch():
             builder.call(fn, [ptr, i32(1), i32(3), i32(1)])  # for write, high locality, data cache
             return context.get_dummy_value()
         return types.void(arr, i), codegen
-    return prefetch
-
-
-_ng_prefetch = _ng_make_prefetch()
 
 
 @njit(cache=True)
@@ -1549,8 +1542,7 @@ def _ng_mod(x):
 
 @njit(cache=True, nogil=True)
 def _ng_order_chunk(tokens, k, c0, c1, min_count, table, buf_tok, buf_cnt, counters):
-    """Replay order k over positions [c0, c1): buffer row t - c0 gets the bucket's slots if it qualifies (else
-    buf_tok[., 0] = -1), then tokens[t] is offered to the bucket. counters += (inserted, dropped, evicted mass).
+    """Replay order k over positions [c0, c1) into buffer rows t - c0; counters += (inserted, dropped, evicted mass).
     Buckets are hashed NG_AHEAD positions ahead and prefetched. No array views in the loop (refcounting)."""
     start = max(c0, k)
     buf_tok[:min(start, c1) - c0, 0] = -1  # no order-k context yet
@@ -1696,12 +1688,8 @@ class OnlineBias:
     def biases(self, x: Tensor, p: Tensor) -> Tensor:
         """Bias rows (n, V) for consecutive positions with inputs x (n,) and neural probabilities p (n, V): one
         in-place cumulative sum per document segment (a BOS starts one), no (n, V) one-hot, gather or select."""
-        n = x.numel()
-        g = torch.empty(n, self.V, dtype=torch.float64, device=p.device)
-        g[1:] = p[:-1]
-        if self.p_last is not None:
-            g[0] = self.p_last
-        g.mul_(-self.lr)
+        n, p_before = x.numel(), self.p_last if self.p_last is not None else torch.zeros_like(self.carry)
+        g = torch.cat((p_before[None], p[:-1])).mul_(-self.lr)  # float64, as p_before
         g[torch.arange(n, device=x.device), x.long()] += self.lr
         resets = torch.nonzero(x == BOS_ID).flatten().tolist()
         g[resets + [0] * (self.p_last is None)] = 0  # r = 0 at a BOS; a rank's first position has no p before it
@@ -1717,10 +1705,9 @@ class OnlineBias:
         """Advance the committed carry to the next chunk's first position, composing ranks in order: each sends
         its r there, less the carry it started from while it still depends on it, and whether it does."""
         delta, dep = torch.zeros_like(self.carry), self.p_last is None  # no positions: pass the carry through
-        y_last = scored.targets[-1:]
-        if self.p_last is not None and bool(y_last[0] != BOS_ID):  # else the next position starts a document
+        if self.p_last is not None and bool(scored.targets[-1] != BOS_ID):  # else the next position starts a document
             dep = self.depends_on_init
-            step = self.lr * (F.one_hot(y_last.long(), self.V)[0].double() - self.p_last)
+            step = self.lr * (F.one_hot(scored.targets[-1].long(), self.V).double() - self.p_last)
             delta = self.r_last + step - (self.init if dep else 0)
         summary = torch.cat((delta, torch.tensor([float(dep)], device=self.device, dtype=torch.float64)))
         parts = [summary]
@@ -1778,15 +1765,12 @@ class Experts:
         self.betas = h.ngram_beta_list if cands is not None else ()
         self.tracks = (["neural"] + ["neural+bias"] * (bias is not None) + ["neural+bias+ngram"] * bool(self.betas)
                        + ["mixture"] * (hedge is not None))
-        self.n_experts = self.pool_size(bias is not None, len(self.betas))
+        self.pool = ["neural"] + ["neural+bias"] * (bias is not None) + [f"ngram beta:{b}" for b in self.betas]
+        self.n_experts = len(self.pool)  # Hedge's pool, in log_probs' order
 
     @staticmethod
     def pool_size(has_bias: bool, n_betas: int) -> int:
         return 1 + int(has_bias) + n_betas
-
-    @property
-    def pool(self) -> list[str]:  # Hedge's pool, in log_probs' order
-        return ["neural"] + ["neural+bias"] * (self.bias is not None) + [f"ngram beta:{b}" for b in self.betas]
 
     def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         experts, z = [logits.log_softmax(-1)], logits
@@ -1803,12 +1787,11 @@ class Experts:
         return out, experts
 
 
+@dataclass(eq=False)
 class FixedScorer:
     """A scorer whose model never changes: plain and sliding evaluation, or the pass with TTT off."""
+    current: object  # the model that scores the next chunk
     epochs = 0
-
-    def __init__(self, fwd):
-        self.current = fwd  # the model that scores the next chunk
 
     def update(self, scored: ScoredChunk) -> None:
         pass
@@ -1852,8 +1835,7 @@ class TestTimeTrainer(FixedScorer):
                  + (avg if self.avg is not None else "polyak:off"))
         if scored.index == n_chunks - 1 or self.epochs == 0:
             return
-        n_seq = max((scored.hi - scored.lo) // h.eval_seq_len, 1)
-        T = min(h.eval_seq_len, scored.hi - scored.lo)
+        n_seq, T = max((scored.hi - scored.lo) // h.eval_seq_len, 1), min(h.eval_seq_len, scored.hi - scored.lo)
         seqs = scored.stream[:n_seq * T + 1].long()
         mine = slice(rt.rank * n_seq // rt.world_size, (rt.rank + 1) * n_seq // rt.world_size)
         x, y = (s.view(n_seq, T)[mine].to(rt.device) for s in (seqs[:-1], seqs[1:]))
@@ -1883,8 +1865,7 @@ class TestTimeTrainer(FixedScorer):
                 pa.lerp_(p.detach(), rate)
 
     @staticmethod
-    def polyak_rate(decay: float, t: int, bias_correct: bool = True) -> float:
-        """a_t after update t >= 1: bias-corrected (1 at t = 1), else the plain EMA's constant 1 - d."""
+    def polyak_rate(decay: float, t: int, bias_correct: bool = True) -> float:  # a_t after update t >= 1
         return (1 - decay) / (1 - decay ** t) if bias_correct else 1 - decay
 
 
@@ -1983,12 +1964,11 @@ class EvalBudget:
             self.changes.append((c, old, e))
 
     def end_pass(self, label: str) -> None:
-        elapsed = self._agree(self._now() - self.start)[0]
-        log0(f"budget {label}_end elapsed:{elapsed:.1f}s deadline:{self.deadline:.1f}s "
-             f"budget:{self.h.eval_budget_seconds:.1f}s")
-        if elapsed > self.h.eval_budget_seconds and not self.error:
+        elapsed, budget = self._agree(self._now() - self.start)[0], self.h.eval_budget_seconds
+        log0(f"budget {label}_end elapsed:{elapsed:.1f}s deadline:{self.deadline:.1f}s budget:{budget:.1f}s")
+        if elapsed > budget and not self.error:
             self.error = (f"ERROR: eval budget: the declared pass ended {elapsed:.1f}s after the evaluation began, "
-                          f"past EVAL_BUDGET_SECONDS={self.h.eval_budget_seconds}: the submission would be invalid")
+                          f"past EVAL_BUDGET_SECONDS={budget}: the submission would be invalid")
             log0(self.error)
 
     def room_for(self, n_windows: int) -> tuple[bool, float, float]:

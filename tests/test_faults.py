@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -312,8 +313,8 @@ def test_a_non_finite_expert_is_an_error(dataset, sp):
     cands = (np.full((n, 1), 7, np.int32), np.ones((n, 1), np.float32))
     r = tg.run_pass(ctx, tg.FixedScorer(model), ctx.h.eval_stride, tg.Experts(ctx.h, None, cands, None), label="pass")
     assert all(math.isfinite(v) for v in r.losses.values())
-    experts = tg.Experts(ctx.h, None, cands, None)
-    experts.betas = (0.5, math.inf)  # the second expert: inf * 0 = nan off the boosted token
+    # the second expert: inf * 0 = nan off the boosted token (NGRAM_BETAS itself must be finite)
+    experts = tg.Experts(SimpleNamespace(ngram_beta_list=(0.5, math.inf)), None, cands, None)
     with pytest.raises(FloatingPointError, match=r"pass: non-finite score \(expert ngram beta:inf nll_sum=nan\)"):
         tg.run_pass(ctx, tg.FixedScorer(model), ctx.h.eval_stride, experts, label="pass")
 
