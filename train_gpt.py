@@ -660,9 +660,8 @@ def load_tokenizer_luts(h: Hyperparameters):
 # -----------------------------------------------------------------------------
 # 4. Quantization grid
 #
-# The grids that QAT trains against and the export writes: banks per-row int6 (GPTQ, or "GPTQ-lite": per matrix the
-# clip percentile with the lowest MSE), embedding tables per-row int8, everything small fp16. Scales are fp16, floored
-# at one fp16 subnormal so that a short run's tiny weights are not rounded away (the record's 1/31 floor zeroed them).
+# The grids QAT trains against and the export writes: banks per-row int6, tables per-row int8, the rest fp16. Scales
+# are fp16, floored at one fp16 subnormal so a short run's tiny weights survive (the record's 1/31 floor zeroed them).
 
 INT6_MAX, INT8_MAX = 31, 127
 INT6_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -704,8 +703,7 @@ def int8_scales(w: Tensor) -> Tensor:
 
 
 def fake_quant(w: Tensor, int6: bool) -> Tensor:
-    """Straight-through estimator on the int6 (banks) or int8 (tables) grid: the forward sees the dequantized grid
-    value, the gradient passes as identity."""
+    """Straight-through estimator on the int6 (banks) or int8 (tables) grid: forward dequantized, gradient identity."""
     scale, qmax = (int6_scales(w), INT6_MAX) if int6 else (int8_scales(w), INT8_MAX)
     wq = _quant(w.float(), scale, qmax) * scale.unsqueeze(-1)
     return w + (wq.to(w.dtype) - w).detach()
@@ -721,16 +719,15 @@ def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int
     w, s = w.detach().float(), scale.float().unsqueeze(-1)
     S, R, C = w.shape
     perm = H.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
-    W = w.gather(2, perm[:, None, :].expand(S, R, C)).clone()
+    W = w.gather(2, perm[:, None, :].expand(S, R, C))
     Hp = H.detach().float().gather(1, perm[:, :, None].expand(S, C, C)).gather(2, perm[:, None, :].expand(S, C, C))
     diag = Hp.diagonal(dim1=-2, dim2=-1)
     mean = diag.mean(-1, keepdim=True)
     mean = torch.where(mean > 0, mean, torch.ones_like(mean))
     diag.copy_(torch.where(diag > 0, diag, mean))
-    eye = torch.eye(C, device=Hp.device, dtype=Hp.dtype)
     for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(Hp + eye * (damp * mean)[..., None])
-        if not bool((info != 0).any()):
+        L, info = torch.linalg.cholesky_ex(Hp + torch.diag_embed((damp * mean).expand(S, C)))  # damped diagonal
+        if not info.any():
             break
         damp = max(10 * damp, 1e-4)
     else:
@@ -753,14 +750,12 @@ def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int
 # -----------------------------------------------------------------------------
 # 5. Model
 #
-# The 66 per-layer matrices live in 4 banks (Q|O, K|V, MLP up, MLP down) so Muon can orthogonalize them in
-# batches. With qat=True the forward fake-quantizes the banks (int6) and embedding tables (int8) with the same
-# grid that section 4 defines and section 7 exports, so training sees what evaluation sees.
+# The 66 per-layer matrices live in 4 banks (Q|O, K|V, MLP up, MLP down) so Muon can orthogonalize them in batches.
+# With qat=True the forward fake-quantizes banks and tables on the export's grid: training sees what evaluation sees.
 
 BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")  # int6, Muon
 TOKEN_PARAM_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")  # int8, AdamW token group
-# The input each bank's slots multiply (GPTQ's Hessians): Q and K, V read the attention input of their layer, O
-# the attention output, MLP up the normed MLP input, MLP down the activation. One entry per half of a 2L bank.
+# The input (tapped site) each bank's slots multiply, for GPTQ's Hessians: one entry per half of a 2L bank.
 BANK_INPUTS = {"qo_bank": ("attn_in", "attn_out"), "kv_bank": ("attn_in", "attn_in"), "mlp_up_bank": ("mlp_in",),
                "mlp_down_bank": ("mlp_act",)}
 BIGRAM_MULTS = (36313, 27191)
@@ -788,8 +783,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class ProjectedEmbedding(nn.Module):
     """A table lookup projected to out_dim and scaled: the value embeddings (normal init), or with hashed=True the
-    bigram hash, a pure input feature that starts at zero and looks up (previous, current) token pairs hashed into
-    rows - 1 buckets (the first position, which has no previous token, takes the last row)."""
+    bigram hash, zero at init, over (previous, current) token pairs in rows - 1 buckets (position 0: the last row)."""
 
     def __init__(self, rows: int, dim: int, out_dim: int, scale: float, hashed: bool = False):
         super().__init__()
@@ -836,10 +830,10 @@ class GPT(nn.Module):
         self.bigram = (ProjectedEmbedding(h.bigram_vocab_size, h.bigram_dim, d, 0.05, hashed=True)
                        if h.bigram_vocab_size > 0 else None)
         self.smear = nn.Parameter(torch.zeros(d))
-        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))  # Q of layers 0..L-1, then output projections
+        self.qo_bank = nn.Parameter(torch.zeros(2 * L, d, d))  # Q of layers 0..L-1, then output projections (zero)
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))  # K, then V
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
-        self.mlp_down_bank = nn.Parameter(torch.empty(L, d, hidden))
+        self.mlp_down_bank = nn.Parameter(torch.zeros(L, d, hidden))  # zero like the output projections
         self.blocks = nn.ModuleList(Block(h, i) for i in range(L))
         self.n_enc = L // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), d))
@@ -850,16 +844,12 @@ class GPT(nn.Module):
         self.hessians = None  # {bank: (slots, C, C)} from that collection; the export quantizes with them
         with torch.no_grad():
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-            for bank, slots in ((self.qo_bank, range(L)), (self.kv_bank, range(2 * L)), (self.mlp_up_bank, range(L))):
-                for s in slots:
-                    nn.init.orthogonal_(bank[s])
-            self.qo_bank[L:].zero_()  # output projections start at zero (x 1/sqrt(2L) keeps them zero)
-            self.mlp_down_bank.zero_()
+            for m in (*self.qo_bank[:L], *self.kv_bank, *self.mlp_up_bank):  # each Q, K, V and MLP up matrix
+                nn.init.orthogonal_(m)
             for m in [m for m in (self.bigram, self.ve) if m is not None]:
                 nn.init.orthogonal_(m.proj.weight)
 
     def qat_tensors(self) -> dict[str, Tensor]:
-        """The tensors that QAT fake-quantizes: int6 banks and int8 embedding tables (TOKEN_PARAM_NAMES)."""
         tables = [self.tok_emb] + [m.embed if m is not None else None for m in (self.bigram, self.ve)]
         return {**{n: getattr(self, n) for n in BANK_NAMES},
                 **{n: m.weight for n, m in zip(TOKEN_PARAM_NAMES, tables) if m is not None}}
@@ -923,10 +913,8 @@ build_model = GPT  # the name the rest of the script, the tests and the tools bu
 # -----------------------------------------------------------------------------
 # 6. Optimizer
 #
-# Muon on the 4 banks, AdamW on embeddings and control tensors. With several ranks each one orthogonalizes only its
-# shard of the bank matrices: gradients reduce-scattered, updates all-gathered, asynchronously under compute (Parallel
-# Muon). The clip uses the norm of the averaged gradient (the record clipped each rank's local one), so 1, 2, 4 and 8
-# ranks take the same step.
+# Parallel Muon on the 4 banks (each rank orthogonalizes its shard), AdamW on embeddings and control tensors. The
+# clip uses the averaged gradient's norm (the record clipped each rank's local one): 1, 2, 4 and 8 ranks step alike.
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -939,8 +927,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
     a, b, c = NS_COEFFS
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
+    X = X.mT if transposed else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
         A = X @ X.mT
@@ -949,10 +936,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
 
 
 class Optimizers:
-    """Muon on the banks (Nesterov momentum, Newton-Schulz, update scaled by sqrt(max(1, rows/cols)), decoupled
-    weight decay W <- W (1 - lr wd) - lr s U), AdamW on the rest; one LR multiplier. Each rank owns ceil(slots/world)
-    slots of each bank (zero-padded) and keeps momentum only for them. overlap=False waits on every collective at
-    launch: the same arithmetic in the same order, so the two modes agree bit for bit."""
+    """Muon on the banks (Nesterov momentum, Newton-Schulz, update scaled by sqrt(max(1, rows/cols)), decoupled weight
+    decay), AdamW on the rest; one LR multiplier. Each rank owns ceil(slots/world) slots of each bank (zero-padded),
+    with their momentum. overlap=False waits on each collective at launch; both modes agree bit for bit."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
         self.h, self.rt, self.overlap, self.muon_lr, self.momentum = h, rt, overlap, h.matrix_lr, 0.0
@@ -978,11 +964,10 @@ class Optimizers:
     @torch.no_grad()
     def step(self) -> None:
         """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads. Order: the
-        replicated gradients' one flat all-reduce (small, ~4 MB), then the bank reduce-scatters, biggest first, all
-        in flight at once (NCCL runs one communicator's collectives in launch order, so the small one goes first).
-        While the banks fly, the replicated gradients land and their norm is taken, then each bank shard's in launch
-        order, under the later transfers. The clip needs every reduced gradient, so with a clip AdamW runs under
-        Muon's first all-gather, without one under the reduce-scatters. Bit for bit the plain sequence's arithmetic."""
+        replicated gradients' one flat all-reduce (~4 MB), then the bank reduce-scatters, biggest first, all in flight
+        at once (NCCL runs one communicator's collectives in launch order: the small one first). While the banks fly,
+        the replicated gradients land and their norm is taken, then each bank shard's, under the later transfers. A clip
+        needs every reduced gradient: AdamW then runs under Muon's first all-gather, else under the reduce-scatters."""
         world, clip = self.rt.world_size, self.h.grad_clip_norm > 0
         for p in self.replicated:
             if p.grad is None:
@@ -1015,14 +1000,7 @@ class Optimizers:
             bank_sq = all_reduce_(torch.stack(sq).sum())  # a no-op without torch.distributed
             coef = (self.h.grad_clip_norm / ((bank_sq + rep_sq).sqrt() + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads + shards, coef)
-        self._muon_step(shards, under_first_gather=self.adam.step if clip else None)
-        for p in self.replicated + self.banks:
-            p.grad = None
-
-    def _muon_step(self, shards: list[Tensor], under_first_gather=None) -> None:
-        """Orthogonalize each shard, biggest bank first; bank i's update lands after bank i+1's Newton-Schulz.
-        under_first_gather (e.g. the AdamW step) runs while the first all-gather is in flight."""
-        world, updates = self.rt.world_size, []  # (bank, update, its all-gather or None)
+        updates = []  # (bank, update, its all-gather or None); bank i's update lands after bank i+1's Newton-Schulz
         for j, i in enumerate(self.order):
             p, g, buf = self.banks[i], shards[i], self.buf[i]
             buf.mul_(self.momentum).add_(g)
@@ -1033,11 +1011,13 @@ class Optimizers:
                 full = u.new_empty(u.size(0) * world, *u.shape[1:])
                 work = self._launch(dist.all_gather_into_tensor, full, u.contiguous())
             updates.append((p, full, work))
-            if j == 0 and under_first_gather is not None:
-                under_first_gather()
+            if j == 0 and clip:
+                self.adam.step()  # under the first all-gather
             if j > 0:
                 self._apply(*updates[j - 1])
         self._apply(*updates[-1])
+        for p in self.replicated + self.banks:
+            p.grad = None
 
     def _launch(self, fn, *args):
         """Start an async collective (silencing the FutureWarning some builds give); without overlap, finish it."""
@@ -1058,8 +1038,7 @@ class Optimizers:
 
     def load_state_dict(self, sd: dict) -> None:
         self.adam.load_state_dict(sd["adam"])
-        for b, v in zip(self.buf, sd["muon"]):
-            b.copy_(v)
+        torch._foreach_copy_(self.buf, sd["muon"])
 
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
