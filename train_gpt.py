@@ -55,6 +55,12 @@ except ImportError:
 
 SHARD_GLOB = "fineweb_{split}_*.bin"  # the challenge's shard names: fineweb_train_000000.bin, fineweb_val_000000.bin
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
+# Attention kernels (section 2). SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash
+# takes grouped KV heads; the efficient kernel (older builds) and cuDNN's (no head-count check) get K/V expanded.
+SDPA_BACKENDS = {"sdpa_cudnn": ("CUDNN_ATTENTION", True), "sdpa_flash": ("FLASH_ATTENTION", False),
+                 "sdpa_efficient": ("EFFICIENT_ATTENTION", True)}
+FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAttention 3 / 2
+ATTN_BACKENDS = (*FLASH_MODULES, "sdpa", *SDPA_BACKENDS)  # every ATTN_BACKEND but "auto"
 
 _GENERIC_PREFIXES = {"NUM_", "MODEL_", "OUT_", "RUN_", "DATA_", "MAX_", "LOGIT_", "TORCH_", "GITHUB_"}  # other tools'
 _ALIASES = {"MAX_STEPS": "ITERATIONS", "NUM_ITERATIONS": "ITERATIONS", "STEPS": "ITERATIONS", "VOCAB": "VOCAB_SIZE",
@@ -386,12 +392,6 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-# SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash takes grouped KV heads; the
-# efficient kernel (older builds) and cuDNN's (no head-count check) get K/V expanded: always correct, copy timed.
-SDPA_BACKENDS = {"sdpa_cudnn": ("CUDNN_ATTENTION", True), "sdpa_flash": ("FLASH_ATTENTION", False),
-                 "sdpa_efficient": ("EFFICIENT_ATTENTION", True)}
-FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAttention 3 / 2
-ATTN_BACKENDS = (*FLASH_MODULES, "sdpa", *SDPA_BACKENDS)  # every ATTN_BACKEND but "auto"
 ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs (bf16 resolution is 2^-8)
 
 
@@ -554,6 +554,34 @@ def load_shard(path, vocab_size: int = 0) -> np.ndarray:
         raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE={vocab_size} "
                          f"(first bad id {tokens[at]} at index {at})")
     return tokens
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:  # PermissionError: it exists, owned by someone else
+        return not isinstance(e, ProcessLookupError)
+    return True
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `.NAME.tmp<PID>` beside `path`, fsync, rename: a crash never leaves a partial file at `path`. Temps that
+    killed writes left (their process is gone) are removed first; an I/O error (ENOSPC names no file) names the path."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = stale.name.rpartition(".tmp")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"writing {path} ({len(data)} bytes): {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_shard(path, tokens) -> None:
@@ -1175,34 +1203,6 @@ def decompress_artifact(blob: bytes, path="artifact") -> bytes:
     return raw
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:  # PermissionError: it exists, owned by someone else
-        return not isinstance(e, ProcessLookupError)
-    return True
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `.NAME.tmp<PID>` beside `path`, fsync, rename: a crash never leaves a partial file at `path`. Temps that
-    killed writes left (their process is gone) are removed first; an I/O error (ENOSPC names no file) names the path."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
-        pid = stale.name.rpartition(".tmp")[2]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, f"writing {path} ({len(data)} bytes): {e.strerror or e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def require_free_space(path: Path, n_params: int) -> None:
     """Before training: room beside `path` for the artifact (<= 2 bytes/param), its temp copy and the logs."""
     need, folder = 2 * (2 * n_params + (1 << 20)), Path(path).parent
@@ -1245,6 +1245,13 @@ _PACK_TEMPLATE = 'exec(compile(__import__("lzma").decompress(__import__("base64"
 _PACK_RE = re.compile(re.escape(_PACK_TEMPLATE[:-1]).replace(r"\{\}", '([^"]*)').encode() + rb"\r?\n?$")
 
 
+def unpack_source(packed: bytes) -> bytes:
+    m = _PACK_RE.match(packed)
+    if m is None:
+        raise ValueError("not a packed file written by pack_source (tools/pack.py)")
+    return lzma.decompress(base64.b85decode(m[1]))
+
+
 def pack_source(src: bytes, search: bool = True) -> bytes:
     """The file that ships (tools/pack.py writes it; counted in process, so the model budget is exact): one exec line,
     the shortest LZMA ("alone" container: xz and raw LZMA2 never won) over lc x pb (3, 0 without search) in base85.
@@ -1257,13 +1264,6 @@ def pack_source(src: bytes, search: bool = True) -> bytes:
     if unpack_source(packed) != src:  # never ship a wrapper that does not read back exactly
         raise RuntimeError("pack round-trip failed")
     return packed
-
-
-def unpack_source(packed: bytes) -> bytes:
-    m = _PACK_RE.match(packed)
-    if m is None:
-        raise ValueError("not a packed file written by pack_source (tools/pack.py)")
-    return lzma.decompress(base64.b85decode(m[1]))
 
 
 def shipped_code_bytes(path: Path, _memo: dict = {}) -> int:  # noqa: B006  (the memo: once per process)
@@ -1965,6 +1965,13 @@ def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkS
     return [ChunkSpan(c, len(chunks), cw, cw[r * len(cw) // w:(r + 1) * len(cw) // w]) for c, cw in enumerate(chunks)]
 
 
+def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
+    """Rank 0's running bpb of every track (run_pass logs <= ~100 chunks; the score is the all-reduced total)."""
+    el, c, n, nbytes = time.perf_counter() - t0, span.index, span.n_chunks, max(tally.bytes.item(), 1.0)
+    per_track = " ".join(f"{k}:{tally.nll[j].item() / math.log(2) / nbytes:.4f}" for j, k in enumerate(tracks))
+    log0(f"{label} chunk:{c + 1}/{n} elapsed:{el:.1f}s eta:{el / (c + 1) * (n - c - 1):.1f}s rank0_bpb {per_track}")
+
+
 def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = None, chunk_tokens: int = 0,
              recorder=None, label: str = "", budget: EvalBudget | None = None) -> EvalResult:
     """The one scoring path, over chunks of windows left to right: score a chunk with scorer.current (inference_mode),
@@ -2015,13 +2022,6 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
         raise FloatingPointError(f"{label or f'eval stride:{stride}'}: non-finite score ({', '.join(bad)})")
     return EvalResult(losses, {k: v / math.log(2) * tokens / nbytes for k, v in losses.items()}, experts.tracks[-1],
                       tokens, nbytes, time.perf_counter() - t0, budget.error if budget is not None else "")
-
-
-def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
-    """Rank 0's running bpb of every track (run_pass logs <= ~100 chunks; the score is the all-reduced total)."""
-    el, c, n, nbytes = time.perf_counter() - t0, span.index, span.n_chunks, max(tally.bytes.item(), 1.0)
-    per_track = " ".join(f"{k}:{tally.nll[j].item() / math.log(2) / nbytes:.4f}" for j, k in enumerate(tracks))
-    log0(f"{label} chunk:{c + 1}/{n} elapsed:{el:.1f}s eta:{el / (c + 1) * (n - c - 1):.1f}s rank0_bpb {per_track}")
 
 
 # -----------------------------------------------------------------------------
