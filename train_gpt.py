@@ -610,7 +610,8 @@ class TokenStream:
 
     def __init__(self, pattern: str, vocab_size: int = 0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
-        check_shards(pattern)  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
+        for f in self.files:  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
+            shard_num_tokens(f)
         self.file_idx, self.pos, self.tokens = 0, 0, load_shard(self.files[0], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
@@ -1241,12 +1242,12 @@ def load_artifact(path: Path, h: Hyperparameters, device) -> GPT:
     return model.to(device)
 
 
-_PACK_TEMPLATE = 'exec(compile(__import__("lzma").decompress(__import__("base64").b85decode("{}")),__file__,"exec"))\n'
-_PACK_RE = re.compile(re.escape(_PACK_TEMPLATE[:-1]).replace(r"\{\}", '([^"]*)').encode() + rb"\r?\n?$")
+PACK_TEMPLATE = 'exec(compile(__import__("lzma").decompress(__import__("base64").b85decode("{}")),__file__,"exec"))\n'
+PACK_RE = re.compile(re.escape(PACK_TEMPLATE[:-1]).replace(r"\{\}", '([^"]*)').encode() + rb"\r?\n?$")
 
 
 def unpack_source(packed: bytes) -> bytes:
-    m = _PACK_RE.match(packed)
+    m = PACK_RE.match(packed)
     if m is None:
         raise ValueError("not a packed file written by pack_source (tools/pack.py)")
     return lzma.decompress(base64.b85decode(m[1]))
@@ -1260,7 +1261,7 @@ def pack_source(src: bytes, search: bool = True) -> bytes:
     filters = [dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=lc, lp=0, pb=pb, dict_size=dict_size)
                for lc, pb in ([(lc, pb) for lc in range(5) for pb in range(3)] if search else [(3, 0)])]
     best = min((lzma.compress(src, format=lzma.FORMAT_ALONE, filters=[f]) for f in filters), key=len)
-    packed = _PACK_TEMPLATE.format(base64.b85encode(best).decode("ascii")).encode("ascii")
+    packed = PACK_TEMPLATE.format(base64.b85encode(best).decode("ascii")).encode("ascii")
     if unpack_source(packed) != src:  # never ship a wrapper that does not read back exactly
         raise RuntimeError("pack round-trip failed")
     return packed
@@ -1271,7 +1272,7 @@ def shipped_code_bytes(path: Path, _memo: dict = {}) -> int:  # noqa: B006  (the
     key = str(Path(path).resolve())
     if key not in _memo:
         src = Path(path).read_bytes()
-        _memo[key] = len(src) if _PACK_RE.match(src) else len(pack_source(src))
+        _memo[key] = len(src) if PACK_RE.match(src) else len(pack_source(src))
     return _memo[key]
 
 
@@ -1831,8 +1832,9 @@ class TestTimeTrainer(FixedScorer):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="sum")
             (loss / global_tokens).backward()
         all_reduce_flat_([p.grad for p in self.params])
-        for p, keep in self.keep.items():  # all ones without frozen blocks: exact
-            p.grad.mul_(keep)
+        if self.h.ttt_freeze_blocks > 0:  # zero the frozen blocks' slices before the clip sees them
+            for p, keep in self.keep.items():
+                p.grad.mul_(keep)
         torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
         for p, mult in self.lr_mult.items():
             p.grad.mul_(mult)

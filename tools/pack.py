@@ -47,7 +47,7 @@ def pack_source(src_text: str | bytes, search: bool = True) -> str:
 
 def is_packed(text: str | bytes) -> bool:
     """True if `text` is a wrapper written by this tool."""
-    return tg._PACK_RE.match(_bytes(text)) is not None
+    return tg.PACK_RE.match(_bytes(text)) is not None
 
 
 def unpack_bytes(packed_text: str | bytes) -> bytes:
