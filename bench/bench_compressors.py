@@ -11,7 +11,8 @@ The compressors thus get no document boundaries, while the model pays for them i
 bytes): a small handicap for the model, not for the compressors.
 
 Codecs, at the settings of the CLI flags they stand for: gzip -9, bzip2 -9, xz -9e (stdlib gzip/bz2/lzma), zstd
---ultra -22 (zstandard package, level 22, checksum and content size on as the CLI writes them), and 7z PPMd through
+--ultra -22 (zstandard package, level 22, checksum and content size on as the CLI writes them), zpaq -m5 (the PyPI
+`zpaq` package: libzpaq in process at level 5, one thread; a context-mixing compressor), and 7z PPMd through
 the 7z CLI (`7z a -t7z -m0=PPMd -mx=9`, the order and model memory 7z chose are printed, memN meaning 2^N bytes;
 installed with `apt-get install -y p7zip-full` when missing and running as root, else skipped with a note).
 Python's gzip is zlib's deflate encoder, not GNU gzip's, and the zstandard package bundles its own libzstd: their
@@ -131,6 +132,17 @@ class SevenZipPPMd:
             return self._run("e", "-so", "out.7z", cwd=d)
 
 
+def _zpaq_codec() -> Codec | None:
+    """ZPAQ at its strongest method through the PyPI package (libzpaq in process): level 5 (= zpaq -m5), one thread
+    (one block: the best ratio, and deterministic)."""
+    try:
+        import zpaq
+    except ImportError:
+        return None
+    return Codec("zpaq", "zpaq package level=5 (= zpaq -m5), threads=1",
+                 lambda b: zpaq.compress(b, level=5, threads=1), zpaq.decompress)
+
+
 def find_7z(install: bool) -> tuple[str | None, str]:
     """(path of 7z or None, note); installs p7zip-full with apt-get when allowed, missing and running as root."""
     exe = shutil.which("7z")
@@ -157,6 +169,11 @@ def available_codecs(install_7z: bool = False) -> tuple[list[Codec], list[str]]:
         codecs.append(zstd)
     else:
         notes.append("zstandard not installed: zstd skipped")
+    zp = _zpaq_codec()
+    if zp:
+        codecs.append(zp)
+    else:
+        notes.append("zpaq not installed (pip install zpaq): zpaq skipped")
     exe, note = find_7z(install_7z)
     if exe:
         sz = SevenZipPPMd(exe)

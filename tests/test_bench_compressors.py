@@ -54,6 +54,7 @@ def test_every_available_codec_roundtrips_and_bpb_is_8_size_over_bytes(val_patte
         assert row["bytes"] == len(blob) and row["bpb"] == 8 * len(blob) / n_bytes, c.name
     if not any(c.name == "7z PPMd" for c in codecs):
         assert any("7z" in n for n in notes)
+    assert any(c.name == "zpaq" for c in codecs) or any("zpaq" in n for n in notes)
 
 
 def test_final_score_parser_reads_the_last_score_and_val_tokens(tmp_path):
