@@ -992,26 +992,35 @@ build_model = GPT  # the name the rest of the script, the tests and the tools bu
 
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) by a quintic Newton-Schulz iteration,
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
+                                coeffs: tuple = NS_COEFFS["quintic"]) -> Tensor:
+    """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) by quintic Newton-Schulz iterations
+    X <- a X + (b A + c A^2) X, A = X X^T, with iteration k's (a, b, c) = coeffs[k] (past the table: its last tuple),
     in bf16 on CUDA (as the record) and fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX or not),
     which moved a 150-step CPU run's score by 1.4e-3 between kernel sets (1.4e-5 in fp32). The coefficients trade
     exactness for speed: singular values land in roughly [0.7, 1.2], not exactly 1, which Muon tolerates."""
-    a, b, c = NS_COEFFS["quintic"][0]
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     X = X.mT if transposed else X
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
+    for k in range(steps):
+        a, b, c = coeffs[min(k, len(coeffs) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if transposed else X).to(G.dtype)
 
 
+def unit_rows(U: Tensor, eps: float = 1e-7) -> Tensor:
+    """MuonEq-R: each row of each matrix in U (..., rows, cols) scaled to unit L2 norm, in the matrix's own
+    orientation (before Newton-Schulz transposes tall ones), so every output unit gets an equal share of the step."""
+    return U / U.norm(dim=-1, keepdim=True).clamp(min=eps)
+
+
 class Optimizers:
-    """Muon on the banks (Nesterov momentum, Newton-Schulz, update scaled by sqrt(max(1, rows/cols)), decoupled weight
-    decay), AdamW on the rest; one LR multiplier. Each rank owns ceil(slots/world) slots of each bank (zero-padded),
-    with their momentum. overlap=False waits on each collective at launch; both modes agree bit for bit."""
+    """Muon on the banks (Nesterov momentum, MuonEq-R if MUON_EQ_R, Newton-Schulz with MUON_NS's coefficients, update
+    scaled by sqrt(max(1, rows/cols)), decoupled weight decay), AdamW on the rest; one LR multiplier. Each rank owns
+    ceil(slots/world) slots of each bank (zero-padded), with their momentum. overlap=False waits on each collective at
+    launch; both modes agree bit for bit."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
         self.h, self.rt, self.overlap, self.muon_lr, self.momentum = h, rt, overlap, h.matrix_lr, 0.0
@@ -1022,9 +1031,9 @@ class Optimizers:
         token = [p for n, p in named.items() if n in TOKEN_PARAM_NAMES]
         scalar = [p for n, p in named.items() if n not in TOKEN_PARAM_NAMES and n not in BANK_NAMES]
         self.replicated = token + scalar
-        self.adam = torch.optim.AdamW([dict(params=token, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr, weight_decay=h.embed_wd),
-                                       dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr, weight_decay=h.scalar_wd)],
-                                      betas=(h.beta1, h.beta2), eps=h.adam_eps,
+        groups = [dict(params=token, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr, weight_decay=h.embed_wd),
+                  dict(params=scalar, lr=h.scalar_lr, base_lr=h.scalar_lr, weight_decay=h.scalar_wd)]
+        self.adam = torch.optim.AdamW(groups, betas=(h.beta1, h.beta2), eps=h.adam_eps,
                                       fused=(rt.device.type == "cuda") or None)
 
     def set_schedule(self, step: int, lr_mult: float) -> None:
@@ -1077,7 +1086,9 @@ class Optimizers:
         for j, i in enumerate(self.order):
             p, g, buf = self.banks[i], shards[i], self.buf[i]
             buf.mul_(self.momentum).add_(g)
-            u = zeropower_via_newtonschulz5(g.add(buf, alpha=self.momentum), self.h.muon_backend_steps)
+            u = g.add(buf, alpha=self.momentum)  # Nesterov
+            u = zeropower_via_newtonschulz5(unit_rows(u) if self.h.muon_eq_r else u, self.h.muon_backend_steps,
+                                            coeffs=NS_COEFFS[self.h.muon_ns])
             u = u * math.sqrt(max(1.0, p.size(1) / p.size(2)))
             full, work = u, None
             if world > 1:
@@ -1114,9 +1125,21 @@ class Optimizers:
         torch._foreach_copy_(self.buf, sd["muon"])
 
 
+def budget_frac(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """The fraction of the training budget done: elapsed / MAX_WALLCLOCK_SECONDS (the reserve-reduced cap that
+    `train` passes), or step / ITERATIONS without a cap. Drives the warmdown and the loop switch alike."""
+    if h.max_wallclock_seconds > 0:
+        return elapsed_ms / (1000 * h.max_wallclock_seconds)
+    return step / h.iterations
+
+
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear to 0: over the last WARMDOWN_ITERS steps' worth of remaining wallclock
+    """No LR warmup. WARMDOWN_FRAC > 0 (the record): 1, then linear over the budget's last WARMDOWN_FRAC down to the
+    MIN_LR floor. Else (the seed) linear to 0 over the last WARMDOWN_ITERS steps' worth of remaining wallclock
     (estimated from the mean step time so far), or over the last WARMDOWN_ITERS iterations without a cap."""
+    if h.warmdown_frac > 0:
+        frac = budget_frac(h, step, elapsed_ms)
+        return 1.0 if frac < 1 - h.warmdown_frac else max((1 - frac) / h.warmdown_frac, h.min_lr)
     if h.warmdown_iters <= 0:
         return 1.0
     if h.max_wallclock_seconds <= 0:
@@ -2105,21 +2128,31 @@ def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
 
 
 def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
-    """Real steps so torch.compile builds every graph the timed loop needs (QAT on and off); weights, optimizer state
-    and data order are then restored. When compiling, one step per graph even at WARMUP_STEPS=0: otherwise step 1
-    would compile inside the timed window."""
-    both = not h.qat_enabled and h.late_qat_threshold > 0
-    n_steps = max(h.warmup_steps, 1 + both) if compile_enabled(h, rt.device) else h.warmup_steps
+    """Real steps so torch.compile builds every graph the timed loop needs (QAT on and off, looping off and on),
+    the variants in turn; weights, optimizer state, data order and `model.looping` are then restored. When
+    compiling, one step per graph even at WARMUP_STEPS=0: otherwise a graph would compile inside the timed window."""
+    qats = (False, True) if not h.qat_enabled and h.late_qat_threshold > 0 else (h.qat_enabled,)
+    loops = (False, True) if h.num_loops > 0 else (None,)
+    variants = [(q, lp) for lp in loops for q in qats]  # without loops: QAT off, on, off, ... as the seed
+    n_steps = max(h.warmup_steps, len(variants)) if compile_enabled(h, rt.device) else h.warmup_steps
     if n_steps <= 0:
         return
     model_state, opt_state, loader = copy.deepcopy(model.state_dict()), opt.state_dict(), loader_factory()
+    looping = getattr(model, "looping", None)
     for i in range(n_steps):
+        qat, loop = variants[i % len(variants)]
+        if loop is not None:
+            model.looping = loop
         opt.set_schedule(0, 1.0)
-        train_step(h, rt, fwd, opt, loader, qat=h.qat_enabled or (both and i % 2 == 1))
+        train_step(h, rt, fwd, opt, loader, qat=qat)
+    if looping is not None:
+        model.looping = looping
     model.load_state_dict(model_state)
     opt.load_state_dict(opt_state)
     sync(rt.device)
-    log0(f"compile_warmup steps:{n_steps} qat_variants:{2 if both and n_steps >= 2 else 1}")
+    ran = variants[:n_steps]
+    log0(f"compile_warmup steps:{n_steps} qat_variants:{len({q for q, _ in ran})} "
+         f"loop_variants:{len({lp for _, lp in ran if lp is not None})}")
 
 
 @torch.no_grad()
@@ -2184,10 +2217,14 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
     train_ms, step, qat_on, warm_on, stop, elapsed_ms = 0.0, 0, False, False, False, 0.0
     cap_ms = 1000 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else float("inf")
+    if h.num_loops > 0:  # depth recurrence starts off: the early steps run the plain, faster layer order
+        model.looping = False
     sync(rt.device)
     t0 = clock()
     while True:
         last = step == h.iterations or stop
+        if last and h.num_loops > 0:  # the final validation, GPTQ calibration, export and eval all run looped
+            model.looping = True
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             sync(rt.device)
             train_ms += 1000 * (clock() - t0)
@@ -2199,6 +2236,10 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
                 break
             t0 = clock()
         mult = lr_multiplier(h, step, elapsed_ms)  # the rank-agreed time: every rank takes the same LR
+        frac = budget_frac(h, step, elapsed_ms)  # the rank-agreed time again: every rank switches at the same step
+        if h.num_loops > 0 and not model.looping and frac >= h.loop_activate_frac:
+            log0(f"loop:on step:{step} frac:{frac:.4f}")
+            model.looping = True
         qat = h.qat_enabled or (h.late_qat_threshold > 0 and mult < h.late_qat_threshold)
         if mult < 1 and not warm_on:
             log0(f"warmdown:start step:{step} lr_mult:{mult:.4f}")

@@ -19,6 +19,8 @@ from plot_log import FINAL_SCORE_RE, TRAIN_RE  # noqa: E402
 CPU = torch.device("cpu")
 MUON_STEPS = 3
 CLIPS = (0.0, 0.3)  # clip off (coef exactly 1) and the record's clip (global norm over the sharded banks)
+# The seed's Muon (quintic Newton-Schulz) and the record's (Polar-Express table, MuonEq-R row normalization)
+MUONS = {"seed": {}, "record": dict(muon_ns="polar_express", muon_eq_r=True)}
 
 
 def kill_all(procs) -> None:
@@ -48,9 +50,9 @@ def base_env(**extra) -> dict:
 # ----------------------------------------------------------------------------- parallel Muon
 
 
-def muon_config(clip: float) -> tg.Hyperparameters:
+def muon_config(clip: float, muon: str = "seed") -> tg.Hyperparameters:
     # 3 layers: banks of 6 and 3 slots, so 2 ranks exercise the zero-padded shard
-    return tiny(num_layers=3, ve_layers="2", grad_clip_norm=clip)
+    return tiny(num_layers=3, ve_layers="2", grad_clip_norm=clip, **MUONS[muon])
 
 
 def exact_grads(model, seed: int) -> dict:
@@ -60,8 +62,8 @@ def exact_grads(model, seed: int) -> dict:
     return {n: torch.randint(-64, 65, p.shape, generator=g).float() / 4096 for n, p in model.named_parameters()}
 
 
-def muon_run(rank: int, world: int, clip: float, overlap: bool = True) -> dict:
-    h = muon_config(clip)
+def muon_run(rank: int, world: int, clip: float, overlap: bool = True, muon: str = "seed") -> dict:
+    h = muon_config(clip, muon)
     torch.manual_seed(h.seed)
     model = tg.build_model(h)
     opt = tg.Optimizers(h, model, tg.Runtime(rank, rank, world, CPU), overlap=overlap)
@@ -83,7 +85,8 @@ def muon_worker(rank: int, world: int, out: str) -> None:
     # then connects the ranks over 127.0.0.1 (GLOO_SOCKET_IFNAME=lo) on ports the OS assigns.
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
     try:
-        results = {(clip, overlap): muon_run(rank, world, clip, overlap) for clip in CLIPS for overlap in (True, False)}
+        results = {(muon, clip, overlap): muon_run(rank, world, clip, overlap, muon)
+                   for muon in MUONS for clip in CLIPS for overlap in (True, False)}
     finally:
         dist.destroy_process_group()
     torch.save(results, f"{out}.rank{rank}")
@@ -97,7 +100,7 @@ def test_two_rank_muon_step_matches_one_rank(tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = {clip: muon_run(0, 1, clip) for clip in CLIPS}  # meanwhile, the 1-rank run here
+        ref = {(m, clip): muon_run(0, 1, clip, muon=m) for m in MUONS for clip in CLIPS}  # meanwhile, 1 rank here
     except BaseException:
         kill_all(procs)
         raise
@@ -108,17 +111,19 @@ def test_two_rank_muon_step_matches_one_rank(tmp_path):
     ranks = [torch.load(f"{out}.rank{r}") for r in range(2)]
     torch.manual_seed(muon_config(0.0).seed)
     init = dict(tg.build_model(muon_config(0.0)).named_parameters())
-    for clip in CLIPS:
-        for name, want in ref[clip].items():
-            got = ranks[0][clip, True][name]
+    for (m, clip), params in ref.items():
+        for name, want in params.items():
+            got, where = ranks[0][m, clip, True][name], f"muon={m} clip={clip} {name}"
             for r in range(2):  # the overlapped step (async collectives) is the synchronous step, bit for bit
-                assert torch.equal(ranks[r][clip, True][name], ranks[r][clip, False][name]), \
-                    f"clip={clip} {name}: rank {r} overlapped != synchronous"
-            assert torch.equal(got, ranks[1][clip, True][name]), f"clip={clip} {name}: ranks disagree"
+                assert torch.equal(ranks[r][m, clip, True][name], ranks[r][m, clip, False][name]), \
+                    f"{where}: rank {r} overlapped != synchronous"
+            assert torch.equal(got, ranks[1][m, clip, True][name]), f"{where}: ranks disagree"
             moved = (want - init[name]).norm()
             assert moved > 0, name  # every parameter took a step
             rel = ((got - want).norm() / want.norm().clamp(min=1e-12)).item()
-            assert rel <= 1e-6, f"clip={clip} {name}: 2-rank vs 1-rank relative error {rel:.3g}"
+            assert rel <= 1e-6, f"{where}: 2-rank vs 1-rank relative error {rel:.3g}"
+    for name in tg.BANK_NAMES:  # the two Muons really differ
+        assert not torch.equal(ref["seed", 0.3][name], ref["record", 0.3][name]), name
 
 
 # ----------------------------------------------------------------------------- torchrun vs python3
@@ -126,6 +131,7 @@ def test_two_rank_muon_step_matches_one_rank(tmp_path):
 
 def run_env(dataset, out_dir: Path) -> dict:
     env = {k.upper(): (int(v) if isinstance(v, bool) else v) for k, v in TINY.items()}
+    env.update(PRESET="pr549")  # TINY sizes the seed's stack (conftest's tiny()), not the record's defaults
     env.update(DATA_PATH=dataset["data_path"], TOKENIZER_PATH=dataset["tokenizer_path"], OUT_DIR=out_dir,
                RUN_ID="dist", ITERATIONS=3, SLIDING_DIAGNOSTIC=0, EVAL_STRIDE=16)
     return base_env(**env)

@@ -1,6 +1,6 @@
-"""The record's training path under a fake clock: the wallclock warmdown, late QAT driven by it, the cap, and the
-compile warmup that must leave no trace. The other tests run with MAX_WALLCLOCK_SECONDS=0 and WARMUP_STEPS=0,
-so none of these branches would run there."""
+"""The training loop under a fake clock: the seed's wallclock warmdown, late QAT driven by it, the cap; the record's
+WARMDOWN_FRAC schedule and depth-recurrence switch; the compile warmup that must leave no trace. The other tests
+run with MAX_WALLCLOCK_SECONDS=0 and WARMUP_STEPS=0, so none of these branches would run there."""
 import copy
 import re
 
@@ -27,17 +27,19 @@ def _quiet_shared_state(monkeypatch):
 
 
 class Run:
-    """A model whose every forward advances a fake clock by MICRO_S and records its qat flag; the schedule each
-    step handed to the optimizers is recorded too."""
+    """A model whose every forward advances a fake clock by MICRO_S and records its qat flag and `model.looping`
+    (None while unset: the loop switch is a plain attribute here); the schedule each step handed to the optimizers
+    is recorded too."""
 
     def __init__(self, h, monkeypatch, seed=0):
         torch.manual_seed(seed)
-        self.model, self.now, self.qat, self.schedule = tg.build_model(h), 0.0, [], []
+        self.model, self.now, self.qat, self.looping, self.schedule = tg.build_model(h), 0.0, [], [], []
         forward = self.model.forward
 
         def timed_forward(ids, targets=None, qat=False):
             self.now += MICRO_S
             self.qat.append(bool(qat))
+            self.looping.append(getattr(self.model, "looping", None))
             return forward(ids, targets, qat)
 
         monkeypatch.setattr(self.model, "forward", timed_forward)
@@ -95,6 +97,38 @@ def test_no_cap_means_iteration_warmdown(dataset, ctx_parts, monkeypatch, capsys
     assert [m for _, m in run.schedule] == [1.0, 1.0, 1.0, 2 / 3, 1 / 3]
 
 
+# The record's schedule and loop switch. Cap 2.75 s less a 0.25 s GPTQ reserve = 2.5 s at 250 ms a step: frac =
+# step / 10 at the start of each step, as with ITERATIONS=10 and no cap. WARMDOWN_FRAC 0.6 / MIN_LR 0.3: 1 while
+# frac < 0.4, then (1 - frac) / 0.6 floored at 0.3. LOOP_ACTIVATE_FRAC 0.4: on at step 4 (frac 0.4 exactly: >=).
+LOOPED = dict(iterations=100, max_wallclock_seconds=2.75, gptq_enabled=True, gptq_reserve_seconds=0.25,
+              gptq_calib_batches=2, warmdown_iters=0, warmdown_frac=0.6, min_lr=0.3, late_qat_threshold=0.0,
+              num_loops=1, loop_start=0, loop_end=0, loop_activate_frac=0.4)
+LOOPED_ITERS = {**LOOPED, "iterations": 10, "max_wallclock_seconds": 0.0}
+
+
+@pytest.mark.parametrize("kw", [LOOPED, LOOPED_ITERS], ids=["clock", "iterations"])
+def test_frac_warmdown_and_loop_switch(dataset, ctx_parts, monkeypatch, capsys, kw):
+    h = tiny(**dataset, **kw)
+    run, steps, _, out = _train(h, ctx_parts, monkeypatch, capsys)
+    assert steps == 10 and ("stopping_early" in out) == (kw is LOOPED)
+    assert [m for _, m in run.schedule] == pytest.approx([1.0] * 5 + [0.5 / 0.6, 0.4 / 0.6, 0.5, 0.2 / 0.6, 0.3],
+                                                         rel=1e-12)
+    assert [ln for ln in out.splitlines() if ln.startswith(("loop:", "warmdown:"))] == [
+        "loop:on step:4 frac:0.4000", "warmdown:start step:5 lr_mult:0.8333"]
+    n = 10 * RT1.grad_accum_steps
+    assert run.looping[:n] == [s >= 4 for s in range(10) for _ in range(RT1.grad_accum_steps)]
+    assert run.looping[n:] == [True] * h.gptq_calib_batches  # GPTQ calibration (then export and eval) run looped
+    assert run.model.looping is True
+
+
+def test_loop_is_on_after_training_even_if_the_clock_never_switched_it(dataset, ctx_parts, monkeypatch, capsys):
+    h = tiny(**dataset, **{**LOOPED, "loop_activate_frac": 1.0})  # the cap stops training before frac reaches 1
+    run, steps, _, out = _train(h, ctx_parts, monkeypatch, capsys)
+    n = steps * RT1.grad_accum_steps
+    assert steps == 10 and "loop:on" not in out
+    assert run.looping == [False] * n + [True] * h.gptq_calib_batches and run.model.looping is True
+
+
 def _state(model, opt) -> dict:
     sd = opt.state_dict()
     return dict(model={k: v.clone() for k, v in model.state_dict().items()}, adam=sd["adam"], muon=sd["muon"])
@@ -131,32 +165,48 @@ def test_compile_warmup_restores_weights_and_optimizer_state(dataset, monkeypatc
     _assert_same(before, _state(run.model, opt))
 
 
-def test_warmup_leaves_the_timed_run_as_a_fresh_start(dataset, ctx_parts, monkeypatch, capsys):
-    """Same init, with and without 3 warmup steps (both QAT variants): identical losses, weights, step count
-    under the cap (warmup time is not train time) and schedule."""
+@pytest.mark.parametrize("kw, n_steps", [(CAPPED, 9), (LOOPED, 10)], ids=["late_qat", "loop"])
+def test_warmup_leaves_the_timed_run_as_a_fresh_start(dataset, ctx_parts, monkeypatch, capsys, kw, n_steps):
+    """Same init, with and without 3 warmup steps (both QAT variants, or both loop variants): identical losses,
+    weights, step count under the cap (warmup time is not train time), schedule and per-forward flags."""
     runs = []
     for warmup in (0, 3):
-        h = tiny(**dataset, **{**CAPPED, "warmup_steps": warmup})
+        h = tiny(**dataset, **{**kw, "warmup_steps": warmup})
         run, steps, train_ms, out = _train(h, ctx_parts, monkeypatch, capsys)
         losses = re.findall(r"^step:\d+/\d+ train_loss:\S+", out, re.M)
         timed = run.schedule[warmup:]  # compile_warmup sets (0, 1.0) once per warmup step
-        runs.append((steps, train_ms, losses, timed, run.qat[warmup * RT1.grad_accum_steps:],
+        k = warmup * RT1.grad_accum_steps
+        runs.append((steps, train_ms, losses, timed, run.qat[k:], run.looping[k:],
                      {k: v.clone() for k, v in run.model.state_dict().items()}))
-    (s0, ms0, l0, sch0, q0, w0), (s1, ms1, l1, sch1, q1, w1) = runs
-    assert s0 == s1 == 9 and ms0 == ms1 and len(l0) == 9
-    assert l0 == l1 and sch0 == sch1 and q0 == q1
+    (s0, ms0, l0, sch0, q0, lp0, w0), (s1, ms1, l1, sch1, q1, lp1, w1) = runs
+    assert s0 == s1 == n_steps and ms0 == ms1 and len(l0) == n_steps
+    assert l0 == l1 and sch0 == sch1 and q0 == q1 and lp0 == lp1
     _assert_same(w0, w1, "weights")
 
 
-@pytest.mark.parametrize("warmup, kw", [(1, dict(qat_enabled=False, late_qat_threshold=0.6)),
-                                        (2, dict(qat_enabled=False, late_qat_threshold=0.6)),
-                                        (2, dict(qat_enabled=True)),
-                                        (2, dict(qat_enabled=False, late_qat_threshold=0.0))])
-def test_compile_warmup_logs_the_variants_it_ran(dataset, monkeypatch, capsys, warmup, kw):
+LOOP1 = dict(num_loops=1, loop_start=0, loop_end=0, late_qat_threshold=0.0)
+LATE_QAT = dict(qat_enabled=False, late_qat_threshold=0.6)
+
+
+@pytest.mark.parametrize("warmup, kw, n_steps", [(1, LATE_QAT, 1), (2, LATE_QAT, 2), (2, dict(qat_enabled=True), 2),
+                                                 (2, dict(qat_enabled=False, late_qat_threshold=0.0), 2),
+                                                 (2, LOOP1, 2), (3, {**LOOP1, **LATE_QAT}, 3),
+                                                 (0, {**LOOP1, **LATE_QAT, "torch_compile": "1"}, 4),
+                                                 (0, {**LOOP1, "torch_compile": "1"}, 2)])
+def test_compile_warmup_logs_the_variants_it_ran(dataset, monkeypatch, capsys, warmup, kw, n_steps):
+    """Each step runs the next (QAT, looping) variant; compiling, at least one step per variant even at
+    WARMUP_STEPS=0, so no graph compiles inside the clock. `model.looping` is restored afterwards."""
     h = tiny(**dataset, warmup_steps=warmup, **kw)
     run = Run(h, monkeypatch)
+    if h.num_loops:
+        run.model.looping = True  # the model's own default (eval runs looped)
     opt = tg.Optimizers(h, run.model, RT1)
     capsys.readouterr()
     tg.compile_warmup(h, RT1, run.model, run.model, opt, lambda: tg.DistributedTokenLoader(h.train_files, RT1))
-    logged = re.findall(r"^compile_warmup steps:(\d+) qat_variants:(\d+)$", capsys.readouterr().out, re.M)
-    assert logged == [(str(warmup), str(len(set(run.qat))))]
+    logged = re.findall(r"^compile_warmup steps:(\d+) qat_variants:(\d+) loop_variants:(\d+)$",
+                        capsys.readouterr().out, re.M)
+    loops = set(run.looping) - {None}
+    assert logged == [(str(n_steps), str(len(set(run.qat))), str(len(loops)))]
+    assert len(run.qat) == n_steps * RT1.grad_accum_steps
+    assert len(set(zip(run.qat, run.looping))) == min(n_steps, len(set(run.qat)) * max(len(loops), 1))
+    assert getattr(run.model, "looping", None) is (True if h.num_loops else None)
