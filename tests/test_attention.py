@@ -241,3 +241,27 @@ def test_measurement_with_doc_mask_judges_the_masked_kernels(monkeypatch):
     assert table["fa3"].startswith("mismatch(")
     assert isinstance(table["fa2"], float) and isinstance(table["sdpa"], float)
     assert calls and all(c["max"] == (128, 128) for c in calls)
+
+
+def _cuda_module(module: str, hopper: bool) -> bool:
+    if not torch.cuda.is_available() or (hopper and torch.cuda.get_device_capability()[0] != 9):
+        return False
+    try:
+        return getattr(__import__(module), "flash_attn_varlen_func", None) is not None
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("backend,module,hopper", [("fa3", "flash_attn_interface", True), ("fa2", "flash_attn", False)])
+def test_flash_varlen_matches_masked_sdpa_on_gpu(backend, module, hopper):
+    if not _cuda_module(module, hopper):
+        pytest.skip(f"needs CUDA{' sm90' if hopper else ''} + {module}.flash_attn_varlen_func")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    B, T, H, KV, D = 2, 256, 8, 4, 64
+    q = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, T, KV, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    starts = _starts(B, T).to(dev)
+    y = tg.attention_kernel(backend)(q, k, v, tg.doc_layout(backend, starts))
+    ref = tg.attention_kernel("sdpa")(q.float(), k.float(), v.float(), tg.doc_layout("sdpa", starts))
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)

@@ -202,7 +202,25 @@ def test_packed_documents_score_as_documents_alone():
 
 
 def test_pr549_builds_none_of_the_frontier_parameters():
-    model = tg.build_model(tg.Hyperparameters(**tg.PR549))
+    with torch.device("meta"):
+        model = tg.build_model(tg.Hyperparameters(**tg.PR549))
     names = set(dict(model.named_parameters()))
     assert "smear" in names and model.skip_weights.shape == (5, 512)
     assert not any(k in n for n in names for k in ("smear_w", "smear_lambda", "skip_gates", "parallel", "attn_gate"))
+
+
+def test_forward_traces_as_one_graph_in_both_loop_states():
+    """torch.compile(fullgraph=True) traces the whole forward (layer list, lanes, gates, the document layout) with
+    no graph break, looped and plain: the training loop's switch only picks the other warmed graph."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = perturbed(frontier(num_layers=4, loop_end=1, parallel_start_layer=3, xsa_last_n=4, ve_layers="3"))
+    ids = torch.stack((docs_row([10, 6, 16], 1), docs_row([20, 12], 2)))
+    with torch._dynamo.config.patch(disable=False), torch.no_grad():
+        compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+        for flag in (True, False):
+            model.looping = flag
+            assert torch.equal(compiled(ids), model(ids))
+        layout = torch.compile(lambda s: tg.doc_layout("fa3", s), backend="eager", fullgraph=True)(ids == BOS)
+    torch._dynamo.reset()
+    assert torch.equal(layout[0], tg.doc_layout("fa3", ids == BOS)[0])
