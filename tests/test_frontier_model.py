@@ -224,3 +224,12 @@ def test_forward_traces_as_one_graph_in_both_loop_states():
         layout = torch.compile(lambda s: tg.doc_layout("fa3", s), backend="eager", fullgraph=True)(ids == BOS)
     torch._dynamo.reset()
     assert torch.equal(layout[0], tg.doc_layout("fa3", ids == BOS)[0])
+
+
+def test_smear_off_is_the_plain_normed_embedding():
+    model = perturbed(frontier(smear_gate="off", bigram_vocab_size=0))
+    names = set(dict(model.named_parameters()))
+    assert not names & {"smear", "smear_w", "smear_lambda"}
+    ids = docs_row([9, 7], 9).view(1, -1)
+    w = {"tok_emb.weight": model.tok_emb.weight}
+    assert torch.equal(model._embed(ids, w), tg.rms_norm(F.embedding(ids, model.tok_emb.weight)))
