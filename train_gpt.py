@@ -297,6 +297,9 @@ class Hyperparameters:
         yield from ((n, 0 <= get(n) <= L, f"in [0, NUM_LAYERS={L}]") for n in ("xsa_last_n", "ttt_freeze_blocks"))
         yield "gate_dims", 1 <= self.gate_dims <= self.model_dim, f"in [1, MODEL_DIM={self.model_dim}]"
         yield "parallel_start_layer", 0 <= self.parallel_start_layer < L, f"in [0, NUM_LAYERS={L}) (0: off)"
+        lo = max(L // 2, self.loop_end + 1 if self.num_loops else 0)  # the lanes only ever run at the decoder's tail
+        yield ("parallel_start_layer", self.parallel_start_layer == 0 or self.parallel_start_layer >= lo,
+               f"0 (off) or >= {lo} (past the encoder's NUM_LAYERS // 2 layers and LOOP_END)")
         yield ("loop_end", self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < L,
                f">= LOOP_START={self.loop_start} >= 0 and < NUM_LAYERS={L} (or NUM_LOOPS=0)")
         yield "warmdown_frac", self.warmdown_frac == 0 or self.warmdown_iters == 0, "0 when WARMDOWN_ITERS > 0 (one schedule)"
@@ -440,21 +443,43 @@ def autocast(device: torch.device):
 ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs (bf16 resolution is 2^-8)
 
 
-def attention_candidates(device: torch.device) -> list[str]:
-    """The kernels that run here, in fallback order: FA3 (Hopper only), FA2 (where importable), SDPA, pinned SDPA."""
+def attention_candidates(device: torch.device, doc_mask: bool = False) -> list[str]:
+    """The kernels that run here, in fallback order: FA3 (Hopper only), FA2 (where importable), SDPA, pinned SDPA.
+    With doc_mask a FlashAttention module must also have its varlen entry point."""
     if device.type != "cuda":
         return ["sdpa"]
     found, hopper = [], torch.cuda.get_device_capability(device)[0] == 9
     for name, module in FLASH_MODULES.items():
         with suppress(ImportError):
-            if (name == "fa2" or hopper) and __import__(module).flash_attn_func:
+            fns = [getattr(__import__(module), f, None) for f in ("flash_attn_func", "flash_attn_varlen_func")]
+            if (name == "fa2" or hopper) and fns[0] and (fns[1] or not doc_mask):
                 found.append(name)
     return found + ["sdpa"] + list(SDPA_BACKENDS)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                          enable_gqa=q.size(2) != k.size(2)).transpose(1, 2)
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                          is_causal=mask is None, enable_gqa=q.size(2) != k.size(2)).transpose(1, 2)
+
+
+def doc_layout(backend: str, starts: Tensor):
+    """What `attention_kernel(backend)` needs to keep attention inside documents, built once per forward from
+    starts (B, T) bool (True where a document begins; each row also begins one). Shapes depend on (B, T) only.
+    SDPA: a block-diagonal causal mask (B, 1, T, T). FlashAttention varlen: the rows flattened into one stream of
+    segments, cu_seqlens (int32, a fixed n + 1 entries) and max_seqlen T. Unused entries repeat B*T (empty
+    segments). n = B rows + a document every 64 tokens + 256: were there ever more document starts (a static shape
+    cannot grow), the last ones would be dropped, their documents joining the one before; never across a row."""
+    B, T = starts.shape
+    if backend not in FLASH_MODULES:
+        seg = torch.cat((torch.zeros_like(starts[:, :1]), starts[:, 1:]), 1).cumsum(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=starts.device).tril()
+        return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    total = B * T
+    pos = torch.arange(total, device=starts.device)
+    key = torch.where(pos % T == 0, pos - total, torch.where(starts.flatten(), pos, total))  # rows sort first
+    kept = key.sort().values[:min(total, B + total // 64 + 256)]
+    first = torch.where(kept < 0, kept + total, kept).sort().values
+    return torch.cat((first, pos.new_full((1,), total))).to(torch.int32), T
 
 
 def sdpa_pinned(kernel: str, expand: bool):
@@ -462,56 +487,74 @@ def sdpa_pinned(kernel: str, expand: bool):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = getattr(SDPBackend, kernel)
 
-    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> Tensor:
         if expand and q.size(2) != k.size(2):  # query head j reads KV head j // (H // KV)
             k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
         with sdpa_kernel([backend]):
-            return _sdpa(q, k, v)
+            return _sdpa(q, k, v, docs)
 
     return attend
 
 
 def attention_kernel(backend: str):
-    """Causal attention fn(q, k, v): q (B, T, H, D); k, v (B, T, KV, D), consecutive query heads sharing a KV
-    head. An unresolved "auto" means SDPA: start-up resolves the backend before any model is built."""
+    """Causal attention fn(q, k, v, docs=None): q (B, T, H, D); k, v (B, T, KV, D), consecutive query heads sharing
+    a KV head; docs = doc_layout(backend, starts) keeps it inside documents. An unresolved "auto" means SDPA:
+    start-up resolves the backend before any model is built."""
     if backend in ("auto", "sdpa"):
         return _sdpa
     if backend in SDPA_BACKENDS:
         return sdpa_pinned(*SDPA_BACKENDS[backend])
-    fa = __import__(FLASH_MODULES[backend]).flash_attn_func
+    module = __import__(FLASH_MODULES[backend])
 
-    def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # bf16 only; the q/k norms may have autocast to fp32
-        out = fa(*(t.to(torch.bfloat16) for t in (q, k, v)), causal=True)
-        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)  # FA3 builds may return (out, lse)
+    def flash(q: Tensor, k: Tensor, v: Tensor, docs=None) -> Tensor:  # bf16 only; q/k norms may have autocast to fp32
+        q16, k16, v16 = (t.to(torch.bfloat16) for t in (q, k, v))
+        if docs is None:
+            out = module.flash_attn_func(q16, k16, v16, causal=True)
+        else:  # the rows as one stream of segments: (B*T, heads, D)
+            cu, max_len = docs
+            flat = [t.reshape(-1, *t.shape[2:]) for t in (q16, k16, v16)]
+            out = module.flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, causal=True)
+        out = out[0] if isinstance(out, tuple) else out  # FA3 builds may return (out, lse)
+        return out.reshape(q.shape).to(q.dtype)
 
     return flash
 
 
-def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3) -> dict:
+def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3,
+                      doc_mask: bool = False) -> dict:
     """{backend: ms of a bf16 forward + backward at shape (B, T, H, KV, D)} or {backend: why it is out}: it raised,
-    missed the fp32 reference by more than ATTN_TOLERANCE, or (compile_check) failed to trace (FlashAttention)."""
+    missed the fp32 reference by more than ATTN_TOLERANCE, or (compile_check) failed to trace (FlashAttention).
+    doc_mask: each row holds ~4 documents, and every kernel runs its document-masked form (varlen for FA)."""
     B, T, H, KV, D = shape
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, n, D, device=device, generator=g).bfloat16().requires_grad_() for n in (H, KV, KV))
     dy = torch.randn_like(q)
+    starts = torch.rand(B, T, device=device, generator=g) < 4 / T
+
+    def layout(b: str, s: Tensor):
+        return doc_layout(b, s) if doc_mask else None
+
     with torch.no_grad():  # the correctness check: the first sequence against this fp32 reference
-        ref = _sdpa(q[:1].float(), *(t[:1].float().repeat_interleave(H // KV, dim=2) for t in (k, v)))
+        ref = _sdpa(q[:1].float(), *(t[:1].float().repeat_interleave(H // KV, dim=2) for t in (k, v)),
+                    layout("sdpa", starts[:1]))
     out = {}
     for b in cands:
         try:
             fn = attention_kernel(b)
             with torch.no_grad():
-                err = (fn(q[:1], k[:1], v[:1]).float() - ref).abs().max().item()
+                err = (fn(q[:1], k[:1], v[:1], layout(b, starts[:1])).float() - ref).abs().max().item()
             if not err <= ATTN_TOLERANCE:
                 out[b] = f"mismatch({err:.3g})"
                 continue
             if compile_check and b in FLASH_MODULES:
-                torch.compile(fn, fullgraph=True, dynamic=False)(q[:1], k[:1], v[:1]).sum().backward()
+                traced = torch.compile(lambda q, k, v, s: fn(q, k, v, layout(b, s)), fullgraph=True, dynamic=False)
+                traced(q[:1], k[:1], v[:1], starts[:1]).sum().backward()
+            docs = layout(b, starts)
             for i in range(reps + 1):
                 if i == 1:
                     sync(device)
                     t0 = time.perf_counter()
-                fn(q, k, v).backward(dy)
+                fn(q, k, v, docs).backward(dy)
             sync(device)
             out[b] = 1000 * (time.perf_counter() - t0) / reps
         except Exception as e:  # a kernel that cannot run these shapes is simply not a candidate
@@ -520,19 +563,21 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
 
 
 def resolve_attention(requested: str, device: torch.device, shape=None, notes: list | None = None,
-                      compile_check: bool = False) -> str:
+                      compile_check: bool = False, doc_mask: bool = False) -> str:
     """A forced backend must be importable here (and on CUDA, given a shape, run and match the fp32 reference).
-    "auto": on CUDA with a shape, the fastest match by the slowest rank's time (times in `notes`); else the first."""
-    available = attention_candidates(device)
+    "auto": on CUDA with a shape, the fastest match by the slowest rank's time (times in `notes`); else the first.
+    doc_mask: the kernels are judged in their document-masked form (FlashAttention: varlen)."""
+    available = attention_candidates(device, doc_mask)
     if requested != "auto" and requested not in available:
         raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
     if device.type != "cuda" or shape is None:
         return available[0] if requested == "auto" else requested
     if requested != "auto":
-        if isinstance(why := measure_attention([requested], shape, device, compile_check)[requested], str):
+        why = measure_attention([requested], shape, device, compile_check, doc_mask=doc_mask)[requested]
+        if isinstance(why, str):
             raise ValueError(f"ATTN_BACKEND={requested} does not work on this device at shape {shape}: {why}")
         return requested
-    table = measure_attention(available, shape, device, compile_check)
+    table = measure_attention(available, shape, device, compile_check, doc_mask=doc_mask)
     ms = torch.tensor([v if isinstance(v, float) else math.inf for v in table.values()], device=device)
     ms = all_reduce_(ms, dist.ReduceOp.MAX).tolist()
     if not math.isfinite(min(ms)):
@@ -542,7 +587,7 @@ def resolve_attention(requested: str, device: torch.device, shape=None, notes: l
         why = {b: v if isinstance(v, str) else "out(other rank)" for b, v in table.items()}
         cells = [f"{b}:{m:.3f}" if math.isfinite(m) else f"{b}:{why[b]}" for b, m in zip(available, ms)]
         notes.append("attention_select shape:B{}xT{}xH{}/KV{}xD{} bf16 fwd+bwd_ms ".format(*shape) + " ".join(cells)
-                     + f" chosen:{choice}")
+                     + f"{' doc_mask' if doc_mask else ''} chosen:{choice}")
     return choice
 
 
@@ -562,7 +607,8 @@ def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
 
 def resolve_startup(h: Hyperparameters, rt: Runtime, notes: list | None = None) -> Hyperparameters:
     """Start-up decisions (run id, attention backend: seconds of measuring on CUDA) go into the hparams line."""
-    backend = resolve_attention(h.attn_backend, rt.device, attention_shape(h), notes, compile_enabled(h, rt.device))
+    backend = resolve_attention(h.attn_backend, rt.device, attention_shape(h), notes, compile_enabled(h, rt.device),
+                                h.doc_mask)
     return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=backend)
 
 
@@ -839,10 +885,11 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_cos_sin(T: int, d: int, base: float, device, train_len: int = 1024) -> tuple[Tensor, Tensor]:
-    """Partial RoPE tables (1, T, 1, d/2) for each head's first d dims (half-split pairs); NTK base past train_len."""
-    if T > train_len:
-        base = base * (T / train_len) ** (d / (d - 2))
+def rotary_cos_sin(T: int, d: int, base: float, device, ntk_len: int = 0) -> tuple[Tensor, Tensor]:
+    """Partial RoPE tables (1, T, 1, d/2) for each head's first d dims (half-split pairs); NTK-scaled base when
+    T > ntk_len > 0, unscaled with ntk_len = 0."""
+    if 0 < ntk_len < T:
+        base = base * (T / ntk_len) ** (d / (d - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
     freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
@@ -853,6 +900,33 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2, rest = x[..., :d2], x[..., d2:2 * d2], x[..., 2 * d2:]
     c, s = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
+
+
+def mlp_forward(x: Tensor, w_up: Tensor, w_down: Tensor, tap=None) -> Tensor:
+    """LeakyReLU(0.5)^2 MLP, the one call site of every block's MLP (the fused kernel's slot; it runs without a
+    tap). tap(act) sees the hidden activation (GPTQ's Hessians)."""
+    act = F.leaky_relu(F.linear(x, w_up), 0.5).square()
+    if tap is not None:
+        tap(act)
+    return F.linear(act, w_down)
+
+
+def softcapped(logits: Tensor, cap: float) -> Tensor:
+    return cap * torch.tanh(logits.float() / cap)
+
+
+def softcapped_ce(logits: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Mean cross-entropy of the fp32 softcapped logits: the one call site of the training loss (the fused CE's)."""
+    capped = softcapped(logits, cap)
+    return F.cross_entropy(capped.reshape(-1, capped.size(-1)), targets.reshape(-1))
+
+
+def virtual_layers(h: Hyperparameters, looping: bool) -> tuple[int, ...]:
+    """The physical layer of each virtual position: looping runs LOOP_START..LOOP_END 1 + NUM_LOOPS times."""
+    L, a, b = h.num_layers, h.loop_start, h.loop_end + 1
+    if not (looping and h.num_loops > 0):
+        return tuple(range(L))
+    return (*range(a), *list(range(a, b)) * (1 + h.num_loops), *range(b, L))
 
 
 class ProjectedEmbedding(nn.Module):
@@ -879,7 +953,7 @@ class ProjectedEmbedding(nn.Module):
 
 
 class Block(nn.Module):
-    """Per-layer control tensors; the matrices come from the banks."""
+    """Per-layer control tensors; the matrices come from the banks. Shared by every virtual instance of the layer."""
 
     def __init__(self, h: Hyperparameters, i: int):
         super().__init__()
@@ -888,32 +962,46 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        # The sparse head gate sigmoid(scale * W_g n[:gate_dims]): zero init, so every head starts at half weight.
+        self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, h.gate_dims)) if h.attn_gate else None
         self.ln_factor = 1.0 / math.sqrt(i + 1)
         self.xsa = i >= h.num_layers - h.xsa_last_n
 
 
 class GPT(nn.Module):
+    """One forward for training, scoring and TTT. The layers run in a virtual order (the depth recurrence, when
+    `looping`); its first half is the U-Net encoder, whose outputs feed the second half's skips in reverse order.
+    From physical layer PARALLEL_START_LAYER the decoder runs two lanes (attention, MLP) side by side."""
+
     def __init__(self, h: Hyperparameters):
         super().__init__()
         L, d, H, KV = h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads
         self.L, self.H, self.KV, self.hd = L, H, KV, d // H
         kv_dim, hidden = KV * self.hd, int(h.mlp_mult * d)
-        self.softcap, self.rope_dims, self.rope_base = h.logit_softcap, h.rope_dims, h.rope_base
-        self.attend = attention_kernel(h.attn_backend)
+        self.softcap, self.rope_dims, self.rope_base, self.rope_ntk_len = (h.logit_softcap, h.rope_dims, h.rope_base,
+                                                                           h.rope_ntk_len)
+        self.backend, self.doc_mask, self.attend = h.attn_backend, h.doc_mask, attention_kernel(h.attn_backend)
+        self.smear_mode, self.smear_bos_mask, self.gate_dims = h.smear_gate, h.smear_bos_mask, h.gate_dims
+        self.attn_gate_scale, self.skip_gated = h.attn_gate_scale, h.skip_gates
+        self.par_start = h.parallel_start_layer or L  # the first physical layer of the two lanes (L: none)
+        self.orders = {flag: virtual_layers(h, flag) for flag in (False, True)}
+        self.looping = True  # eval, calibration and TTT run looped; training switches it (both graphs compile)
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = (ProjectedEmbedding(h.bigram_vocab_size, h.bigram_dim, d, 0.05, hashed=True)
                        if h.bigram_vocab_size > 0 else None)
-        self.smear = nn.Parameter(torch.zeros(d))
+        if h.smear_gate == "fixed":
+            self.smear = nn.Parameter(torch.zeros(d))
         self.qo_bank = nn.Parameter(torch.zeros(2 * L, d, d))  # Q of layers 0..L-1, then output projections (zero)
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))  # K, then V
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
         self.mlp_down_bank = nn.Parameter(torch.zeros(L, d, hidden))  # zero like the output projections
         self.blocks = nn.ModuleList(Block(h, i) for i in range(L))
-        self.n_enc = L // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), d))
+        n = len(self.orders[True])  # skips sized by the looped encoder / decoder
+        self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), d))
         self.ve_layers = {layer: j for j, layer in enumerate(h.ve_layer_list)}
         self.ve = ProjectedEmbedding(h.vocab_size, h.ve_dim, kv_dim, 0.1) if self.ve_layers else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
+        self._frontier_params(h)
         self.tap = None  # fn(site, layer, x), set only while GPTQ collects the bank inputs (BANK_INPUTS sites)
         self.hessians = None  # {bank: (slots, C, C)} from that collection; the export quantizes with them
         with torch.no_grad():
@@ -923,6 +1011,17 @@ class GPT(nn.Module):
             for m in [m for m in (self.bigram, self.ve) if m is not None]:
                 nn.init.orthogonal_(m.proj.weight)
 
+    def _frontier_params(self, h: Hyperparameters) -> None:
+        """The frontier's gates and lane mixes, each only when its field is on (the seed's stack has none)."""
+        L = self.L
+        if h.smear_gate == "gated":  # x_t += lambda sigmoid(w . e_t[:gate_dims]) e_{t-1}: identity at init
+            self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(1, h.gate_dims)), nn.Parameter(torch.zeros(()))
+        if h.skip_gates:  # sigmoid(0) = 0.5: each skip starts as an even mix
+            self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights))
+        if h.parallel_start_layer:  # per physical layer: lane residual scales r [L, 2], mixes P[from, to] [L, 2, 2]
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+
     def qat_tensors(self) -> dict[str, Tensor]:
         tables = [self.tok_emb] + [m.embed if m is not None else None for m in (self.bigram, self.ve)]
         return {**{n: getattr(self, n) for n in BANK_NAMES},
@@ -931,38 +1030,92 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor, targets: Tensor | None = None, qat: bool = False) -> Tensor:
         """Logits (B, T, V) in fp32 after the softcap, or the mean cross-entropy when targets are given."""
         w = {n: fake_quant(t, int6=n in BANK_NAMES) if qat else t for n, t in self.qat_tensors().items()}
+        x = self._embed(ids, w)
+        ve = self.ve(ids, w["ve.embed.weight"]) if self.ve is not None else None
+        cos, sin = rotary_cos_sin(ids.size(1), self.rope_dims, self.rope_base, ids.device, self.rope_ntk_len)
+        docs = doc_layout(self.backend, ids == BOS_ID) if self.doc_mask else None
+        x = self._layers(x, w, (ve, cos, sin, docs))
+        logits = F.linear(rms_norm(x), w["tok_emb.weight"].to(x.dtype))
+        return softcapped(logits, self.softcap) if targets is None else softcapped_ce(logits, targets, self.softcap)
+
+    def _embed(self, ids: Tensor, w: dict) -> Tensor:
+        """Token (+ bigram) embedding, the SmearGate, the input RMSNorm. The gated smear mixes the previous
+        position's embedding before the norm (never into a BOS with smear_bos_mask); the fixed one after it."""
         x = F.embedding(ids, w["tok_emb.weight"])
         if self.bigram is not None:
             x = x + self.bigram(ids, w["bigram.embed.weight"])
+        if self.smear_mode == "gated":
+            gate = torch.sigmoid(F.linear(x[..., :self.gate_dims], self.smear_w.to(x.dtype)))  # (B, T, 1)
+            g = self.smear_lambda.to(x.dtype) * gate
+            if self.smear_bos_mask:
+                g = g * (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
+            x = x + F.pad(g[:, 1:] * x[:, :-1], (0, 0, 1, 0))
         x = rms_norm(x)
-        g = torch.sigmoid(self.smear.to(x.dtype))
-        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))  # SmearGate: mix in the previous position
-        x0 = x
-        ve = self.ve(ids, w["ve.embed.weight"]) if self.ve is not None else None
-        cos, sin = rotary_cos_sin(ids.size(1), self.rope_dims, self.rope_base, ids.device)
-        skips = []
-        for i, blk in enumerate(self.blocks):
-            if i >= self.n_enc and skips:  # U-Net skips: encoder outputs in reverse order
-                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
-            mix = blk.resid_mix.to(x.dtype)
-            x = mix[0] * x + mix[1] * x0
-            x = x + blk.attn_scale.to(x.dtype) * self._attn(i, blk, rms_norm(x) * blk.ln_factor, w, ve, cos, sin)
-            up = F.linear(self._tap("mlp_in", i, rms_norm(x) * blk.ln_factor), w["mlp_up_bank"][i].to(x.dtype))
-            act = self._tap("mlp_act", i, F.leaky_relu(up, 0.5).square())
-            x = x + blk.mlp_scale.to(x.dtype) * F.linear(act, w["mlp_down_bank"][i].to(x.dtype))
-            if i < self.n_enc:
+        if self.smear_mode == "fixed":
+            g = torch.sigmoid(self.smear.to(x.dtype))
+            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))  # SmearGate: mix in the previous position
+        return x
+
+    def _layers(self, x: Tensor, w: dict, ctx: tuple) -> Tensor:
+        """The virtual layers in order (x0: the embedding, for resid_mix). The encoder's outputs go on a stack that
+        the decoder's skips pop; from the first parallel layer on, two lanes (the skip lands on lane 0), averaged."""
+        order = self.orders[self.looping]
+        n_enc, x0, skips, lanes = len(order) // 2, x, [], None
+        for pos, j in enumerate(order):
+            if lanes is None and j >= self.par_start:
+                lanes = [x, x]
+            if pos >= n_enc and skips:  # U-Net skips: encoder outputs in reverse order
+                if lanes is None:
+                    x = self._skip(pos - n_enc, x, skips.pop())
+                else:
+                    lanes[0] = self._skip(pos - n_enc, lanes[0], skips.pop())
+            if lanes is None:
+                x = self._block(j, x, x0, w, ctx)
+            else:
+                lanes = self._lanes(j, lanes, x0, w, ctx)
+            if pos < n_enc:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), w["tok_emb.weight"].to(x.dtype)).float()
-        logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits if targets is None else F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return x if lanes is None else 0.5 * (lanes[0] + lanes[1])
+
+    def _skip(self, k: int, x: Tensor, skip: Tensor) -> Tensor:
+        """The seed's weighted add, or with skip gates the lerp g x + (1 - g) w skip, g = sigmoid(gate)."""
+        if not self.skip_gated:
+            return x + self.skip_weights[k].to(x.dtype) * skip
+        g = torch.sigmoid(self.skip_gates[k].to(x.dtype))
+        return g * x + (1 - g) * (self.skip_weights[k].to(x.dtype) * skip)
+
+    def _block(self, j: int, x: Tensor, x0: Tensor, w: dict, ctx: tuple) -> Tensor:
+        blk = self.blocks[j]
+        mix = blk.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + blk.attn_scale.to(x.dtype) * self._attn(j, blk, rms_norm(x) * blk.ln_factor, w, ctx)
+        return x + blk.mlp_scale.to(x.dtype) * self._mlp(j, blk, x, w)
+
+    def _lanes(self, j: int, lanes: list[Tensor], x0: Tensor, w: dict, ctx: tuple) -> list[Tensor]:
+        """A parallel layer: attention reads lane 0 (with resid_mix), the MLP lane 1, both the old lanes; each lane
+        is then r * itself + P[attention, lane] * a + P[mlp, lane] * f."""
+        blk, (l0, l1) = self.blocks[j], lanes
+        mix = blk.resid_mix.to(l0.dtype)
+        a = blk.attn_scale.to(l0.dtype) * self._attn(j, blk, rms_norm(mix[0] * l0 + mix[1] * x0) * blk.ln_factor,
+                                                     w, ctx)
+        f = blk.mlp_scale.to(l1.dtype) * self._mlp(j, blk, l1, w)
+        r, P = self.parallel_resid_lambdas[j].to(l0.dtype), self.parallel_post_lambdas[j].to(l0.dtype)
+        return [r[0] * l0 + P[0, 0] * a + P[1, 0] * f, r[1] * l1 + P[0, 1] * a + P[1, 1] * f]
+
+    def _mlp(self, j: int, blk: Block, x: Tensor, w: dict) -> Tensor:
+        tap = None if self.tap is None else (lambda act: self.tap("mlp_act", j, act))
+        n = self._tap("mlp_in", j, rms_norm(x) * blk.ln_factor)
+        return mlp_forward(n, w["mlp_up_bank"][j].to(x.dtype), w["mlp_down_bank"][j].to(x.dtype), tap)
 
     def _tap(self, site: str, i: int, x: Tensor) -> Tensor:
         if self.tap is not None:
             self.tap(site, i, x)
         return x
 
-    def _attn(self, i: int, blk: Block, x: Tensor, w: dict, ve, cos, sin) -> Tensor:
-        B, T, _ = x.shape
+    def _attn(self, i: int, blk: Block, x: Tensor, w: dict, ctx: tuple) -> Tensor:
+        """Attention of physical layer i on its normalized input x: q/k RMSNorm, partial RoPE, q gain, the kernel
+        (inside documents with docs), XSA, the head gate; the output projection's input is tapped as attn_out."""
+        (ve, cos, sin, docs), (B, T, _) = ctx, x.shape
         L, H, KV, hd = self.L, self.H, self.KV, self.hd
         x = self._tap("attn_in", i, x)
         q = F.linear(x, w["qo_bank"][i].to(x.dtype)).view(B, T, H, hd)
@@ -973,11 +1126,14 @@ class GPT(nn.Module):
         v = v.view(B, T, KV, hd)
         q = apply_rotary(rms_norm(q), cos, sin) * blk.q_gain.to(x.dtype)[None, None, :, None]
         k = apply_rotary(rms_norm(k), cos, sin)
-        y = self.attend(q, k, v)  # (B, T, H, hd)
+        y = self.attend(q, k, v, docs)  # (B, T, H, hd)
         if blk.xsa:  # remove each head's component along its own value direction
             yg = y.view(B, T, KV, H // KV, hd)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, hd)
+        if blk.attn_gate is not None:  # each head scaled by sigmoid(scale * W_g x[:gate_dims])
+            g = torch.sigmoid(self.attn_gate_scale * F.linear(x[..., :self.gate_dims], blk.attn_gate.to(x.dtype)))
+            y = y * g.unsqueeze(-1)
         return F.linear(self._tap("attn_out", i, y.reshape(B, T, H * hd)), w["qo_bank"][L + i].to(x.dtype))
 
 

@@ -47,7 +47,7 @@ def train_losses(text: str) -> list[tuple[int, float]]:
 # ============================================================================= 1. Hyperparameters
 
 
-def test_pr549_preset_has_the_seed_record_parameter_count():
+def test_pr549_preset_has_the_seed_record_parameter_count():  # the frontier's: tests/test_frontier_model.py
     with torch.device("meta"):  # shapes only: the count does not need real storage or init
         model = tg.build_model(tg.Hyperparameters.from_env({"PRESET": "pr549"}))
     assert sum(p.numel() for p in model.parameters()) == 26_928_220
