@@ -15,11 +15,11 @@ import torch  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
-# The challenge's sp1024 tokenizer (shared/ beside the checkout, or the FineWeb download); else the stand-in's.
-_CANDIDATES = [ROOT.parent / "shared" / "data" / "fineweb_1024_bpe.model",
-               ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model",
-               ROOT / "data" / "standin" / "tokenizers" / "fineweb_1024_bpe.model"]
-REAL_SP = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[0])
+# The tokenizers the repository ships (the challenge's sp1024 and sp8192, and the CaseOps sp8192).
+TOKENIZERS = ROOT / "data" / "tokenizers"
+REAL_SP = TOKENIZERS / "fineweb_1024_bpe.model"
+SP8192 = TOKENIZERS / "fineweb_8192_bpe.model"
+CASEOPS_SP = TOKENIZERS / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 TINY = dict(vocab_size=1024, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
             bigram_vocab_size=64, bigram_dim=8, xsa_last_n=1, ve_dim=8, ve_layers="1", rope_dims=4,
@@ -46,8 +46,6 @@ def _documents():
 
 @pytest.fixture(scope="session")
 def sp():
-    if not REAL_SP.is_file():
-        pytest.skip("no sp1024 tokenizer: need ../shared/data/fineweb_1024_bpe.model or a built data/standin")
     import sentencepiece as spm
     return spm.SentencePieceProcessor(model_file=str(REAL_SP))
 
