@@ -27,7 +27,7 @@ TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 NAMES = {TITLE: "TITLE", ALLCAPS: "ALLCAPS", CAPNEXT: "CAPNEXT", ESC: "ESC"}
 SPACE_MARK = "\u2581"  # SentencePiece's surface form of a space
-_TOKENS = re.compile(r"[A-Za-z]+|.", re.S)
+_MARKED = re.compile("[A-Za-z]+|[\ue001-\ue004]")  # what encode rewrites; everything else passes through
 
 
 def _is_letter(ch: str) -> bool:
@@ -45,8 +45,7 @@ def _encode_run(word: str) -> str:
 
 def encode(text: str) -> str:
     """The CaseOps transform of any text."""
-    return "".join(_encode_run(t) if _is_letter(t[0]) else (ESC + t if t in OPERATORS else t)
-                   for t in _TOKENS.findall(text))
+    return _MARKED.sub(lambda m: ESC + m[0] if m[0] in OPERATORS else _encode_run(m[0]), text)
 
 
 class Decoder:
@@ -122,3 +121,16 @@ def original_byte_counts(pieces) -> list[int]:
             counts.append(sum(len(dec.feed(" " if c == SPACE_MARK else c).encode("utf-8")) for c in piece))
     dec.finish()
     return counts
+
+
+def normalized(sp, text: str) -> str:
+    """The text as SentencePiece model `sp` normalizes it (NFKC, whitespace runs -> one space, stripped): what
+    the builders transform, so the original bytes are the normalized bytes a plain tokenizer's LUT counts."""
+    return sp.normalize(text).replace(SPACE_MARK, " ")
+
+
+def piece_surfaces(sp) -> list:
+    """Per id of SentencePiece model `sp`, what original_byte_counts reads: the piece string, the byte of a
+    byte-fallback piece, None for a control or unknown piece."""
+    return [None if sp.is_control(i) or sp.is_unknown(i) else bytes([int(sp.id_to_piece(i)[3:5], 16)])
+            if sp.is_byte(i) else sp.id_to_piece(i) for i in range(sp.vocab_size())]

@@ -75,6 +75,6 @@ def perturbed_model(h, seed=0, scale=0.05):
 
 @pytest.fixture(scope="module")
 def env(dataset):
-    """(tiny config, its validation tokens, its byte LUTs) for the evaluation tests."""
+    """(tiny config, its validation tokens, its byte counter) for the evaluation tests."""
     h = tiny(**dataset)
-    return h, tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_tokenizer_luts(h)
+    return h, tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_byte_counter(h)

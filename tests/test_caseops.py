@@ -74,12 +74,6 @@ def test_decode_rejects_misplaced_markers(bad, message):
         co.decode(bad)
 
 
-def _surfaces(sp):
-    """Per id: the piece's surface (str), its byte (byte-fallback pieces), None for control pieces."""
-    return [None if sp.is_control(i) else bytes([int(sp.id_to_piece(i)[3:5], 16)]) if sp.is_byte(i)
-            else sp.id_to_piece(i) for i in range(sp.vocab_size())]
-
-
 @pytest.fixture(scope="module")
 def caseops_sp():
     import sentencepiece as spm
@@ -96,16 +90,16 @@ def test_shipped_tokenizer_reserves_the_operators(caseops_sp):
 def test_piece_byte_counts_sum_to_the_normalized_original(caseops_sp, text):
     """Tokenize the transform of SentencePiece-normalized text (what the builders do): the counts sum to that
     text's UTF-8 bytes, with the operators, NFKC, whitespace, byte fallback and escapes all in play."""
-    norm = caseops_sp.normalize(text).replace("\u2581", " ")
+    norm = co.normalized(caseops_sp, text)
     ids = caseops_sp.encode(co.encode(norm))
-    surfaces = _surfaces(caseops_sp)
+    surfaces = co.piece_surfaces(caseops_sp)
     counts = co.original_byte_counts([surfaces[i] for i in ids])
     assert sum(counts) == len(norm.encode("utf-8"))
     assert all(n >= 0 for n in counts) and len(counts) == len(ids)
 
 
 def test_piece_byte_counts_worked_example(caseops_sp):
-    surfaces = _surfaces(caseops_sp)
+    surfaces = co.piece_surfaces(caseops_sp)
     ids = caseops_sp.encode(co.encode("Hello World Ï"))
     pieces = [surfaces[i] for i in ids]
     assert pieces[:5] == [T, "hello", "\u2581", T, "world"]

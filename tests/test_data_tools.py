@@ -141,7 +141,7 @@ def test_val_docs_match_jsonl_and_decoded_bytes(built):
     decoded = [sp.decode(d[1:].tolist()) for d in docs]
     assert decoded == [sp.decode(sp.encode(t)) for t in texts[:VAL_DOCS]]  # val = first docs, in order
     total = sum(len(d.encode()) for d in decoded)
-    assert total > 0 and total == manifest["val_normalized_bytes"]
+    assert total > 0 and total == manifest["datasets"][0]["val_normalized_bytes"]
 
 
 def test_manifest_is_challenge_like(built):

@@ -175,7 +175,7 @@ def test_a_bad_val_token_fails_the_run_before_training_and_the_log_says_why(data
 
 def test_tokenizer_directory_is_named_as_a_directory(dataset, tmp_path):
     with pytest.raises(IsADirectoryError, match=rf"TOKENIZER_PATH={re.escape(str(tmp_path))} is a directory"):
-        tg.load_tokenizer_luts(tiny(tokenizer_path=str(tmp_path)))
+        tg.load_byte_counter(tiny(tokenizer_path=str(tmp_path)))
 
 
 # ============================================================================= 3. disk
