@@ -785,6 +785,26 @@ def build(out: str | Path = DEFAULT_OUT, sources=SOURCES, val_docs: int = 1000, 
     return {"skipped": False, "out": out, "manifest": manifest}
 
 
+def val_byte_totals(out: str | Path) -> dict[str, tuple[str, int, int]]:
+    """Per dataset of a build: (byte source, BPB bytes summed over every val target, val targets), counted by
+    train_gpt's own byte counter, so CaseOps's sidecar and the plain tokenizers' LUTs can be compared."""
+    import torch
+
+    out = Path(out)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    tokenizers = {t["name"]: t for t in manifest["tokenizers"]}
+    totals = {}
+    for ds in manifest["datasets"]:
+        tok = tokenizers[ds["tokenizer_name"]]
+        h = tg.Hyperparameters(**{**tg.PR549, "preset": "", "data_path": str(out / ds["path"]),
+                                  "tokenizer_path": str(out / tok["model_path"]), "vocab_size": tok["vocab_size"]})
+        val = tg.load_val_tokens(h.val_files, 1)
+        counter, n = tg.load_byte_counter(h, val.numel()), val.numel() - 1
+        total = int(counter(torch.arange(n), val[:-1].long(), val[1:].long()).sum())
+        totals[ds.get("variant", ds["name"])] = (counter.source, total, n)
+    return totals
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Build an offline FineWeb stand-in (challenge shard format).")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output root (default: data/standin)")
@@ -797,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"datasets to write, comma list from {','.join(VARIANTS)} (same documents and split)")
+    p.add_argument("--report-bytes", action="store_true",
+                   help="then print each dataset's BPB byte count of the whole val split (sidecar or LUT)")
     return p
 
 
@@ -813,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(args.out, args.sources, args.val_docs, args.shard_tokens, args.seed, args.max_doc_bytes,
               cache_dir=args.cache_dir, force=args.force, variants=args.variants)
+        if args.report_bytes:
+            for variant, (source, total, n) in val_byte_totals(args.out).items():
+                log(f"val_bytes {variant}: {total:,} ({source}, {n:,} targets, {total / n:.4f} bytes/target)")
     except BuildError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1

@@ -1,16 +1,29 @@
-"""data/caseops.py: the CaseOps transform is a bijection on any text; per-piece original byte counts."""
+"""data/caseops.py: the CaseOps transform is a bijection on any text; per-piece original byte counts; train_gpt's BPB
+bytes from the val byte sidecar and its start-up checks."""
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import CASEOPS_SP, ROOT
+import train_gpt as tg
+from conftest import CASEOPS_SP, ROOT, SP8192, _documents, perturbed_model, tiny
 
-_spec = importlib.util.spec_from_file_location("caseops", ROOT / "data" / "caseops.py")
-co = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(co)
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+co, boc = _load("caseops"), _load("build_offline_corpus")
 T, A, C, E = co.TITLE, co.ALLCAPS, co.CAPNEXT, co.ESC
 
 # Letters of both cases weigh most; then the operators themselves, non-ASCII letters whose case ends a run, digits,
@@ -109,3 +122,101 @@ def test_piece_byte_counts_worked_example(caseops_sp):
     assert co.original_byte_counts([None, "\u2581x", b"\xc3", b"\x8f"]) == [0, 2, 1, 1]
     with pytest.raises(ValueError, match="ends after ESC"):
         co.original_byte_counts(["a", E])
+
+
+# ------------------------------------------------------------------ train_gpt: BPB bytes from the val byte sidecar
+VAL_DOCS, SHARD_TOKENS = 12, 1500  # several val shards, so the sidecar's alignment is checked shard by shard
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory, caseops_sp):
+    """The same documents and split as a CaseOps dataset (with sidecar) and a plain sp8192 one."""
+    import sentencepiece as spm
+    root, docs = tmp_path_factory.mktemp("caseops_data"), list(_documents())
+    plain = spm.SentencePieceProcessor(model_file=str(SP8192))
+    out = {}
+    for name, sp, tok, use in (("caseops", caseops_sp, CASEOPS_SP, True), ("plain", plain, SP8192, False)):
+        res = boc.write_dataset(sp, docs, VAL_DOCS, root / name, SHARD_TOKENS, use_caseops=use)
+        out[name] = dict(h=tiny(data_path=str(root / name), tokenizer_path=str(tok), vocab_size=8192), **res)
+    norm = [co.normalized(caseops_sp, d) for d in docs[:VAL_DOCS]]
+    out["norm_bytes"] = sum(len(t.encode()) for t in norm)
+    return out
+
+
+def _all_targets_bytes(h):
+    val = tg.load_val_tokens(h.val_files, 1)
+    counter = tg.load_byte_counter(h, val.numel())
+    return int(counter(torch.arange(val.numel() - 1), val[:-1].long(), val[1:].long()).sum()), counter
+
+
+def test_sidecar_sits_beside_the_val_shards_and_no_glob_takes_it(corpora):
+    h = corpora["caseops"]["h"]
+    shards = tg.shard_files(h.val_files)
+    sides = sorted(Path(h.data_path).glob(tg.SIDECAR_GLOB))
+    assert len(shards) == len(sides) >= 2 and not any("bytes" in f for f in shards)
+    assert [tg.shard_num_tokens(f) for f in shards] == [tg.shard_num_tokens(f) for f in sides]
+    shutil.copy(tg.shard_files(h.train_files)[0], Path(h.data_path) / "fineweb_train_bytes_000000.bin")
+    try:
+        assert not any("bytes" in f for f in tg.TokenStream(h.train_files).files)
+    finally:
+        (Path(h.data_path) / "fineweb_train_bytes_000000.bin").unlink()
+
+
+def test_sidecar_bytes_equal_the_plain_tokenizers_lut_bytes(corpora):
+    """Over every val target, CaseOps's sidecar and plain sp8192's LUT count the same original (normalized) bytes."""
+    caseops_total, counter = _all_targets_bytes(corpora["caseops"]["h"])
+    plain_total, plain = _all_targets_bytes(corpora["plain"]["h"])
+    assert (counter.source, plain.source) == ("sidecar", "lut")
+    assert caseops_total == plain_total == corpora["norm_bytes"] == corpora["caseops"]["val_normalized_bytes"]
+
+
+def test_run_pass_counts_sidecar_bytes_and_val_max_tokens_cuts_them(corpora):
+    h = corpora["caseops"]["h"]
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
+    counter = tg.load_byte_counter(h, val.numel())
+    assert counter.sidecar.numel() == val.numel()
+    r = tg.run_pass(tg.EvalContext(h, tg.Runtime.local(), val, counter), tg.FixedScorer(perturbed_model(h)),
+                    stride=h.eval_seq_len)
+    assert r.tokens == val.numel() - 1 and r.bytes == int(counter.sidecar[1:].sum())
+    assert r.val_bpb == pytest.approx(r.val_loss / math.log(2) * r.tokens / r.bytes, rel=1e-12)
+    sub = tg.load_val_tokens(h.val_files, h.eval_seq_len, max_tokens=64)
+    cut = tg.load_byte_counter(h, sub.numel())
+    assert cut.sidecar.numel() == sub.numel() == 65 and torch.equal(cut.sidecar, counter.sidecar[:65])
+
+
+def _copy(corpora, name, tmp_path):
+    h = corpora[name]["h"]
+    shutil.copytree(h.data_path, tmp_path / name)
+    return tg.Hyperparameters(**{**tg.asdict(h), "data_path": str(tmp_path / name)}), tmp_path / name
+
+
+def test_start_up_errors_name_the_file(corpora, tmp_path):
+    h, d = _copy(corpora, "caseops", tmp_path)
+    side = d / "fineweb_val_bytes_000001.bin"
+    good = tg.load_shard(side)
+    tg.write_shard(side, good[:-1])
+    with pytest.raises(ValueError, match=rf"val byte sidecar {re.escape(str(side))} has {len(good) - 1} values but "
+                                         rf"its val shard .*fineweb_val_000001.bin has {len(good)} tokens"):
+        tg.load_byte_counter(h)
+    side.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"val byte sidecar {re.escape(str(side))} is missing"):
+        tg.load_byte_counter(h)
+    tg.write_shard(side, good)
+    tg.write_shard(d / "fineweb_val_bytes_000099.bin", good)
+    with pytest.raises(ValueError, match="fineweb_val_bytes_000099.bin has no val shard"):
+        tg.load_byte_counter(h)
+
+
+def test_tokenizer_and_dataset_must_agree_on_caseops(corpora):
+    caseops_h, plain_h = corpora["caseops"]["h"], corpora["plain"]["h"]
+    wrong = tg.Hyperparameters(**{**tg.asdict(caseops_h), "tokenizer_path": str(SP8192)})
+    with pytest.raises(ValueError, match=rf"DATA_PATH={re.escape(caseops_h.data_path)} has a val byte sidecar .* "
+                                         rf"TOKENIZER_PATH={re.escape(str(SP8192))} lacks the CaseOps operators"):
+        tg.load_byte_counter(wrong)
+    wrong = tg.Hyperparameters(**{**tg.asdict(plain_h), "tokenizer_path": str(CASEOPS_SP)})
+    with pytest.raises(ValueError, match=rf"TOKENIZER_PATH={re.escape(str(CASEOPS_SP))} is a CaseOps tokenizer but "
+                                         rf"DATA_PATH={re.escape(plain_h.data_path)} has no val byte sidecar"):
+        tg.load_byte_counter(wrong)
+    wrong = tg.Hyperparameters(**{**tg.asdict(caseops_h), "vocab_size": 1024})
+    with pytest.raises(ValueError, match=rf"VOCAB_SIZE=1024 but {re.escape(str(CASEOPS_SP))} has 8192 pieces"):
+        tg.load_byte_counter(wrong)

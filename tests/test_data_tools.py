@@ -31,6 +31,8 @@ def _load(name: str):
 
 boc = _load("build_offline_corpus")
 ccf = _load("cached_challenge_fineweb")
+co = _load("caseops")
+ALL_VARIANTS = "sp1024,sp8192,sp8192-caseops"
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +276,7 @@ def test_falls_back_loudly_without_apt(cache, tmp_path, monkeypatch, capsys):
     (["--val-docs", "0"], "--val-docs must be a positive integer"),
     (["--shard-tokens", "-5"], "--shard-tokens must be a positive integer"),
     (["--max-doc-bytes", "5000"], "--max-doc-bytes must be at most 4192"),
+    (["--variants", "sp1024,sp4096"], "unknown variant 'sp4096' in --variants"),
 ])
 def test_bad_args_give_one_line_errors(argv, message, tmp_path, capsys):
     assert boc.main(["--out", str(tmp_path / "x"), *argv]) == 2
@@ -291,6 +294,83 @@ def test_build_errors_name_their_cause(cache, tmp_path):
     with pytest.raises(boc.BuildError, match="not a stand-in build"):
         boc.build(foreign, cache_dir=cache, **ARGS)
     assert (foreign / "keep.txt").read_text() == "not ours"
+
+
+@pytest.fixture(scope="module")
+def built_variants(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("standin_variants") / "v"
+    boc.build(out, cache_dir=cache, variants=ALL_VARIANTS, **ARGS)
+    return out
+
+
+def _stream(out: Path, ds: str, split: str = "val", name: str = "fineweb_{split}_") -> np.ndarray:
+    """A dataset's split as one stream (name="fineweb_val_bytes_": its val byte sidecar)."""
+    paths = sorted((out / "datasets" / ds).glob(name.format(split=split) + "[0-9]*.bin"))
+    return np.concatenate([tg.load_shard(p) for p in paths]).astype(np.int64)
+
+
+def test_variants_share_documents_and_split(built_variants):
+    m = _manifest(built_variants)
+    assert [d["variant"] for d in m["datasets"]] == ["sp1024", "sp8192", "sp8192-caseops"]
+    for ds in m["datasets"]:
+        val = _stream(built_variants, ds["name"])
+        train = _stream(built_variants, ds["name"], "train")
+        assert int((val == 1).sum()) == VAL_DOCS and int((train == 1).sum()) == m["num_docs"] - VAL_DOCS
+        assert (built_variants / m["tokenizers"][m["datasets"].index(ds)]["model_path"]).is_file()
+    assert boc.check_build(built_variants, _build_args(variants=ALL_VARIANTS.split(","))) is None
+    assert boc.check_build(built_variants, _build_args()) is not None  # another variant set is another build
+
+
+def test_sp1024_is_the_same_with_or_without_the_other_variants(built, built_variants):
+    for rel in _manifest(built)["files"]:
+        if rel.startswith(("datasets/", "tokenizers/")):
+            assert (built_variants / rel).read_bytes() == (built / rel).read_bytes(), rel
+
+
+def test_every_val_documents_sidecar_sum_is_its_original_bytes(built_variants):
+    """Per val document: Σ sidecar = UTF-8 bytes of its normalized text = the plain sp8192 decode's bytes, and
+    the CaseOps decode of its tokens gives that text back."""
+    import sentencepiece as spm
+
+    tok = built_variants / "tokenizers"
+    cops = spm.SentencePieceProcessor(model_file=str(tok / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"))
+    plain = spm.SentencePieceProcessor(model_file=str(tok / "fineweb_8192_bpe.model"))
+    texts = [json.loads(line)["text"] for line in
+             (built_variants / "docs_selected.jsonl").read_text(encoding="utf-8").splitlines()[:VAL_DOCS]]
+    ids = _stream(built_variants, "fineweb10B_sp8192_caseops")
+    side = _stream(built_variants, "fineweb10B_sp8192_caseops", name="fineweb_val_bytes_")
+    plain_ids = _stream(built_variants, "fineweb10B_sp8192")
+    assert len(side) == len(ids)
+    starts, plain_starts = np.flatnonzero(ids == 1), np.flatnonzero(plain_ids == 1)
+    assert len(starts) == len(plain_starts) == len(texts) == VAL_DOCS and (side[starts] == 0).all()
+    for doc, (a, b, pa, pb) in enumerate(zip(starts, [*starts[1:], len(ids)], plain_starts,
+                                             [*plain_starts[1:], len(plain_ids)])):
+        norm = co.normalized(cops, texts[doc])
+        assert int(side[a:b].sum()) == len(norm.encode()) == len(plain.decode(plain_ids[pa + 1:pb].tolist()).encode())
+        assert co.decode(cops.decode(ids[a + 1:b].tolist())) == norm
+
+
+def test_report_bytes_sidecar_total_equals_plain_lut_total(built_variants, capsys):
+    totals = boc.val_byte_totals(built_variants)
+    sources = {v: t[0] for v, t in totals.items()}
+    assert sources == {"sp1024": "lut", "sp8192": "lut", "sp8192-caseops": "sidecar"}
+    manifest_bytes = {d["variant"]: d["val_normalized_bytes"] for d in _manifest(built_variants)["datasets"]}
+    assert len({t[1] for t in totals.values()} | set(manifest_bytes.values())) == 1
+    assert boc.main(["--out", str(built_variants), "--variants", ALL_VARIANTS, "--report-bytes",
+                     "--sources", "wiki", "--val-docs", str(VAL_DOCS), "--shard-tokens", str(SHARD_TOKENS)]) == 0
+    assert capsys.readouterr().out.count(f"{totals['sp8192'][1]:,} (") == 3
+
+
+def test_check_build_detects_a_damaged_sidecar(built_variants, tmp_path):
+    args = _build_args(variants=ALL_VARIANTS.split(","))
+    copy = tmp_path / "copy"
+    shutil.copytree(built_variants, copy)
+    side = copy / "datasets" / "fineweb10B_sp8192_caseops" / "fineweb_val_bytes_000000.bin"
+    shutil.copy(side, side.with_name("fineweb_val_bytes_000001.bin"))
+    assert "shard set differs" in boc.check_build(copy, args)
+    side.with_name("fineweb_val_bytes_000001.bin").unlink()
+    side.write_bytes(side.read_bytes()[:-2])
+    assert boc.check_build(copy, args) is not None
 
 
 def test_split_doc_prefers_paragraphs_and_respects_limit():
