@@ -812,7 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-docs", type=int, default=1000, help="validation documents (first N after the shuffle)")
     p.add_argument("--shard-tokens", type=int, default=10_000_000, help="tokens per shard")
     p.add_argument("--seed", type=int, default=1337, help="document shuffle seed")
-    p.add_argument("--max-doc-bytes", type=int, default=4000, help=f"cut docs to this size (<= {SP_MAX_SENTENCE_BYTES})")
+    p.add_argument("--max-doc-bytes", type=int, default=4000,
+                   help=f"cut docs to this size (<= {SP_MAX_SENTENCE_BYTES})")
     p.add_argument("--cache-dir", default=None, help="download cache (default: OUT/.cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),

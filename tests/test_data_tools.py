@@ -394,14 +394,13 @@ def test_modules_import_without_side_effects():
 # ------------------------------------------------------------------------------------ FineWeb downloader
 
 
-def _fake_manifest(shard_size=10, tokens_val=7, tokens_train=25):
+def _fake_manifest(shard_size=10, tokens_val=7, tokens_train=25, ds="fineweb10B_sp1024", stem="fineweb_1024_bpe"):
     files_val, files_train = -(-tokens_val // shard_size), -(-tokens_train // shard_size)
     return {
         "version": "10B", "shard_size": shard_size,
-        "tokenizers": [{"name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": 1024,
-                        "model_path": "tokenizers/fineweb_1024_bpe.model",
-                        "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
-        "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "vocab_size": 1024,
+        "tokenizers": [{"name": "tok", "kind": "sentencepiece_bpe", "vocab_size": 1024,
+                        "model_path": f"tokenizers/{stem}.model", "vocab_path": f"tokenizers/{stem}.vocab"}],
+        "datasets": [{"name": ds, "tokenizer_name": "tok", "vocab_size": 1024,
                       "stats": {"files_val": files_val, "files_train": files_train,
                                 "tokens_val": tokens_val, "tokens_train": tokens_train}}],
     }
@@ -411,6 +410,9 @@ def test_dataset_dir_for_variant():
     assert ccf.dataset_dir_for_variant("sp1024") == "fineweb10B_sp1024"
     assert ccf.dataset_dir_for_variant("sp8192") == "fineweb10B_sp8192"
     assert ccf.dataset_dir_for_variant("byte260") == "fineweb10B_byte260"
+    assert ccf.dataset_dir_for_variant("sp8192-caseops") == "fineweb10B_sp8192_caseops"
+    assert ccf.dataset_dir_for_variant("sp8192-caseops", remote=True) == \
+        "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
     for bad in ("gpt2", "sp", "sp0", "byte256"):
         with pytest.raises(ValueError, match="unknown variant"):
             ccf.dataset_dir_for_variant(bad)
@@ -446,18 +448,22 @@ class FakeHub:
     The shards are written by the script's own writer into `root` (the fake remote) and served from memory.
     """
 
-    def __init__(self, root: Path, prefix="datasets", **manifest_kwargs):
+    def __init__(self, root: Path, prefix="datasets", sidecar=False, **manifest_kwargs):
         self.manifest = _fake_manifest(**manifest_kwargs)
+        ds, stem = self.manifest["datasets"][0]["name"], self.manifest["tokenizers"][0]["model_path"][11:-6]
         stats, n = self.manifest["datasets"][0]["stats"], self.manifest["shard_size"]
         self.files = {f"{prefix}/manifest.json": json.dumps(self.manifest).encode()}
-        for split in ("val", "train"):
-            for i in range(stats[f"files_{split}"]):
-                remote = Path(root) / prefix / "datasets/fineweb10B_sp1024" / tg.SHARD_NAME.format(split=split, index=i)
-                remote.parent.mkdir(parents=True, exist_ok=True)
-                tg.write_shard(remote, np.arange(min(n, stats[f"tokens_{split}"] - i * n)))
-                self.files[remote.relative_to(root).as_posix()] = remote.read_bytes()
-        for ext in ("model", "vocab"):
-            self.files[f"{prefix}/tokenizers/fineweb_1024_bpe.{ext}"] = f"fake {ext}".encode()
+        names = [(split, i, tg.SHARD_NAME.format(split=split, index=i)) for split in ("val", "train")
+                 for i in range(stats[f"files_{split}"])]
+        names += [("val", i, f"fineweb_val_bytes_{i:06d}.bin") for i in range(stats["files_val"]) if sidecar]
+        for split, i, name in names:
+            remote = Path(root) / prefix / "datasets" / ds / name
+            remote.parent.mkdir(parents=True, exist_ok=True)
+            tg.write_shard(remote, np.arange(min(n, stats[f"tokens_{split}"] - i * n)))
+            self.files[remote.relative_to(root).as_posix()] = remote.read_bytes()
+        shipped = ROOT / "data" / "tokenizers" / f"{stem}.model"  # the export's model is the one we ship
+        self.files[f"{prefix}/tokenizers/{stem}.model"] = shipped.read_bytes()
+        self.files[f"{prefix}/tokenizers/{stem}.vocab"] = b"fake vocab"
         self.requests = []
 
     def __call__(self, remote, local):
@@ -515,3 +521,97 @@ def test_cli_rejects_negative_train_shards_offline(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert "--train-shards must be a non-negative integer, got -1" in err and "\n" not in err
     assert hub.requests == [] and not (tmp_path / "data").exists()
+
+
+CASEOPS_EXPORT = dict(ds="fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                      stem="fineweb_8192_bpe_lossless_caps_caseops_v1_reserved")
+
+
+def test_each_variant_comes_from_its_export_with_its_own_manifest(tmp_path, monkeypatch):
+    hubs = {"willdepueoai/parameter-golf": FakeHub(tmp_path / "a"),
+            "kevclark/parameter-golf": FakeHub(tmp_path / "b", ds="fineweb10B_sp8192", stem="fineweb_8192_bpe"),
+            "romeerp/parameter-golf-caseops-v1": FakeHub(tmp_path / "c", sidecar=True, **CASEOPS_EXPORT)}
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
+    monkeypatch.setattr(ccf, "hf_downloader", lambda repo: hubs[repo])
+    data = tmp_path / "data"
+    for variant in ("sp1024", "sp8192", "sp8192-caseops"):
+        assert ccf.main(["--variant", variant, "--train-shards", "1", "--data-dir", str(data)]) == 0
+    assert sorted(p.name for p in data.glob("manifest*.json")) == [
+        "manifest.json", "manifest.kevclark--parameter-golf.json", "manifest.romeerp--parameter-golf-caseops-v1.json"]
+    assert json.loads((data / "manifest.json").read_text()) == hubs["willdepueoai/parameter-golf"].manifest
+    local = data / "datasets" / "fineweb10B_sp8192_caseops"
+    assert sorted(p.name for p in local.iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]
+    assert "datasets/tokenizers/fineweb_8192_bpe.vocab" in hubs["kevclark/parameter-golf"].requests
+
+
+def test_shipped_tokenizers_are_not_fetched_again(tmp_path):
+    hub = FakeHub(tmp_path / "hub", sidecar=True, **CASEOPS_EXPORT)
+    data = tmp_path / "data"
+    (data / "tokenizers").mkdir(parents=True)
+    shipped = ROOT / "data" / "tokenizers" / (CASEOPS_EXPORT["stem"] + ".model")
+    shutil.copy(shipped, data / "tokenizers")
+    ccf.fetch("sp8192-caseops", 2, data_dir=data, downloader=hub)
+    assert not any(r.endswith(".model") for r in hub.requests)
+    assert [r.rpartition("/")[2] for r in hub.requests if "bytes" in r] == ["fineweb_val_bytes_000000.bin"]
+    (data / "tokenizers" / shipped.name).write_bytes(b"damaged")  # a wrong size: fetched again
+    hub.requests.clear()
+    ccf.fetch("sp8192-caseops", 2, data_dir=data, downloader=hub)
+    assert hub.requests == ["datasets/tokenizers/" + shipped.name]
+
+
+# ------------------------------------------------------------------------------ building from docs_selected.jsonl
+
+
+@pytest.fixture(scope="module")
+def docs_jsonl(tmp_path_factory):
+    from conftest import _documents
+
+    path = tmp_path_factory.mktemp("docs") / "docs_selected.jsonl"
+    texts = list(_documents())[:60]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path, texts
+
+
+def test_from_docs_puts_the_first_docs_in_val_and_the_rest_in_train(docs_jsonl, tmp_path):
+    import sentencepiece as spm
+
+    path, texts = docs_jsonl
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "data" / "tokenizers", data / "tokenizers")
+    res = ccf.build_from_docs(path, "sp8192-caseops", 50, val_docs=7, allow_other_val_docs=True,
+                              shard_tokens=2000, data_dir=data)
+    ds = data / "datasets" / "fineweb10B_sp8192_caseops"
+    val, train = _stream(data, ds.name), _stream(data, ds.name, "train")
+    side = _stream(data, ds.name, name="fineweb_val_bytes_")
+    assert int((val == 1).sum()) == 7 and int((train == 1).sum()) == len(texts) - 7 == res["stats"]["docs_train"]
+    sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizers" / (CASEOPS_EXPORT["stem"] + ".model")))
+    starts = [*np.flatnonzero(val == 1), len(val)]
+    for doc, (a, b) in enumerate(zip(starts, starts[1:])):
+        norm = co.normalized(sp, texts[doc])
+        assert co.decode(sp.decode(val[a + 1:b].tolist())) == norm and int(side[a:b].sum()) == len(norm.encode())
+    first_train = train[1:np.flatnonzero(train == 1)[1]].tolist()
+    assert co.decode(sp.decode(first_train)) == co.normalized(sp, texts[7])  # train starts right after val
+    with pytest.raises(ValueError, match="is not empty"):
+        ccf.build_from_docs(path, "sp8192-caseops", 1, val_docs=7, allow_other_val_docs=True, data_dir=data)
+
+
+def test_from_docs_stops_after_train_shards(docs_jsonl, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "data" / "tokenizers", data / "tokenizers")
+    res = ccf.build_from_docs(docs_jsonl[0], "sp8192", 2, val_docs=3, allow_other_val_docs=True,
+                              shard_tokens=1000, data_dir=data)
+    shards = sorted((data / "datasets" / "fineweb10B_sp8192").glob("fineweb_train_*.bin"))
+    assert [tg.shard_num_tokens(p) for p in shards] == [1000, 1000] and res["stats"]["tokens_train"] == 2000
+    assert not list((data / "datasets" / "fineweb10B_sp8192").glob("fineweb_val_bytes_*"))  # plain: no sidecar
+
+
+def test_from_docs_refuses_a_leaky_val_count(docs_jsonl, tmp_path, capsys):
+    path = str(docs_jsonl[0])
+    argv = ["--variant", "sp8192-caseops", "--from-docs", path, "--data-dir", str(tmp_path / "d")]
+    assert ccf.main([*argv, "--val-docs", "10000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--val-docs 10000" in err and "50,000" in err and "#2127" in err and "\n" not in err
+    assert ccf.main(argv) == 2  # the canonical 50,000 needs more documents than this file has
+    assert "has 60 documents: none left for train after 50000" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
