@@ -54,7 +54,7 @@ except ImportError:
 # Defaults: the 04-27 record's training config (PR #1855, 1.0611 bpb; see README) plus our eval-time adaptation.
 # PRESET=pr549 restores the seed's PR #549 stack exactly.
 
-SHARD_GLOB = "fineweb_{split}_*.bin"  # the challenge's shard names: fineweb_train_000000.bin, fineweb_val_000000.bin
+SHARD_GLOB = "fineweb_{split}_[0-9]*.bin"  # the challenge's shard names (fineweb_val_000000.bin; not the byte sidecar)
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
 # Attention kernels (section 2). SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash
 # takes grouped KV heads; the efficient kernel (older builds) and cuDNN's (no head-count check) get K/V expanded.
@@ -616,10 +616,14 @@ def resolve_startup(h: Hyperparameters, rt: Runtime, notes: list | None = None) 
 # 3. Data & BPB
 #
 # Shards: 256 little-endian int32 header words (magic, version, num_tokens), then uint16 tokens. Every document
-# starts with BOS. BPB counts the UTF-8 bytes each target token adds to the normalized text (byte LUTs below).
+# starts with BOS. BPB counts the UTF-8 bytes each target token adds to the normalized text: from the byte LUTs of
+# the tokenizer, or, for a CaseOps dataset (its tokens spell case-transformed text), from the val byte sidecar: one
+# shard per val shard, same format, value p = the original bytes that token p stands for (data/caseops.py).
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
+SIDECAR_GLOB, SIDECAR_PREFIX = "fineweb_val_bytes_*.bin", "fineweb_val_bytes_"  # beside fineweb_val_000000.bin
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # ids 4-7 of a CaseOps tokenizer (TITLE ... ESC)
 
 
 def shard_num_tokens(path) -> int:
@@ -765,7 +769,46 @@ def token_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
     return base[tgt].long() + (lead[tgt] & ~boundary[prev]).long()
 
 
-def load_tokenizer_luts(h: Hyperparameters):
+def load_val_sidecar(val_pattern: str, n_tokens: int = 0) -> Tensor | None:
+    """The val byte sidecar beside the val shards (None if there is none), checked shard by shard against them and
+    cut to the first n_tokens values (> 0), as load_val_tokens cuts the tokens."""
+    shards = shard_files(val_pattern)
+    pairs = [(f, os.path.join(os.path.dirname(f), SIDECAR_PREFIX + os.path.basename(f).rpartition("_")[2]))
+             for f in shards]
+    present = sorted(glob.glob(os.path.join(os.path.dirname(val_pattern), SIDECAR_GLOB)))
+    if not present:
+        return None
+    if stray := sorted(set(present) - {side for _, side in pairs}):
+        raise ValueError(f"val byte sidecar {stray[0]} has no val shard of the same index beside it")
+    for shard, side in pairs:
+        if not os.path.isfile(side):
+            raise FileNotFoundError(f"val byte sidecar {side} is missing (its val shard {shard} exists)")
+        if (n_side := shard_num_tokens(side)) != (n_val := shard_num_tokens(shard)):
+            raise ValueError(f"val byte sidecar {side} has {n_side} values but its val shard {shard} has "
+                             f"{n_val} tokens")
+    values = np.concatenate([load_shard(side) for _, side in pairs])
+    return torch.from_numpy(values[:n_tokens or len(values)].astype(np.int32))
+
+
+@dataclass(frozen=True)
+class ByteCounter:
+    """The BPB denominator of each scored target y at stream position pos + 1 (x = the token before it): the val
+    byte sidecar's value there when the dataset has one, else the tokenizer's LUT count."""
+    luts: tuple | None = None
+    sidecar: Tensor | None = None  # CPU, aligned with the val tokens
+
+    def __call__(self, pos: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        if self.sidecar is not None:
+            return self.sidecar[pos.cpu() + 1].to(y.device).long()
+        return token_bytes(x, y, self.luts)
+
+    def to(self, device) -> "ByteCounter":
+        return ByteCounter(None if self.luts is None else tuple(t.to(device) for t in self.luts), self.sidecar)
+
+    source = property(lambda self: "sidecar" if self.sidecar is not None else "lut")
+
+
+def load_tokenizer(h: Hyperparameters):
     import sentencepiece as spm
     if Path(h.tokenizer_path).is_dir():
         raise IsADirectoryError(f"TOKENIZER_PATH={h.tokenizer_path} is a directory, not a SentencePiece .model file")
@@ -774,7 +817,23 @@ def load_tokenizer_luts(h: Hyperparameters):
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     if sp.vocab_size() != h.vocab_size:
         raise ValueError(f"VOCAB_SIZE={h.vocab_size} but {h.tokenizer_path} has {sp.vocab_size()} pieces")
-    return build_bpb_luts(sp, h.vocab_size)
+    return sp
+
+
+def load_byte_counter(h: Hyperparameters, n_tokens: int = 0) -> ByteCounter:
+    """The dataset's byte counter (n_tokens > 0: the sidecar cut to the val tokens kept). A CaseOps tokenizer
+    (the four operators at ids 4-7) needs the sidecar and the sidecar needs one: LUT bytes of transformed text
+    would count each operator as 3 bytes and never see the capitals."""
+    sp = load_tokenizer(h)
+    caseops = sp.vocab_size() >= 8 and tuple(sp.id_to_piece(i) for i in range(4, 8)) == CASEOPS_OPERATORS
+    sidecar = load_val_sidecar(h.val_files, n_tokens)
+    if sidecar is not None and not caseops:
+        raise ValueError(f"DATA_PATH={h.data_path} has a val byte sidecar ({SIDECAR_GLOB}: a CaseOps dataset) but "
+                         f"TOKENIZER_PATH={h.tokenizer_path} lacks the CaseOps operators at ids 4-7")
+    if sidecar is None and caseops:
+        raise ValueError(f"TOKENIZER_PATH={h.tokenizer_path} is a CaseOps tokenizer but DATA_PATH={h.data_path} has "
+                         f"no val byte sidecar ({SIDECAR_GLOB}) to count the original bytes")
+    return ByteCounter(sidecar=sidecar) if caseops else ByteCounter(luts=build_bpb_luts(sp, h.vocab_size))
 
 
 # -----------------------------------------------------------------------------
@@ -2078,7 +2137,7 @@ class EvalContext:  # what every pass reads
     h: Hyperparameters
     rt: Runtime
     val: Tensor  # the validation tokens
-    luts: tuple  # the tokenizer's byte LUTs
+    count_bytes: ByteCounter  # the BPB bytes of scored targets: count_bytes(pos, x, y)
 
 
 @dataclass
@@ -2221,7 +2280,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
                 nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
                 tally.nll += torch.stack([nll[k].sum() for k in experts.tracks])
                 tally.tokens += y.numel()
-                tally.bytes += token_bytes(x, y, ctx.luts).sum()
+                tally.bytes += ctx.count_bytes(pos, x, y).sum()
                 expert_nll += torch.stack([-e.gather(1, y[:, None]).double().sum() for e in ex])
                 targets.append(y)
                 if recorder is not None:
@@ -2509,7 +2568,8 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     val = load_val_tokens(h.val_files, h.eval_seq_len, h.val_max_tokens, h.vocab_size)
-    ctx = EvalContext(h, rt, val, tuple(t.to(rt.device) for t in load_tokenizer_luts(h)))
+    ctx = EvalContext(h, rt, val, load_byte_counter(h, val.numel()).to(rt.device))
+    log0(f"bpb_bytes:{ctx.count_bytes.source}")
     if h.val_max_tokens > 0:
         log0(f"val_subset tokens:{val.numel() - 1} (VAL_MAX_TOKENS={h.val_max_tokens}): a pipeline check, not a score")
     path = Path(h.eval_only or Path(h.out_dir) / "final_model.int6.ptz")

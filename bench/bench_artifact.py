@@ -210,7 +210,7 @@ def cpu_force(a) -> int:
     h = tg.resolve_startup(tg.Hyperparameters.from_env(env), tg.Runtime.local())
     rt = tg.Runtime.local()
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)[:a.val_tokens + 1]
-    ctx = tg.EvalContext(h, rt, val, tg.load_tokenizer_luts(h))
+    ctx = tg.EvalContext(h, rt, val, tg.load_byte_counter(h))
     if a.artifact:  # an existing PRESET=cpu artifact: its dequantized weights are the reference for rel_error
         q = tg.deserialize(tg.decompress_artifact(Path(a.artifact).read_bytes(), a.artifact))
         weights = tg.dequantize(q)

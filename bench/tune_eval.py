@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if a.tune and a.split != "heldout":
         raise SystemExit("--tune tunes on held-out train documents only, never on val")
     h = hparams({})
-    luts = tg.load_tokenizer_luts(h)
+    luts = tg.load_byte_counter(h)
     try:
         tokens = (heldout_tokens(h, a.tokens, a.steps or h.iterations) if a.split == "heldout"
                   else val_tokens(h, a.tokens))

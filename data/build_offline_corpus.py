@@ -38,6 +38,7 @@ import functools
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -57,6 +58,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402  (the shard format's one reader/writer; importing it does no work)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import caseops  # noqa: E402  (stdlib only)
+
 SOURCES = ("gcide", "linux", "python", "wiki", "fortunes")  # canonical order (also the document order pre-shuffle)
 DEBIAN_PACKAGES = {"gcide": "dict-gcide", "linux": "linux-doc", "python": "python3-doc", "fortunes": "fortunes"}
 METAPACKAGES = {"linux-doc", "python3-doc"}  # empty packages that depend on the versioned one holding the files
@@ -73,6 +77,17 @@ TOKENIZER_NAME = "sp_bpe_1024"
 TOKENIZER_STEM = "fineweb_1024_bpe"
 VOCAB_SIZE = 1024
 BOS_ID, EOS_ID = 1, 2
+SHIPPED_TOKENIZERS = Path(__file__).resolve().parent / "tokenizers"
+SIDECAR_NAME = tg.SIDECAR_PREFIX + "{index:06d}.bin"  # the val byte sidecar, index for index with the val shards
+# --variants: dataset dir, tokenizer name, tokenizer file stem, CaseOps. sp1024 trains its own tokenizer on the
+# stand-in (unchanged since the first stand-in); the others encode with the shipped challenge tokenizers.
+VARIANTS = {
+    "sp1024": (DATASET_NAME, TOKENIZER_NAME, TOKENIZER_STEM, False),
+    "sp8192": ("fineweb10B_sp8192", "sp_bpe_8192", "fineweb_8192_bpe", False),
+    "sp8192-caseops": ("fineweb10B_sp8192_caseops", "sp_bpe_8192_caseops",
+                       "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved", True),
+}
+DEFAULT_VARIANTS = ("sp1024",)  # what the CPU quick start trains on
 
 # SentencePiece drops training sentences longer than its max_sentence_length (4192 bytes by default), so
 # documents are cut below it; 4000 also keeps them near FineWeb's ~3 kB average.
@@ -397,6 +412,17 @@ def parse_sources(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return [s for s in SOURCES if s in names]
 
 
+def parse_variants(spec) -> list[str]:
+    """Validate a variant list ('a,b' or a sequence); returned deduplicated in VARIANTS order (sp1024 first)."""
+    names = [v.strip() for v in (spec.split(",") if isinstance(spec, str) else spec) if v.strip()]
+    if not names:
+        raise ValueError(f"--variants is empty (choose from {', '.join(VARIANTS)})")
+    for name in names:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r} in --variants (choose from {', '.join(VARIANTS)})")
+    return [v for v in VARIANTS if v in names]
+
+
 def validate_args(val_docs: int, shard_tokens: int, seed: int, max_doc_bytes: int) -> None:
     """Raise ValueError with a one-line message naming the bad argument."""
     for flag, value in (("--val-docs", val_docs), ("--shard-tokens", shard_tokens), ("--max-doc-bytes", max_doc_bytes)):
@@ -454,11 +480,11 @@ class ShardWriter:
     hold only val documents and every split's last shard is shorter.
     """
 
-    def __init__(self, ds_dir: Path, shard_tokens: int):
-        self.ds_dir, self.shard_tokens = ds_dir, shard_tokens
+    def __init__(self, ds_dir: Path, shard_tokens: int, name: str = tg.SHARD_NAME):
+        self.ds_dir, self.shard_tokens, self.name = ds_dir, shard_tokens, name
         self.buf = np.empty(shard_tokens, dtype=np.uint16)
         self.fill, self.split = 0, "val"
-        self.files = {"val": 0, "train": 0}
+        self.files, self.tokens = {"val": 0, "train": 0}, {"val": 0, "train": 0}
 
     def add(self, split: str, tokens: np.ndarray) -> None:
         if split != self.split:
@@ -475,41 +501,60 @@ class ShardWriter:
 
     def flush(self) -> None:
         if self.fill:
-            name = tg.SHARD_NAME.format(split=self.split, index=self.files[self.split])
+            name = self.name.format(split=self.split, index=self.files[self.split])
             tg.write_shard(self.ds_dir / name, self.buf[:self.fill])
             self.files[self.split] += 1
+            self.tokens[self.split] += self.fill
             self.fill = 0
 
 
-def write_dataset(sp, texts: list[str], val_docs: int, ds_dir: Path, shard_tokens: int) -> dict:
-    """Encode documents as [BOS] + ids and write the shards. Returns challenge-style stats.
+def _encoded(sp, texts, use_caseops: bool):
+    """Each document's ids, encoded in batches on all cores (CaseOps: of its normalized, transformed text)."""
+    it = iter(texts)
+    while batch := list(itertools.islice(it, ENCODE_BATCH_DOCS)):
+        if use_caseops:
+            batch = [caseops.encode(caseops.normalized(sp, text)) for text in batch]
+        yield from sp.encode(batch, out_type=int, num_threads=os.cpu_count() or 1)
 
-    Also counts the val split's normalized bytes, Σ len(sp.decode(doc).encode()), which is what the
-    challenge's byte LUT sums, so BPB on this val set can be checked without the LUT.
+
+def write_dataset(sp, texts, val_docs: int, ds_dir: Path, shard_tokens: int, use_caseops: bool = False,
+                  max_train_shards: int = 0) -> dict:
+    """Encode documents (any iterable of str) as [BOS] + ids and write the shards. Returns challenge-style stats.
+
+    Also counts the val split's bytes: for a plain tokenizer Σ len(sp.decode(doc).encode()), the normalized bytes
+    the challenge's byte LUT sums. use_caseops: each document is normalized as sp normalizes it, then transformed
+    (data/caseops.py), and the val byte sidecar is written beside the val shards; it holds per token the original
+    (normalized) bytes, so its sum is the same normalized byte count. max_train_shards > 0 stops after that many
+    full train shards (a FineWeb build); the document cut at the end is dropped.
     """
     ds_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(ds_dir, shard_tokens)
-    stats = {k: 0 for k in ("docs_total", "docs_val", "docs_train", "files_total", "files_val", "files_train",
-                            "tokens_total", "tokens_val", "tokens_train")}
-    val_bytes = 0
-    threads = os.cpu_count() or 1
-    for start in range(0, len(texts), ENCODE_BATCH_DOCS):
-        batch = sp.encode(texts[start:start + ENCODE_BATCH_DOCS], out_type=int, num_threads=threads)
-        for i, ids in enumerate(batch, start):
-            split = "val" if i < val_docs else "train"
-            tokens = np.empty(len(ids) + 1, dtype=np.uint16)
-            tokens[0] = BOS_ID
-            tokens[1:] = ids
-            if split == "val":
-                val_bytes += _utf8_len(sp.decode(ids))
-            writer.add(split, tokens)
-            stats["docs_total"] += 1
-            stats[f"docs_{split}"] += 1
-            stats["tokens_total"] += len(tokens)
-            stats[f"tokens_{split}"] += len(tokens)
+    sidecar = ShardWriter(ds_dir, shard_tokens, SIDECAR_NAME) if use_caseops else None
+    surfaces = caseops.piece_surfaces(sp) if use_caseops else None
+    docs, val_bytes = {"val": 0, "train": 0}, 0
+    for ids in _encoded(sp, texts, use_caseops):
+        split = "val" if docs["val"] < val_docs else "train"
+        tokens = np.empty(len(ids) + 1, dtype=np.uint16)
+        tokens[0] = BOS_ID
+        tokens[1:] = ids
+        if split == "val" and use_caseops:
+            counts = np.array([0] + caseops.original_byte_counts([surfaces[i] for i in ids]), dtype=np.uint16)
+            sidecar.add("val", counts)
+            val_bytes += int(counts.sum(dtype=np.int64))
+        elif split == "val":
+            val_bytes += _utf8_len(sp.decode(ids))
+        writer.add(split, tokens)
+        docs[split] += 1
+        if max_train_shards and writer.files["train"] >= max_train_shards:
+            writer.fill = 0  # the document cut at the last shard's end is not written
+            break
     writer.flush()
-    stats.update(files_val=writer.files["val"], files_train=writer.files["train"],
-                 files_total=writer.files["val"] + writer.files["train"])
+    if sidecar is not None:
+        sidecar.flush()
+    stats = {"docs_total": docs["val"] + docs["train"], "docs_val": docs["val"], "docs_train": docs["train"],
+             "files_total": sum(writer.files.values()), "files_val": writer.files["val"],
+             "files_train": writer.files["train"], "tokens_total": sum(writer.tokens.values()),
+             "tokens_val": writer.tokens["val"], "tokens_train": writer.tokens["train"]}
     return {"stats": stats, "val_normalized_bytes": val_bytes}
 
 
@@ -531,10 +576,11 @@ def _file_table(root: Path) -> dict[str, dict]:
     return table
 
 
-def make_build_args(sources: list[str], val_docs: int, shard_tokens: int, seed: int, max_doc_bytes: int) -> dict:
+def make_build_args(sources: list[str], val_docs: int, shard_tokens: int, seed: int, max_doc_bytes: int,
+                    variants=DEFAULT_VARIANTS) -> dict:
     """The inputs that define a build; a stored build counts as valid only for identical build_args."""
     return {"builder_version": BUILDER_VERSION, "sources": list(sources), "val_docs": val_docs,
-            "shard_tokens": shard_tokens, "seed": seed, "max_doc_bytes": max_doc_bytes}
+            "shard_tokens": shard_tokens, "seed": seed, "max_doc_bytes": max_doc_bytes, "variants": list(variants)}
 
 
 def check_build(out: Path, build_args: dict) -> str | None:
@@ -556,9 +602,8 @@ def check_build(out: Path, build_args: dict) -> str | None:
     if manifest.get("build_args") != build_args:
         return f"built with other arguments {manifest.get('build_args')}"
     files = manifest.get("files") or {}
-    ds_rel = f"datasets/{DATASET_NAME}"
-    listed_shards = {rel for rel in files if rel.startswith(ds_rel + "/")}
-    present_shards = {f"{ds_rel}/{p.name}" for p in (out / ds_rel).glob(tg.SHARD_GLOB.format(split="*"))}
+    listed_shards = {rel for rel in files if rel.startswith("datasets/")}
+    present_shards = {p.relative_to(out).as_posix() for p in (out / "datasets").glob("*/*.bin")}
     if present_shards != listed_shards:
         return f"shard set differs from the manifest ({sorted(present_shards ^ listed_shards)[:3]})"
     for rel, meta in files.items():
@@ -616,9 +661,56 @@ def _check_out_dir(out: Path) -> None:
                          f"refusing to overwrite it")
 
 
+def _load_shipped_tokenizer(stem: str, tok_dir: Path):
+    """A shipped tokenizer (data/tokenizers/), copied into the build so that it is self-contained."""
+    import sentencepiece as spm
+
+    src = SHIPPED_TOKENIZERS / f"{stem}.model"
+    if not src.is_file():
+        raise BuildError(f"the shipped tokenizer {src} is missing (it is part of the repository)")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, tok_dir / src.name)
+    return spm.SentencePieceProcessor(model_file=str(src))
+
+
+def write_variants(tmp: Path, texts: list[str], val_docs: int, shard_tokens: int, variants, t0: float):
+    """Each variant's tokenizer and dataset from the same documents and split. Returns the manifest's
+    (tokenizers, datasets) entries; a dataset's val_normalized_bytes is its BPB byte count of the val split."""
+    tokenizers, datasets = [], []
+    for variant in variants:
+        ds_name, tok_name, stem, use_caseops = VARIANTS[variant]
+        if variant == "sp1024":
+            sp = train_tokenizer(texts, tmp / "tokenizers")
+        else:
+            sp = _load_shipped_tokenizer(stem, tmp / "tokenizers")
+        result = write_dataset(sp, texts, val_docs, tmp / "datasets" / ds_name, shard_tokens, use_caseops)
+        stats, v = result["stats"], sp.vocab_size()
+        tokenizers.append({
+            "name": tok_name, "kind": "sentencepiece_bpe", "vocab_size": v, "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(), "recommended_bigram_vocab_size": ((v + 127) // 128) * 128 * 5,
+            **({"trainer_settings": SP_TRAINER_SETTINGS} if variant == "sp1024" else {"shipped": True}),
+            "model_path": f"tokenizers/{stem}.model",
+            **({"vocab_path": f"tokenizers/{stem}.vocab"} if variant == "sp1024" else {})})
+        datasets.append({
+            "name": ds_name, "variant": variant, "tokenizer_name": tok_name, "tokenizer_kind": "sentencepiece_bpe",
+            "path": f"datasets/{ds_name}",
+            "train_glob": f"datasets/{ds_name}/" + tg.SHARD_GLOB.format(split="train"),
+            "val_glob": f"datasets/{ds_name}/" + tg.SHARD_GLOB.format(split="val"),
+            **({"caseops": "lossless_caps_caseops_v1", "val_bytes_glob": f"datasets/{ds_name}/{tg.SIDECAR_GLOB}"}
+               if use_caseops else {}),
+            "vocab_size": v, "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+            "recommended_bigram_vocab_size": ((v + 127) // 128) * 128 * 5,
+            "val_normalized_bytes": result["val_normalized_bytes"], "stats": stats})
+        log(f"{variant}: vocab={v} tokens val={stats['tokens_val']:,} train={stats['tokens_train']:,} "
+            f"shards val={stats['files_val']} train={stats['files_train']} "
+            f"bytes/token val(normalized)={result['val_normalized_bytes'] / stats['tokens_val']:.3f} "
+            f"t={time.time() - t0:.1f}s")
+    return tokenizers, datasets
+
+
 def build(out: str | Path = DEFAULT_OUT, sources=SOURCES, val_docs: int = 1000, shard_tokens: int = 10_000_000,
           seed: int = 1337, max_doc_bytes: int = 4000, cache_dir: str | Path | None = None,
-          force: bool = False) -> dict:
+          force: bool = False, variants=DEFAULT_VARIANTS) -> dict:
     """Build (or skip) the stand-in corpus in OUT.
 
     Returns {"skipped": bool, "out": Path, "manifest": dict}. Raises ValueError for bad arguments and
@@ -627,9 +719,10 @@ def build(out: str | Path = DEFAULT_OUT, sources=SOURCES, val_docs: int = 1000, 
     t0 = time.time()
     sources = parse_sources(sources)
     validate_args(val_docs, shard_tokens, seed, max_doc_bytes)
+    variants = parse_variants(variants)
     out = Path(out).resolve()
     cache = Path(cache_dir).resolve() if cache_dir is not None else out / CACHE_DIRNAME
-    build_args = make_build_args(sources, val_docs, shard_tokens, seed, max_doc_bytes)
+    build_args = make_build_args(sources, val_docs, shard_tokens, seed, max_doc_bytes, variants)
 
     reason = check_build(out, build_args)
     if reason is None and not force:
@@ -659,10 +752,7 @@ def build(out: str | Path = DEFAULT_OUT, sources=SOURCES, val_docs: int = 1000, 
         with open(tmp / "docs_selected.jsonl", "w", encoding="utf-8", newline="\n") as f:
             for text, src in docs:
                 f.write(json.dumps({"text": text, "src": src}, ensure_ascii=False) + "\n")
-        sp = train_tokenizer(texts, tmp / "tokenizers")
-        log(f"tokenizer trained: vocab={sp.vocab_size()}  t={time.time() - t0:.1f}s")
-        result = write_dataset(sp, texts, val_docs, tmp / "datasets" / DATASET_NAME, shard_tokens)
-        stats = result["stats"]
+        tokenizers, datasets = write_variants(tmp, texts, val_docs, shard_tokens, variants, t0)
         manifest = {
             "version": MANIFEST_VERSION,
             "complete": True,
@@ -677,23 +767,8 @@ def build(out: str | Path = DEFAULT_OUT, sources=SOURCES, val_docs: int = 1000, 
             "sources": used,
             "fallback": None if fallback is None else {"reason": fallback, "requested": sources, "used": used},
             "source_info": source_info,
-            "val_normalized_bytes": result["val_normalized_bytes"],
-            "tokenizers": [{
-                "name": TOKENIZER_NAME, "kind": "sentencepiece_bpe", "vocab_size": sp.vocab_size(),
-                "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
-                "recommended_bigram_vocab_size": ((sp.vocab_size() + 127) // 128) * 128 * 5,
-                "trainer_settings": SP_TRAINER_SETTINGS,
-                "model_path": f"tokenizers/{TOKENIZER_STEM}.model", "vocab_path": f"tokenizers/{TOKENIZER_STEM}.vocab",
-            }],
-            "datasets": [{
-                "name": DATASET_NAME, "tokenizer_name": TOKENIZER_NAME, "tokenizer_kind": "sentencepiece_bpe",
-                "path": f"datasets/{DATASET_NAME}",
-                "train_glob": f"datasets/{DATASET_NAME}/" + tg.SHARD_GLOB.format(split="train"),
-                "val_glob": f"datasets/{DATASET_NAME}/" + tg.SHARD_GLOB.format(split="val"),
-                "vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
-                "recommended_bigram_vocab_size": ((sp.vocab_size() + 127) // 128) * 128 * 5,
-                "stats": stats,
-            }],
+            "tokenizers": tokenizers,
+            "datasets": datasets,
             "files": _file_table(tmp),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -704,12 +779,30 @@ def build(out: str | Path = DEFAULT_OUT, sources=SOURCES, val_docs: int = 1000, 
 
     raw_bytes = sum(info["bytes"] for info in source_info.values())
     log(f"done: {out} sources={','.join(used)}{' (FALLBACK)' if fallback else ''} docs={len(docs):,} "
-        f"(val {stats['docs_val']:,}) tokens val={stats['tokens_val']:,} train={stats['tokens_train']:,} "
-        f"shards val={stats['files_val']} train={stats['files_train']} "
-        f"bytes/token val(normalized)={result['val_normalized_bytes'] / stats['tokens_val']:.3f} "
-        f"all(raw)={raw_bytes / stats['tokens_total']:.3f} time={time.time() - t0:.1f}s "
-        f"peak_rss={_peak_rss_gb():.2f}GB")
+        f"(val {val_docs:,}) raw_bytes/token({datasets[0]['variant']})="
+        f"{raw_bytes / max(datasets[0]['stats']['tokens_total'], 1):.3f} "
+        f"time={time.time() - t0:.1f}s peak_rss={_peak_rss_gb():.2f}GB")
     return {"skipped": False, "out": out, "manifest": manifest}
+
+
+def val_byte_totals(out: str | Path) -> dict[str, tuple[str, int, int]]:
+    """Per dataset of a build: (byte source, BPB bytes summed over every val target, val targets), counted by
+    train_gpt's own byte counter, so CaseOps's sidecar and the plain tokenizers' LUTs can be compared."""
+    import torch
+
+    out = Path(out)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    tokenizers = {t["name"]: t for t in manifest["tokenizers"]}
+    totals = {}
+    for ds in manifest["datasets"]:
+        tok = tokenizers[ds["tokenizer_name"]]
+        h = tg.Hyperparameters(**{**tg.PR549, "preset": "", "data_path": str(out / ds["path"]),
+                                  "tokenizer_path": str(out / tok["model_path"]), "vocab_size": tok["vocab_size"]})
+        val = tg.load_val_tokens(h.val_files, 1)
+        counter, n = tg.load_byte_counter(h, val.numel()), val.numel() - 1
+        total = int(counter(torch.arange(n), val[:-1].long(), val[1:].long()).sum())
+        totals[ds.get("variant", ds["name"])] = (counter.source, total, n)
+    return totals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -719,9 +812,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-docs", type=int, default=1000, help="validation documents (first N after the shuffle)")
     p.add_argument("--shard-tokens", type=int, default=10_000_000, help="tokens per shard")
     p.add_argument("--seed", type=int, default=1337, help="document shuffle seed")
-    p.add_argument("--max-doc-bytes", type=int, default=4000, help=f"cut docs to this size (<= {SP_MAX_SENTENCE_BYTES})")
+    p.add_argument("--max-doc-bytes", type=int, default=4000,
+                   help=f"cut docs to this size (<= {SP_MAX_SENTENCE_BYTES})")
     p.add_argument("--cache-dir", default=None, help="download cache (default: OUT/.cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"datasets to write, comma list from {','.join(VARIANTS)} (same documents and split)")
+    p.add_argument("--report-bytes", action="store_true",
+                   help="then print each dataset's BPB byte count of the whole val split (sidecar or LUT)")
     return p
 
 
@@ -730,13 +828,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parse_sources(args.sources)
+        parse_variants(args.variants)
         validate_args(args.val_docs, args.shard_tokens, args.seed, args.max_doc_bytes)
     except ValueError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)  # one line naming the cause, exit 2 like argparse
         return 2
     try:
         build(args.out, args.sources, args.val_docs, args.shard_tokens, args.seed, args.max_doc_bytes,
-              cache_dir=args.cache_dir, force=args.force)
+              cache_dir=args.cache_dir, force=args.force, variants=args.variants)
+        if args.report_bytes:
+            for variant, (source, total, n) in val_byte_totals(args.out).items():
+                log(f"val_bytes {variant}: {total:,} ({source}, {n:,} targets, {total / n:.4f} bytes/target)")
     except BuildError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1

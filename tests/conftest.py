@@ -15,11 +15,11 @@ import torch  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
-# The challenge's sp1024 tokenizer (shared/ beside the checkout, or the FineWeb download); else the stand-in's.
-_CANDIDATES = [ROOT.parent / "shared" / "data" / "fineweb_1024_bpe.model",
-               ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model",
-               ROOT / "data" / "standin" / "tokenizers" / "fineweb_1024_bpe.model"]
-REAL_SP = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[0])
+# The tokenizers the repository ships (the challenge's sp1024 and sp8192, and the CaseOps sp8192).
+TOKENIZERS = ROOT / "data" / "tokenizers"
+REAL_SP = TOKENIZERS / "fineweb_1024_bpe.model"
+SP8192 = TOKENIZERS / "fineweb_8192_bpe.model"
+CASEOPS_SP = TOKENIZERS / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 # The pr549 stack at a tiny size (these tests pin the seed's mechanisms; the frontier's have their own tests). Every
 # pr549 value is spelled out, so the tests that pass TINY to a subprocess through env vars get the same config.
@@ -47,8 +47,6 @@ def _documents():
 
 @pytest.fixture(scope="session")
 def sp():
-    if not REAL_SP.is_file():
-        pytest.skip("no sp1024 tokenizer: need ../shared/data/fineweb_1024_bpe.model or a built data/standin")
     import sentencepiece as spm
     return spm.SentencePieceProcessor(model_file=str(REAL_SP))
 
@@ -78,6 +76,6 @@ def perturbed_model(h, seed=0, scale=0.05):
 
 @pytest.fixture(scope="module")
 def env(dataset):
-    """(tiny config, its validation tokens, its byte LUTs) for the evaluation tests."""
+    """(tiny config, its validation tokens, its byte counter) for the evaluation tests."""
     h = tiny(**dataset)
-    return h, tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_tokenizer_luts(h)
+    return h, tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_byte_counter(h)

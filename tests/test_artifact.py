@@ -543,7 +543,7 @@ def test_train_turns_qat_on_over_banks_and_tables(dataset, capsys, fresh_log, mo
     torch.manual_seed(0)
     model = tg.build_model(h)
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
-    tg.train(tg.EvalContext(h, CPU, val, tg.load_tokenizer_luts(h)), model)
+    tg.train(tg.EvalContext(h, CPU, val, tg.load_byte_counter(h)), model)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("qat:on")]
     assert len(lines) == 1, lines
     named = dict(model.named_parameters())

@@ -31,6 +31,8 @@ def _load(name: str):
 
 boc = _load("build_offline_corpus")
 ccf = _load("cached_challenge_fineweb")
+co = _load("caseops")
+ALL_VARIANTS = "sp1024,sp8192,sp8192-caseops"
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_val_docs_match_jsonl_and_decoded_bytes(built):
     decoded = [sp.decode(d[1:].tolist()) for d in docs]
     assert decoded == [sp.decode(sp.encode(t)) for t in texts[:VAL_DOCS]]  # val = first docs, in order
     total = sum(len(d.encode()) for d in decoded)
-    assert total > 0 and total == manifest["val_normalized_bytes"]
+    assert total > 0 and total == manifest["datasets"][0]["val_normalized_bytes"]
 
 
 def test_manifest_is_challenge_like(built):
@@ -274,6 +276,7 @@ def test_falls_back_loudly_without_apt(cache, tmp_path, monkeypatch, capsys):
     (["--val-docs", "0"], "--val-docs must be a positive integer"),
     (["--shard-tokens", "-5"], "--shard-tokens must be a positive integer"),
     (["--max-doc-bytes", "5000"], "--max-doc-bytes must be at most 4192"),
+    (["--variants", "sp1024,sp4096"], "unknown variant 'sp4096' in --variants"),
 ])
 def test_bad_args_give_one_line_errors(argv, message, tmp_path, capsys):
     assert boc.main(["--out", str(tmp_path / "x"), *argv]) == 2
@@ -291,6 +294,83 @@ def test_build_errors_name_their_cause(cache, tmp_path):
     with pytest.raises(boc.BuildError, match="not a stand-in build"):
         boc.build(foreign, cache_dir=cache, **ARGS)
     assert (foreign / "keep.txt").read_text() == "not ours"
+
+
+@pytest.fixture(scope="module")
+def built_variants(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("standin_variants") / "v"
+    boc.build(out, cache_dir=cache, variants=ALL_VARIANTS, **ARGS)
+    return out
+
+
+def _stream(out: Path, ds: str, split: str = "val", name: str = "fineweb_{split}_") -> np.ndarray:
+    """A dataset's split as one stream (name="fineweb_val_bytes_": its val byte sidecar)."""
+    paths = sorted((out / "datasets" / ds).glob(name.format(split=split) + "[0-9]*.bin"))
+    return np.concatenate([tg.load_shard(p) for p in paths]).astype(np.int64)
+
+
+def test_variants_share_documents_and_split(built_variants):
+    m = _manifest(built_variants)
+    assert [d["variant"] for d in m["datasets"]] == ["sp1024", "sp8192", "sp8192-caseops"]
+    for ds in m["datasets"]:
+        val = _stream(built_variants, ds["name"])
+        train = _stream(built_variants, ds["name"], "train")
+        assert int((val == 1).sum()) == VAL_DOCS and int((train == 1).sum()) == m["num_docs"] - VAL_DOCS
+        assert (built_variants / m["tokenizers"][m["datasets"].index(ds)]["model_path"]).is_file()
+    assert boc.check_build(built_variants, _build_args(variants=ALL_VARIANTS.split(","))) is None
+    assert boc.check_build(built_variants, _build_args()) is not None  # another variant set is another build
+
+
+def test_sp1024_is_the_same_with_or_without_the_other_variants(built, built_variants):
+    for rel in _manifest(built)["files"]:
+        if rel.startswith(("datasets/", "tokenizers/")):
+            assert (built_variants / rel).read_bytes() == (built / rel).read_bytes(), rel
+
+
+def test_every_val_documents_sidecar_sum_is_its_original_bytes(built_variants):
+    """Per val document: Σ sidecar = UTF-8 bytes of its normalized text = the plain sp8192 decode's bytes, and
+    the CaseOps decode of its tokens gives that text back."""
+    import sentencepiece as spm
+
+    tok = built_variants / "tokenizers"
+    cops = spm.SentencePieceProcessor(model_file=str(tok / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"))
+    plain = spm.SentencePieceProcessor(model_file=str(tok / "fineweb_8192_bpe.model"))
+    texts = [json.loads(line)["text"] for line in
+             (built_variants / "docs_selected.jsonl").read_text(encoding="utf-8").splitlines()[:VAL_DOCS]]
+    ids = _stream(built_variants, "fineweb10B_sp8192_caseops")
+    side = _stream(built_variants, "fineweb10B_sp8192_caseops", name="fineweb_val_bytes_")
+    plain_ids = _stream(built_variants, "fineweb10B_sp8192")
+    assert len(side) == len(ids)
+    starts, plain_starts = np.flatnonzero(ids == 1), np.flatnonzero(plain_ids == 1)
+    assert len(starts) == len(plain_starts) == len(texts) == VAL_DOCS and (side[starts] == 0).all()
+    for doc, (a, b, pa, pb) in enumerate(zip(starts, [*starts[1:], len(ids)], plain_starts,
+                                             [*plain_starts[1:], len(plain_ids)])):
+        norm = co.normalized(cops, texts[doc])
+        assert int(side[a:b].sum()) == len(norm.encode()) == len(plain.decode(plain_ids[pa + 1:pb].tolist()).encode())
+        assert co.decode(cops.decode(ids[a + 1:b].tolist())) == norm
+
+
+def test_report_bytes_sidecar_total_equals_plain_lut_total(built_variants, capsys):
+    totals = boc.val_byte_totals(built_variants)
+    sources = {v: t[0] for v, t in totals.items()}
+    assert sources == {"sp1024": "lut", "sp8192": "lut", "sp8192-caseops": "sidecar"}
+    manifest_bytes = {d["variant"]: d["val_normalized_bytes"] for d in _manifest(built_variants)["datasets"]}
+    assert len({t[1] for t in totals.values()} | set(manifest_bytes.values())) == 1
+    assert boc.main(["--out", str(built_variants), "--variants", ALL_VARIANTS, "--report-bytes",
+                     "--sources", "wiki", "--val-docs", str(VAL_DOCS), "--shard-tokens", str(SHARD_TOKENS)]) == 0
+    assert capsys.readouterr().out.count(f"{totals['sp8192'][1]:,} (") == 3
+
+
+def test_check_build_detects_a_damaged_sidecar(built_variants, tmp_path):
+    args = _build_args(variants=ALL_VARIANTS.split(","))
+    copy = tmp_path / "copy"
+    shutil.copytree(built_variants, copy)
+    side = copy / "datasets" / "fineweb10B_sp8192_caseops" / "fineweb_val_bytes_000000.bin"
+    shutil.copy(side, side.with_name("fineweb_val_bytes_000001.bin"))
+    assert "shard set differs" in boc.check_build(copy, args)
+    side.with_name("fineweb_val_bytes_000001.bin").unlink()
+    side.write_bytes(side.read_bytes()[:-2])
+    assert boc.check_build(copy, args) is not None
 
 
 def test_split_doc_prefers_paragraphs_and_respects_limit():
@@ -314,14 +394,13 @@ def test_modules_import_without_side_effects():
 # ------------------------------------------------------------------------------------ FineWeb downloader
 
 
-def _fake_manifest(shard_size=10, tokens_val=7, tokens_train=25):
+def _fake_manifest(shard_size=10, tokens_val=7, tokens_train=25, ds="fineweb10B_sp1024", stem="fineweb_1024_bpe"):
     files_val, files_train = -(-tokens_val // shard_size), -(-tokens_train // shard_size)
     return {
         "version": "10B", "shard_size": shard_size,
-        "tokenizers": [{"name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": 1024,
-                        "model_path": "tokenizers/fineweb_1024_bpe.model",
-                        "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
-        "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "vocab_size": 1024,
+        "tokenizers": [{"name": "tok", "kind": "sentencepiece_bpe", "vocab_size": 1024,
+                        "model_path": f"tokenizers/{stem}.model", "vocab_path": f"tokenizers/{stem}.vocab"}],
+        "datasets": [{"name": ds, "tokenizer_name": "tok", "vocab_size": 1024,
                       "stats": {"files_val": files_val, "files_train": files_train,
                                 "tokens_val": tokens_val, "tokens_train": tokens_train}}],
     }
@@ -331,6 +410,9 @@ def test_dataset_dir_for_variant():
     assert ccf.dataset_dir_for_variant("sp1024") == "fineweb10B_sp1024"
     assert ccf.dataset_dir_for_variant("sp8192") == "fineweb10B_sp8192"
     assert ccf.dataset_dir_for_variant("byte260") == "fineweb10B_byte260"
+    assert ccf.dataset_dir_for_variant("sp8192-caseops") == "fineweb10B_sp8192_caseops"
+    assert ccf.dataset_dir_for_variant("sp8192-caseops", remote=True) == \
+        "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
     for bad in ("gpt2", "sp", "sp0", "byte256"):
         with pytest.raises(ValueError, match="unknown variant"):
             ccf.dataset_dir_for_variant(bad)
@@ -366,18 +448,22 @@ class FakeHub:
     The shards are written by the script's own writer into `root` (the fake remote) and served from memory.
     """
 
-    def __init__(self, root: Path, prefix="datasets", **manifest_kwargs):
+    def __init__(self, root: Path, prefix="datasets", sidecar=False, **manifest_kwargs):
         self.manifest = _fake_manifest(**manifest_kwargs)
+        ds, stem = self.manifest["datasets"][0]["name"], self.manifest["tokenizers"][0]["model_path"][11:-6]
         stats, n = self.manifest["datasets"][0]["stats"], self.manifest["shard_size"]
         self.files = {f"{prefix}/manifest.json": json.dumps(self.manifest).encode()}
-        for split in ("val", "train"):
-            for i in range(stats[f"files_{split}"]):
-                remote = Path(root) / prefix / "datasets/fineweb10B_sp1024" / tg.SHARD_NAME.format(split=split, index=i)
-                remote.parent.mkdir(parents=True, exist_ok=True)
-                tg.write_shard(remote, np.arange(min(n, stats[f"tokens_{split}"] - i * n)))
-                self.files[remote.relative_to(root).as_posix()] = remote.read_bytes()
-        for ext in ("model", "vocab"):
-            self.files[f"{prefix}/tokenizers/fineweb_1024_bpe.{ext}"] = f"fake {ext}".encode()
+        names = [(split, i, tg.SHARD_NAME.format(split=split, index=i)) for split in ("val", "train")
+                 for i in range(stats[f"files_{split}"])]
+        names += [("val", i, f"fineweb_val_bytes_{i:06d}.bin") for i in range(stats["files_val"]) if sidecar]
+        for split, i, name in names:
+            remote = Path(root) / prefix / "datasets" / ds / name
+            remote.parent.mkdir(parents=True, exist_ok=True)
+            tg.write_shard(remote, np.arange(min(n, stats[f"tokens_{split}"] - i * n)))
+            self.files[remote.relative_to(root).as_posix()] = remote.read_bytes()
+        shipped = ROOT / "data" / "tokenizers" / f"{stem}.model"  # the export's model is the one we ship
+        self.files[f"{prefix}/tokenizers/{stem}.model"] = shipped.read_bytes()
+        self.files[f"{prefix}/tokenizers/{stem}.vocab"] = b"fake vocab"
         self.requests = []
 
     def __call__(self, remote, local):
@@ -435,3 +521,97 @@ def test_cli_rejects_negative_train_shards_offline(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert "--train-shards must be a non-negative integer, got -1" in err and "\n" not in err
     assert hub.requests == [] and not (tmp_path / "data").exists()
+
+
+CASEOPS_EXPORT = dict(ds="fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                      stem="fineweb_8192_bpe_lossless_caps_caseops_v1_reserved")
+
+
+def test_each_variant_comes_from_its_export_with_its_own_manifest(tmp_path, monkeypatch):
+    hubs = {"willdepueoai/parameter-golf": FakeHub(tmp_path / "a"),
+            "kevclark/parameter-golf": FakeHub(tmp_path / "b", ds="fineweb10B_sp8192", stem="fineweb_8192_bpe"),
+            "romeerp/parameter-golf-caseops-v1": FakeHub(tmp_path / "c", sidecar=True, **CASEOPS_EXPORT)}
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
+    monkeypatch.setattr(ccf, "hf_downloader", lambda repo: hubs[repo])
+    data = tmp_path / "data"
+    for variant in ("sp1024", "sp8192", "sp8192-caseops"):
+        assert ccf.main(["--variant", variant, "--train-shards", "1", "--data-dir", str(data)]) == 0
+    assert sorted(p.name for p in data.glob("manifest*.json")) == [
+        "manifest.json", "manifest.kevclark--parameter-golf.json", "manifest.romeerp--parameter-golf-caseops-v1.json"]
+    assert json.loads((data / "manifest.json").read_text()) == hubs["willdepueoai/parameter-golf"].manifest
+    local = data / "datasets" / "fineweb10B_sp8192_caseops"
+    assert sorted(p.name for p in local.iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]
+    assert "datasets/tokenizers/fineweb_8192_bpe.vocab" in hubs["kevclark/parameter-golf"].requests
+
+
+def test_shipped_tokenizers_are_not_fetched_again(tmp_path):
+    hub = FakeHub(tmp_path / "hub", sidecar=True, **CASEOPS_EXPORT)
+    data = tmp_path / "data"
+    (data / "tokenizers").mkdir(parents=True)
+    shipped = ROOT / "data" / "tokenizers" / (CASEOPS_EXPORT["stem"] + ".model")
+    shutil.copy(shipped, data / "tokenizers")
+    ccf.fetch("sp8192-caseops", 2, data_dir=data, downloader=hub)
+    assert not any(r.endswith(".model") for r in hub.requests)
+    assert [r.rpartition("/")[2] for r in hub.requests if "bytes" in r] == ["fineweb_val_bytes_000000.bin"]
+    (data / "tokenizers" / shipped.name).write_bytes(b"damaged")  # a wrong size: fetched again
+    hub.requests.clear()
+    ccf.fetch("sp8192-caseops", 2, data_dir=data, downloader=hub)
+    assert hub.requests == ["datasets/tokenizers/" + shipped.name]
+
+
+# ------------------------------------------------------------------------------ building from docs_selected.jsonl
+
+
+@pytest.fixture(scope="module")
+def docs_jsonl(tmp_path_factory):
+    from conftest import _documents
+
+    path = tmp_path_factory.mktemp("docs") / "docs_selected.jsonl"
+    texts = list(_documents())[:60]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path, texts
+
+
+def test_from_docs_puts_the_first_docs_in_val_and_the_rest_in_train(docs_jsonl, tmp_path):
+    import sentencepiece as spm
+
+    path, texts = docs_jsonl
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "data" / "tokenizers", data / "tokenizers")
+    res = ccf.build_from_docs(path, "sp8192-caseops", 50, val_docs=7, allow_other_val_docs=True,
+                              shard_tokens=2000, data_dir=data)
+    ds = data / "datasets" / "fineweb10B_sp8192_caseops"
+    val, train = _stream(data, ds.name), _stream(data, ds.name, "train")
+    side = _stream(data, ds.name, name="fineweb_val_bytes_")
+    assert int((val == 1).sum()) == 7 and int((train == 1).sum()) == len(texts) - 7 == res["stats"]["docs_train"]
+    sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizers" / (CASEOPS_EXPORT["stem"] + ".model")))
+    starts = [*np.flatnonzero(val == 1), len(val)]
+    for doc, (a, b) in enumerate(zip(starts, starts[1:])):
+        norm = co.normalized(sp, texts[doc])
+        assert co.decode(sp.decode(val[a + 1:b].tolist())) == norm and int(side[a:b].sum()) == len(norm.encode())
+    first_train = train[1:np.flatnonzero(train == 1)[1]].tolist()
+    assert co.decode(sp.decode(first_train)) == co.normalized(sp, texts[7])  # train starts right after val
+    with pytest.raises(ValueError, match="is not empty"):
+        ccf.build_from_docs(path, "sp8192-caseops", 1, val_docs=7, allow_other_val_docs=True, data_dir=data)
+
+
+def test_from_docs_stops_after_train_shards(docs_jsonl, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "data" / "tokenizers", data / "tokenizers")
+    res = ccf.build_from_docs(docs_jsonl[0], "sp8192", 2, val_docs=3, allow_other_val_docs=True,
+                              shard_tokens=1000, data_dir=data)
+    shards = sorted((data / "datasets" / "fineweb10B_sp8192").glob("fineweb_train_*.bin"))
+    assert [tg.shard_num_tokens(p) for p in shards] == [1000, 1000] and res["stats"]["tokens_train"] == 2000
+    assert not list((data / "datasets" / "fineweb10B_sp8192").glob("fineweb_val_bytes_*"))  # plain: no sidecar
+
+
+def test_from_docs_refuses_a_leaky_val_count(docs_jsonl, tmp_path, capsys):
+    path = str(docs_jsonl[0])
+    argv = ["--variant", "sp8192-caseops", "--from-docs", path, "--data-dir", str(tmp_path / "d")]
+    assert ccf.main([*argv, "--val-docs", "10000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--val-docs 10000" in err and "50,000" in err and "#2127" in err and "\n" not in err
+    assert ccf.main(argv) == 2  # the canonical 50,000 needs more documents than this file has
+    assert "has 60 documents: none left for train after 50000" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

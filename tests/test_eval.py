@@ -247,7 +247,7 @@ def _rank_worker(rank, world, port, h, out):
     torch.set_num_threads(1)
     rt = tg.init_runtime()
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
-    r, _, _ = adaptive(h, perturbed_model(h), val, tg.load_tokenizer_luts(h), rt=rt)
+    r, _, _ = adaptive(h, perturbed_model(h), val, tg.load_byte_counter(h), rt=rt)
     if rank == 0:
         torch.save({"losses": r.losses, "tokens": r.tokens, "bytes": r.bytes}, out)
     torch.distributed.destroy_process_group()

@@ -278,7 +278,7 @@ def _check_carries(runs: list[dict], val: torch.Tensor, spans, V: int) -> None:
 
 def test_committed_carry_is_the_sequential_rule_on_two_ranks_as_on_one(dataset, tmp_path):
     h = tiny(**dataset, bias_lr=LR, **CARRY_H)
-    luts = tg.load_tokenizer_luts(h)
+    luts = tg.load_byte_counter(h)
     val, spans = carry_stream(h, 6 * CHUNK_TOKENS + 16)
     assert len(spans[-1].windows) == 1  # the last chunk: rank 0 scores nothing, its carry must pass through
     one = carry_pass(h, val, luts, CPU)

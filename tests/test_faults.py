@@ -175,7 +175,7 @@ def test_a_bad_val_token_fails_the_run_before_training_and_the_log_says_why(data
 
 def test_tokenizer_directory_is_named_as_a_directory(dataset, tmp_path):
     with pytest.raises(IsADirectoryError, match=rf"TOKENIZER_PATH={re.escape(str(tmp_path))} is a directory"):
-        tg.load_tokenizer_luts(tiny(tokenizer_path=str(tmp_path)))
+        tg.load_byte_counter(tiny(tokenizer_path=str(tmp_path)))
 
 
 # ============================================================================= 3. disk
@@ -260,7 +260,7 @@ def test_compile_on_cpu_warms_up_outside_the_timed_window(dataset, sp, monkeypat
     monkeypatch.setattr(torch, "compile", fake_compile)
     h = tiny(**dataset, torch_compile="1", warmup_steps=0, iterations=2, late_qat_threshold=0.6, warmdown_iters=2)
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
-    tg.train(tg.EvalContext(h, RT, val, tg.build_bpb_luts(sp, h.vocab_size)), tg.build_model(h))
+    tg.train(tg.EvalContext(h, RT, val, tg.ByteCounter(tg.build_bpb_luts(sp, h.vocab_size))), tg.build_model(h))
     out = capsys.readouterr().out
     assert compiled and "compile_warmup steps:2 qat_variants:2" in out
     assert int(re.search(r"compile_time:(\d+)ms", out)[1]) >= 800  # both graphs, honestly timed
@@ -283,13 +283,13 @@ def test_weights_made_non_finite_by_the_last_step_are_an_error(dataset, sp):
     model.qo_bank.register_hook(lambda g: (calls.append(1), g * (math.nan if len(calls) > 8 else 1.0))[1])
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     with pytest.raises(FloatingPointError, match=r"non-finite weights after step 2: .*qo_bank"):
-        tg.train(tg.EvalContext(h, RT, val, tg.build_bpb_luts(sp, h.vocab_size)), model)
+        tg.train(tg.EvalContext(h, RT, val, tg.ByteCounter(tg.build_bpb_luts(sp, h.vocab_size))), model)
 
 
 def _ctx(dataset, sp, **kw):
     h = tiny(**dataset, **kw)
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)[:8 * h.eval_seq_len + 1]  # 8 windows are enough here
-    return tg.EvalContext(h, RT, val, tg.build_bpb_luts(sp, h.vocab_size))
+    return tg.EvalContext(h, RT, val, tg.ByteCounter(tg.build_bpb_luts(sp, h.vocab_size)))
 
 
 def test_non_finite_scores_are_errors(dataset, sp):

@@ -340,11 +340,11 @@ def test_constant_model_scores_ln_v(dataset, sp, stride, cut):
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     if cut:
         val = val[:cut]  # not a multiple of the window: the last window is partial
-    luts = tg.build_bpb_luts(sp, h.vocab_size)
+    luts = tg.ByteCounter(tg.build_bpb_luts(sp, h.vocab_size))
     V = h.vocab_size
     model = ConstantLogits(V)
     r = tg.run_pass(tg.EvalContext(h, RT1, val, luts), tg.FixedScorer(model), stride=stride or h.eval_seq_len)
-    T, B = val.numel() - 1, _reference_bytes(val, luts)
+    T, B = val.numel() - 1, _reference_bytes(val, luts.luts)
     assert (r.tokens, r.bytes) == (T, B)
     assert abs(r.val_loss - math.log(V)) < 1e-9
     assert abs(r.val_bpb - math.log2(V) * T / B) < 1e-9
@@ -354,7 +354,7 @@ def test_constant_model_scores_ln_v(dataset, sp, stride, cut):
 def test_constant_model_float32_logits(dataset, sp):
     h = tiny(**dataset)
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
-    luts = tg.build_bpb_luts(sp, h.vocab_size)
+    luts = tg.ByteCounter(tg.build_bpb_luts(sp, h.vocab_size))
     r = tg.run_pass(tg.EvalContext(h, RT1, val, luts), tg.FixedScorer(ConstantLogits(h.vocab_size, torch.float32)), stride=h.eval_stride)
     assert r.val_loss == pytest.approx(math.log(h.vocab_size), rel=1e-7)
 
@@ -563,7 +563,7 @@ def _train_once(h, val, luts, capsys):
 def test_training_is_bit_reproducible(dataset, sp, capsys):
     h = tiny(**dataset, iterations=3)
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
-    luts = tg.build_bpb_luts(sp, h.vocab_size)
+    luts = tg.ByteCounter(tg.build_bpb_luts(sp, h.vocab_size))
     s1, p1, l1, init = _train_once(h, val, luts, capsys)
     s2, p2, l2, _ = _train_once(h, val, luts, capsys)
     assert s1 == s2 == 3
@@ -614,7 +614,7 @@ def test_cpu_run_writes_challenge_log_and_submission(dataset, tmp_path):
 def test_non_finite_loss_stops_naming_the_step(dataset, sp, monkeypatch):
     h = tiny(**dataset, iterations=5)
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
-    luts = tg.build_bpb_luts(sp, h.vocab_size)
+    luts = tg.ByteCounter(tg.build_bpb_luts(sp, h.vocab_size))
     torch.manual_seed(0)
     model = tg.build_model(h)
     real_forward, calls = model.forward, []

@@ -200,7 +200,7 @@ def test_timed_run_honours_the_reserve_and_collects_without_reading_val(dataset,
     h = tiny(**dataset, gptq_enabled=True, gptq_calib_batches=4, max_wallclock_seconds=cap, iterations=100000,
              train_log_every=1000, warmdown_iters=5)
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len).as_subclass(ValSpy)
-    ctx = tg.EvalContext(h, CPU, val, tg.build_bpb_luts(sp, h.vocab_size))
+    ctx = tg.EvalContext(h, CPU, val, tg.ByteCounter(tg.build_bpb_luts(sp, h.vocab_size)))
     torch.manual_seed(0)
     model = tg.build_model(h)
     ValSpy.reads.clear()

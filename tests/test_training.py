@@ -58,7 +58,7 @@ class Run:
 @pytest.fixture(scope="module")
 def ctx_parts(dataset):
     h = tiny(**dataset)
-    return tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_tokenizer_luts(h)
+    return tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_byte_counter(h)
 
 
 def _train(h, ctx_parts, monkeypatch, capsys):
