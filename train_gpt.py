@@ -564,10 +564,10 @@ def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
 
 
 # Fused training kernels (Triton). Two entry points keep today's eager math, mlp_forward and softcapped_ce; their
-# fused ops run where start-up chose them (FUSED_KERNELS, resolved by resolve_fused). triton is imported only then,
-# so a machine without it runs everything eagerly; TRITON_INTERPRET=1 runs the same kernels on CPU tensors (tests).
-FUSED_TOLERANCE = 2e-2  # max |fused - eager| / max |eager| over bf16 outputs and input gradients at the run's shapes
-_FUSED = {}  # {"loaded": True} once the ops are registered (once per process)
+# fused ops run where start-up chose them (FUSED_KERNELS, resolve_fused). triton is imported only then, so a machine
+# without it runs eagerly; TRITON_INTERPRET=1 runs the same kernels on CPU tensors (tests/test_kernels.py).
+FUSED_TOLERANCE = 2e-2  # max |fused - fp32 eager| / max |fp32 eager| of bf16 outputs and gradients at the run's shapes
+_FUSED = {}  # {"loaded": True} once the ops are registered
 
 
 def softcap(logits: Tensor, cap: float) -> Tensor:
@@ -594,25 +594,23 @@ def softcapped_ce(logits: Tensor, targets: Tensor, cap: float, fused: bool = Fal
 
 
 def _fused_kernels():
-    """The Triton kernels (imported and compiled on first use). One GEMM C = A B over strided (M, K) x (K, N)
-    views with two epilogues: FWD stores pre = C and post = leaky_relu(pre, 0.5)^2 (D); else C * phi'(pre = D),
-    phi'(u) = 2u (u > 0) or u / 2. The CE kernels take z = 2 cap sigmoid(2x / cap) = softcap(x) + cap (the shift
-    cancels in the softmax): per-lane online max and sum-exp over vocabulary blocks give the row's LSE; the
-    gradient is g (softmax(z) - onehot(y)) dz/dx with dz/dx = 4 s (1 - s), s = sigmoid(2x / cap)."""
+    """MLP: one GEMM C = A B over strided (M, K) x (K, N) views with two epilogues: FWD stores pre = C and
+    post = leaky_relu(pre, 0.5)^2 (D); else C phi'(pre = D), phi'(u) = 2u (u > 0) or u / 2, i.e. dpre =
+    (go W_down) phi'(pre). CE: z = 2 cap sigmoid(2x / cap) = softcap(x) + cap (the shift cancels in the softmax);
+    per-lane online max and sum-exp over vocabulary blocks give LSE(z) and loss = LSE - z_y; the gradient is
+    g (softmax(z) - onehot(y)) 4 s (1 - s), s = sigmoid(2x / cap). Compute in fp32; bf16 only in memory."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def gemm_act(a, b, c, d, M, N, K, sam, sak, sbk, sbn, FWD: tl.constexpr, PREC: tl.constexpr,
                  UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
+        rm, rn = tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            ka = k0 + rk
-            at = tl.load(a + rm[:, None] * sam + ka[None, :] * sak, (rm[:, None] < M) & (ka[None, :] < K), other=0.0)
-            bt = tl.load(b + ka[:, None] * sbk + rn[None, :] * sbn, (ka[:, None] < K) & (rn[None, :] < N), other=0.0)
+            k = k0 + tl.arange(0, BK)
+            at = tl.load(a + rm[:, None] * sam + k[None, :] * sak, (rm[:, None] < M) & (k[None, :] < K), other=0.0)
+            bt = tl.load(b + k[:, None] * sbk + rn[None, :] * sbn, (k[:, None] < K) & (rn[None, :] < N), other=0.0)
             if UPCAST:  # the interpreter's bf16 dot multiplies bit patterns (triton#11584); bf16 products are exact
                 at, bt = at.to(tl.float32), bt.to(tl.float32)
             acc = tl.dot(at, bt, acc, input_precision=PREC)
@@ -628,7 +626,7 @@ def _fused_kernels():
             tl.store(c + off, (acc * tl.where(u > 0, 2.0 * u, 0.5 * u)).to(c.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def ce_fwd(x, y, loss, lse, V, sx, cap, BV: tl.constexpr):
+    def ce_fwd(x, y, loss, lse, cap, V, sx, BV: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         m, s = tl.zeros((BV,), dtype=tl.float32), tl.zeros((BV,), dtype=tl.float32)  # z >= 0: max starts at 0
         for v0 in range(0, V, BV):
@@ -636,8 +634,7 @@ def _fused_kernels():
             xv = tl.load(x + row * sx + cols, mask=cols < V, other=0.0).to(tl.float32)
             z = tl.where(cols < V, 2.0 * cap * tl.sigmoid(2.0 * xv / cap), -float("inf"))
             m_new = tl.maximum(m, z)
-            s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
-            m = m_new
+            s, m = s * tl.exp(m - m_new) + tl.exp(z - m_new), m_new
         mx = tl.max(m, axis=0)
         out = mx + tl.log(tl.sum(s * tl.exp(m - mx), axis=0))
         xt = tl.load(x + row * sx + tl.load(y + row)).to(tl.float32)
@@ -645,60 +642,56 @@ def _fused_kernels():
         tl.store(loss + row, out - 2.0 * cap * tl.sigmoid(2.0 * xt / cap))
 
     @triton.jit
-    def ce_bwd(x, y, lse, g, dx, V, sx, cap, BV: tl.constexpr):
+    def ce_bwd(x, y, lse, g, dx, cap, V, sx, BV: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         t, out, gr = tl.load(y + row), tl.load(lse + row), tl.load(g + row)
         for v0 in range(0, V, BV):
             cols = v0 + tl.arange(0, BV)
-            xv = tl.load(x + row * sx + cols, mask=cols < V, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(2.0 * xv / cap)
+            sg = tl.sigmoid(2.0 * tl.load(x + row * sx + cols, mask=cols < V, other=0.0).to(tl.float32) / cap)
             p = tl.exp(2.0 * cap * sg - out) - tl.where(cols == t, 1.0, 0.0)
             tl.store(dx + row * sx + cols, (gr * p * 4.0 * sg * (1.0 - sg)).to(dx.dtype.element_ty), mask=cols < V)
 
-    return triton, gemm_act, ce_fwd, ce_bwd
-
-
-def load_fused() -> None:
-    """Register torch.ops.pgolf.{mlp, mlp_dpre, softcapped_ce, softcapped_ce_grad}: custom ops with fake (meta)
-    implementations and autograd, so a fullgraph compile traces them. Raises ImportError without triton."""
-    if _FUSED:
-        return
-    triton, gemm_act, ce_fwd, ce_bwd = _fused_kernels()
-    op, lib = torch.library.custom_op, "pgolf::"
-
-    def gemm(a: Tensor, b: Tensor, aux: Tensor | None) -> tuple[Tensor, Tensor]:
-        b = b.to(a.dtype)
-        c = a.new_empty(a.size(0), b.size(1))
+    def gemm(a: Tensor, b: Tensor, aux: Tensor | None) -> tuple[Tensor, Tensor]:  # (C, D)
+        b, c = b.to(a.dtype), a.new_empty(a.size(0), b.size(1))
         d = torch.empty_like(c) if aux is None else aux.contiguous()
         bm, bn, bk, warps = (128, 128, 64, 8) if a.is_cuda else (16, 16, 16, 1)
         gemm_act[(triton.cdiv(c.size(0), bm), triton.cdiv(c.size(1), bn))](
-            a, b, c, d, c.size(0), c.size(1), a.size(1), *a.stride(), *b.stride(), FWD=aux is None,
-            PREC="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=not a.is_cuda, BM=bm, BN=bn, BK=bk,
-            num_warps=warps, num_stages=3)
+            a, b, c, d, *c.shape, a.size(1), *a.stride(), *b.stride(), FWD=aux is None, UPCAST=not a.is_cuda,
+            PREC="ieee" if a.dtype == torch.float32 else None, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=3)
         return c, d
 
-    @op(lib + "mlp", mutates_args=())
+    def rows(kernel, x: Tensor, *args) -> None:  # one program per row of contiguous x
+        kernel[(x.size(0),)](x, *args, x.size(1), x.stride(0), BV=1024 if x.is_cuda else 32, num_warps=8)
+
+    return gemm, lambda *a: rows(ce_fwd, *a), lambda *a: rows(ce_bwd, *a)
+
+
+def load_fused() -> None:
+    """Register the kernels as torch.ops.pgolf.{mlp, mlp_dpre, softcapped_ce, softcapped_ce_grad}: custom ops with
+    fake (meta) implementations and autograd, so a fullgraph compile traces them. ImportError without triton."""
+    if _FUSED:
+        return
+    gemm, ce_fwd, ce_bwd = _fused_kernels()
+
+    @torch.library.custom_op("pgolf::mlp", mutates_args=())
     def mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # (out, pre, post)
         pre, post = gemm(x, w_up.t(), None)
         return post @ w_down.to(post.dtype).t(), pre, post
 
-    @op(lib + "mlp_dpre", mutates_args=())
-    def mlp_dpre(go: Tensor, w_down: Tensor, pre: Tensor) -> Tensor:  # (go W_down) * phi'(pre)
+    @torch.library.custom_op("pgolf::mlp_dpre", mutates_args=())
+    def mlp_dpre(go: Tensor, w_down: Tensor, pre: Tensor) -> Tensor:
         return gemm(go.to(pre.dtype), w_down, pre)[0]
 
-    @op(lib + "softcapped_ce", mutates_args=())
+    @torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
     def ce(logits: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:  # (per-row loss, LSE of z)
         loss, lse = (logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
-        x = logits.contiguous()
-        ce_fwd[(x.size(0),)](x, targets, loss, lse, x.size(1), x.stride(0), cap, BV=1024 if x.is_cuda else 32,
-                             num_warps=8)
+        ce_fwd(logits.contiguous(), targets, loss, lse, cap)
         return loss, lse
 
-    @op(lib + "softcapped_ce_grad", mutates_args=())
+    @torch.library.custom_op("pgolf::softcapped_ce_grad", mutates_args=())
     def ce_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
-        x, dx = logits.contiguous(), torch.empty_like(logits, memory_format=torch.contiguous_format)
-        ce_bwd[(x.size(0),)](x, targets, lse, g.float().contiguous(), dx, x.size(1), x.stride(0), cap,
-                             BV=1024 if x.is_cuda else 32, num_warps=8)
+        dx = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        ce_bwd(logits.contiguous(), targets, lse, g.float().contiguous(), dx, cap)
         return dx
 
     mlp.register_fake(lambda x, w_up, w_down: (x.new_empty(x.size(0), w_down.size(0)),
@@ -729,7 +722,7 @@ def load_fused() -> None:
     mlp.register_autograd(mlp_backward, setup_context=mlp_setup)
     ce.register_autograd(ce_backward, setup_context=ce_setup)
     for dev in ("cuda", "cpu"):  # under autocast the MLP runs in its dtype, as F.linear does
-        torch.library.register_autocast(lib + "mlp", dev, torch.bfloat16)
+        torch.library.register_autocast("pgolf::mlp", dev, torch.bfloat16)
     _FUSED["loaded"] = True
 
 
@@ -759,25 +752,24 @@ def measure_fused(names, shape, device, compile_check: bool = False, reps: int =
     table = {}
     for name in names:
         make, args, dy = cases[name]
-        ref = _fwd_bwd(make(False), [a.float() for a in args], dy)
+        ref, row = _fwd_bwd(make(False), [a.float() for a in args], dy), table.setdefault(name, {})
         for label in ("eager", "fused"):
             try:
                 step = make(label == "fused")
                 step = torch.compile(step, fullgraph=True, dynamic=False) if compile_check else step
-                outs = _fwd_bwd(step, args, dy)
+                outs = _fwd_bwd(step, args, dy)  # also the warm-up (and the compile)
                 err = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(outs, ref))
                 if label == "fused" and not err <= FUSED_TOLERANCE:
-                    table.setdefault(name, {})[label] = f"mismatch({err:.3g})"
+                    row[label] = f"mismatch({err:.3g})"
                     continue
-                for i in range(reps + 1):
-                    if i == 1:
-                        sync(device)
-                        t0 = time.perf_counter()
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(reps):
                     _fwd_bwd(step, args, dy)
                 sync(device)
-                table.setdefault(name, {})[label] = 1000 * (time.perf_counter() - t0) / reps
+                row[label] = 1000 * (time.perf_counter() - t0) / reps
             except Exception as e:  # a kernel that cannot run here is simply not chosen
-                table.setdefault(name, {})[label] = f"failed({type(e).__name__})"
+                row[label] = f"failed({type(e).__name__})"
     return table
 
 
