@@ -685,13 +685,13 @@ def load_fused() -> None:
     @torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
     def ce(logits: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:  # (per-row loss, LSE of z)
         loss, lse = (logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
-        ce_fwd(logits.contiguous(), targets, loss, lse, cap)
+        ce_fwd(logits.contiguous(), targets.contiguous(), loss, lse, cap)
         return loss, lse
 
     @torch.library.custom_op("pgolf::softcapped_ce_grad", mutates_args=())
     def ce_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
         dx = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        ce_bwd(logits.contiguous(), targets, lse, g.float().contiguous(), dx, cap)
+        ce_bwd(logits.contiguous(), targets.contiguous(), lse, g.float().contiguous(), dx, cap)
         return dx
 
     mlp.register_fake(lambda x, w_up, w_down: (x.new_empty(x.size(0), w_down.size(0)),
