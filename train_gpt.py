@@ -567,7 +567,7 @@ def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
 # fused ops run where start-up chose them (FUSED_KERNELS, resolve_fused). triton is imported only then, so a machine
 # without it runs eagerly; TRITON_INTERPRET=1 runs the same kernels on CPU tensors (tests/test_kernels.py).
 FUSED_TOLERANCE = 2e-2  # max |fused - fp32 eager| / max |fp32 eager| of bf16 outputs and gradients at the run's shapes
-_FUSED = {}  # {"loaded": True} once the ops are registered
+_FUSED = {}  # the Triton kernels by name, once the ops are registered
 
 
 def softcap(logits: Tensor, cap: float) -> Tensor:
@@ -663,7 +663,7 @@ def _fused_kernels():
     def rows(kernel, x: Tensor, *args) -> None:  # one program per row of contiguous x
         kernel[(x.size(0),)](x, *args, x.size(1), x.stride(0), BV=1024 if x.is_cuda else 32, num_warps=8)
 
-    return gemm, lambda *a: rows(ce_fwd, *a), lambda *a: rows(ce_bwd, *a)
+    return dict(gemm_act=gemm_act, ce_fwd=ce_fwd, ce_bwd=ce_bwd), gemm, rows
 
 
 def load_fused() -> None:
@@ -671,7 +671,7 @@ def load_fused() -> None:
     fake (meta) implementations and autograd, so a fullgraph compile traces them. ImportError without triton."""
     if _FUSED:
         return
-    gemm, ce_fwd, ce_bwd = _fused_kernels()
+    kernels, gemm, rows = _fused_kernels()
 
     @torch.library.custom_op("pgolf::mlp", mutates_args=())
     def mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # (out, pre, post)
@@ -685,13 +685,13 @@ def load_fused() -> None:
     @torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
     def ce(logits: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:  # (per-row loss, LSE of z)
         loss, lse = (logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
-        ce_fwd(logits.contiguous(), targets.contiguous(), loss, lse, cap)
+        rows(kernels["ce_fwd"], logits.contiguous(), targets.contiguous(), loss, lse, cap)
         return loss, lse
 
     @torch.library.custom_op("pgolf::softcapped_ce_grad", mutates_args=())
     def ce_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
         dx = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        ce_bwd(logits.contiguous(), targets.contiguous(), lse, g.float().contiguous(), dx, cap)
+        rows(kernels["ce_bwd"], logits.contiguous(), targets.contiguous(), lse, g.float().contiguous(), dx, cap)
         return dx
 
     mlp.register_fake(lambda x, w_up, w_down: (x.new_empty(x.size(0), w_down.size(0)),
@@ -723,7 +723,7 @@ def load_fused() -> None:
     ce.register_autograd(ce_backward, setup_context=ce_setup)
     for dev in ("cuda", "cpu"):  # under autocast the MLP runs in its dtype, as F.linear does
         torch.library.register_autocast("pgolf::mlp", dev, torch.bfloat16)
-    _FUSED["loaded"] = True
+    _FUSED.update(kernels)
 
 
 def fused_shape(h: Hyperparameters) -> tuple[int, int, int, int]:

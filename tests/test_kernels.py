@@ -7,6 +7,8 @@ conftest turns the interpreter on before anything imports triton (triton reads i
 sets CI=true: there a missing triton or interpreter fails this file instead of skipping it (.ci/run installs
 triton==3.9.0)."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ if WHY:
 from torch._dynamo.backends.registry import lookup_backend  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
-from conftest import perturbed_model, tiny  # noqa: E402
+from conftest import ROOT, perturbed_model, tiny  # noqa: E402
 
 DEV = torch.device("cpu")
 # max |fused - float64 eager| / max |float64 eager|. bf16: the interpreter truncates fp32 -> bf16 where a GPU rounds
@@ -212,3 +214,35 @@ def test_measure_fused_times_matching_kernels_and_rejects_a_mismatch(monkeypatch
     monkeypatch.setattr(tg, "FUSED_TOLERANCE", 0.0)  # bf16 always misses the fp32 reference by something
     table = tg.measure_fused(("mlp",), shape, DEV, reps=1)
     assert isinstance(table["mlp"]["eager"], float) and table["mlp"]["fused"].startswith("mismatch(")
+
+
+AOT = r"""
+import sys, triton, train_gpt as tg
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+tg.load_fused()
+i32, c = "i32", "constexpr"
+for dt in ("bf16", "fp32"):
+    for fwd in (True, False):
+        sig = dict(zip("abcd", [f"*{dt}"] * 4), **dict.fromkeys(("M", "N", "K", "sam", "sak", "sbk", "sbn"), i32),
+                   **dict.fromkeys(("FWD", "PREC", "UPCAST", "BM", "BN", "BK"), c))
+        cst = dict(FWD=fwd, PREC="ieee" if dt == "fp32" else None, UPCAST=False, BM=128, BN=128, BK=64)
+        triton.compile(ASTSource(tg._FUSED["gemm_act"], sig, cst), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=8, num_stages=3))
+    for name, args in (("ce_fwd", dict(x=f"*{dt}", y="*i64", loss="*fp32", lse="*fp32")),
+                       ("ce_bwd", dict(x=f"*{dt}", y="*i64", lse="*fp32", g="*fp32", dx=f"*{dt}"))):
+        sig = dict(args, cap="fp32", V=i32, sx=i32, BV=c)
+        triton.compile(ASTSource(tg._FUSED[name], sig, dict(BV=1024)), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=8))
+print("compiled", sorted(tg._FUSED))
+"""
+
+
+def test_kernels_compile_for_hopper_ahead_of_time():
+    """The interpreter runs the kernels as Python; this builds them as a GPU would (Triton's frontend, its type and
+    constexpr checks, LLVM, the wheel's ptxas) for sm_90 without one: bf16 and fp32, both GEMM epilogues. A fresh
+    process: the interpreter must be off while triton defines its kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", AOT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled ['ce_bwd', 'ce_fwd', 'gemm_act']" in r.stdout
