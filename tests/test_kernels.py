@@ -1,7 +1,8 @@
 """The fused Triton training kernels (MLP up-GEMM + LeakyReLU(0.5)^2, its backward GEMM with the activation's
 derivative, softcapped cross-entropy forward and backward) against the eager math, on CPU under TRITON_INTERPRET=1:
 odd sizes that need masking, fp32 at a tight tolerance and bf16 at a looser one; their registration (fake
-implementations, autograd, autocast, a fullgraph trace); the model's call sites; the start-up choice's rules.
+implementations, autograd, autocast, a fullgraph trace); the model's call sites; the start-up choice's rules; and
+a build of the kernels for sm_90 by Triton's GPU compiler (no GPU needed), which the interpreter does not check.
 
 conftest turns the interpreter on before anything imports triton (triton reads it as it defines each kernel). CI
 sets CI=true: there a missing triton or interpreter fails this file instead of skipping it (.ci/run installs
@@ -173,7 +174,8 @@ def test_model_with_fused_kernels_matches_eager():
     losses = [m(ids, tgt) for m in (eager, fused)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     names = [n for n, _ in eager.named_parameters()]
-    grads = [torch.autograd.grad(loss, list(m.parameters()), allow_unused=True) for loss, m in zip(losses, (eager, fused))]
+    grads = [torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+             for loss, m in zip(losses, (eager, fused))]
     for name, ge, gf in zip(names, *grads):
         assert (ge is None) == (gf is None), name
         if ge is not None:
@@ -217,23 +219,25 @@ def test_measure_fused_times_matching_kernels_and_rejects_a_mismatch(monkeypatch
 
 
 AOT = r"""
-import sys, triton, train_gpt as tg
+import triton, train_gpt as tg
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 tg.load_fused()
-i32, c = "i32", "constexpr"
-for dt in ("bf16", "fp32"):
-    for fwd in (True, False):
-        sig = dict(zip("abcd", [f"*{dt}"] * 4), **dict.fromkeys(("M", "N", "K", "sam", "sak", "sbk", "sbn"), i32),
-                   **dict.fromkeys(("FWD", "PREC", "UPCAST", "BM", "BN", "BK"), c))
-        cst = dict(FWD=fwd, PREC="ieee" if dt == "fp32" else None, UPCAST=False, BM=128, BN=128, BK=64)
-        triton.compile(ASTSource(tg._FUSED["gemm_act"], sig, cst), target=GPUTarget("cuda", 90, 32),
+hopper, c = GPUTarget("cuda", 90, 32), "constexpr"
+names = ("a", "b", "c", "d", "M", "N", "K", "sam", "sak", "sbk", "sbn")
+for dt in ("bf16", "fp32"):  # as a launch specializes them: unit strides fixed, the rest divisible by 16
+    for fwd, unit in ((True, ("sak", "sbk")), (False, ("sak", "sbn"))):  # x @ W_up^T; go @ W_down
+        sig = {n: f"*{dt}" if n in "abcd" else c if n in unit else "i32" for n in names}
+        sig.update(dict.fromkeys(("FWD", "PREC", "UPCAST", "BM", "BN", "BK"), c))
+        cst = dict(dict.fromkeys(unit, 1), FWD=fwd, PREC="ieee" if dt == "fp32" else None, UPCAST=False,
+                   BM=128, BN=128, BK=64)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in unit}
+        triton.compile(ASTSource(tg._FUSED["gemm_act"], sig, cst, attrs), target=hopper,
                        options=dict(num_warps=8, num_stages=3))
     for name, args in (("ce_fwd", dict(x=f"*{dt}", y="*i64", loss="*fp32", lse="*fp32")),
                        ("ce_bwd", dict(x=f"*{dt}", y="*i64", lse="*fp32", g="*fp32", dx=f"*{dt}"))):
-        sig = dict(args, cap="fp32", V=i32, sx=i32, BV=c)
-        triton.compile(ASTSource(tg._FUSED[name], sig, dict(BV=1024)), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=8))
+        sig = dict(args, cap="fp32", V="i32", sx="i32", BV=c)
+        triton.compile(ASTSource(tg._FUSED[name], sig, dict(BV=1024)), target=hopper, options=dict(num_warps=8))
 print("compiled", sorted(tg._FUSED))
 """
 
