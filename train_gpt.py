@@ -62,6 +62,8 @@ SDPA_BACKENDS = {"sdpa_cudnn": ("CUDNN_ATTENTION", True), "sdpa_flash": ("FLASH_
                  "sdpa_efficient": ("EFFICIENT_ATTENTION", True)}
 FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAttention 3 / 2
 ATTN_BACKENDS = (*FLASH_MODULES, "sdpa", *SDPA_BACKENDS)  # every ATTN_BACKEND but "auto"
+# The fused Triton training kernels (section 2) each FUSED_KERNELS value turns on; "auto" resolves to one of them.
+FUSED_CHOICES = {"0": (), "1": ("mlp", "ce"), "mlp": ("mlp",), "ce": ("ce",)}
 # Muon's Newton-Schulz coefficients (a, b, c) per iteration (section 6): the seed's one quintic tuple, or Polar Express's
 # five tuples (iterations past the fifth reuse the last).
 NS_COEFFS = {"quintic": ((3.4445, -4.7750, 2.0315),),
@@ -192,7 +194,8 @@ class Hyperparameters:
     loop_activate_frac: float = 0.35  # the loop switches on at this fraction of the training clock (eval: always on)
     parallel_start_layer: int = 8  # two-lane parallel decoder from this physical layer; 0: off
     doc_mask: bool = True  # attention never crosses a BOS (training, scoring and TTT alike)
-    fused_kernels: str = "auto"  # auto: Triton MLP / CE where faster on CUDA (measured at start-up); 0: eager; 1: force
+    fused_kernels: str = "auto"  # auto: Triton MLP / CE where faster on CUDA (measured at start-up); 0: eager; 1: both
+    # (mlp / ce: that one only)
     # Optimizer
     matrix_lr: float = 0.026
     scalar_lr: float = 0.02
@@ -271,7 +274,7 @@ class Hyperparameters:
         choices = dict(torch_compile=("auto", "0", "1"), attn_backend=("auto",) + ATTN_BACKENDS,
                        compressor=tuple(c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle")),
                        preset=("",) + tuple(PRESETS), smear_gate=("off", "fixed", "gated"),
-                       muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", "0", "1"))
+                       muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", *FUSED_CHOICES))
         yield from ((f.name, math.isfinite(v), "a finite number") for f in fields(self)
                     if isinstance(v := getattr(self, f.name), float))
         yield from ((n, get(n) >= 1, ">= 1") for n in (
@@ -605,11 +608,258 @@ def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
             h.model_dim // h.num_heads)
 
 
+# Fused training kernels (Triton). Two entry points keep today's eager math, mlp_forward and softcapped_ce; their
+# fused ops run where start-up chose them (FUSED_KERNELS, resolve_fused). triton is imported only then, so a machine
+# without it runs eagerly; TRITON_INTERPRET=1 runs the same kernels on CPU tensors (tests/test_kernels.py).
+FUSED_TOLERANCE = 2e-2  # max |fused - fp32 eager| / max |fp32 eager| of bf16 outputs and gradients at the run's shapes
+_FUSED = {}  # the Triton kernels by name, once the ops are registered
+
+
+def softcap(logits: Tensor, cap: float) -> Tensor:
+    """The head's logits in fp32, squashed into (-cap, cap)."""
+    return cap * torch.tanh(logits.float() / cap)
+
+
+def mlp_forward(x: Tensor, w_up: Tensor, w_down: Tensor, fused: bool = False, act_tap=None) -> Tensor:
+    """leaky_relu(x W_up^T, 0.5)^2 W_down^T. act_tap(act) (GPTQ's Hessians) needs the activation: eager then."""
+    if fused and act_tap is None:
+        return torch.ops.pgolf.mlp(x.reshape(-1, x.size(-1)), w_up, w_down)[0].view(*x.shape[:-1], w_down.size(0))
+    act = F.leaky_relu(F.linear(x, w_up), 0.5).square()
+    if act_tap is not None:
+        act_tap(act)
+    return F.linear(act, w_down)
+
+
+def softcapped_ce(logits: Tensor, targets: Tensor, cap: float, fused: bool = False) -> Tensor:
+    """Mean cross-entropy of softcap(logits, cap); the fused op never materialises the fp32 capped logits."""
+    if fused:
+        return torch.ops.pgolf.softcapped_ce(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), cap)[0].mean()
+    z = softcap(logits, cap)
+    return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1))
+
+
+def _fused_kernels():
+    """MLP: one GEMM C = A B over strided (M, K) x (K, N) views with two epilogues: FWD stores pre = C and
+    post = leaky_relu(pre, 0.5)^2 (D); else C phi'(pre = D), phi'(u) = 2u (u > 0) or u / 2, i.e. dpre =
+    (go W_down) phi'(pre). CE: z = 2 cap sigmoid(2x / cap) = softcap(x) + cap (the shift cancels in the softmax);
+    per-lane online max and sum-exp over vocabulary blocks give LSE(z) and loss = LSE - z_y; the gradient is
+    g (softmax(z) - onehot(y)) 4 s (1 - s), s = sigmoid(2x / cap). Compute in fp32; bf16 only in memory."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemm_act(a, b, c, d, M, N, K, sam, sak, sbk, sbn, FWD: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm, rn = tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            at = tl.load(a + rm[:, None] * sam + k[None, :] * sak, (rm[:, None] < M) & (k[None, :] < K), other=0.0)
+            bt = tl.load(b + k[:, None] * sbk + rn[None, :] * sbn, (k[:, None] < K) & (rn[None, :] < N), other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot multiplies bit patterns (triton#11584); bf16 products are exact
+                at, bt = at.to(tl.float32), bt.to(tl.float32)
+            acc = tl.dot(at, bt, acc, input_precision=PREC)
+        off, mask = rm[:, None] * N + rn[None, :], (rm[:, None] < M) & (rn[None, :] < N)
+        if FWD:  # post from the stored (rounded) pre, as the eager ops compute it
+            pre = acc.to(c.dtype.element_ty)
+            u = pre.to(tl.float32)
+            u = tl.where(u > 0, u, 0.5 * u)
+            tl.store(c + off, pre, mask=mask)
+            tl.store(d + off, (u * u).to(d.dtype.element_ty), mask=mask)
+        else:
+            u = tl.load(d + off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(c + off, (acc * tl.where(u > 0, 2.0 * u, 0.5 * u)).to(c.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def ce_fwd(x, y, loss, lse, cap, V, sx, BV: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        m, s = tl.zeros((BV,), dtype=tl.float32), tl.zeros((BV,), dtype=tl.float32)  # z >= 0: max starts at 0
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            xv = tl.load(x + row * sx + cols, mask=cols < V, other=0.0).to(tl.float32)
+            z = tl.where(cols < V, 2.0 * cap * tl.sigmoid(2.0 * xv / cap), -float("inf"))
+            m_new = tl.maximum(m, z)
+            s, m = s * tl.exp(m - m_new) + tl.exp(z - m_new), m_new
+        mx = tl.max(m, axis=0)
+        out = mx + tl.log(tl.sum(s * tl.exp(m - mx), axis=0))
+        xt = tl.load(x + row * sx + tl.load(y + row)).to(tl.float32)
+        tl.store(lse + row, out)
+        tl.store(loss + row, out - 2.0 * cap * tl.sigmoid(2.0 * xt / cap))
+
+    @triton.jit
+    def ce_bwd(x, y, lse, g, dx, cap, V, sx, BV: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        t, out, gr = tl.load(y + row), tl.load(lse + row), tl.load(g + row)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            sg = tl.sigmoid(2.0 * tl.load(x + row * sx + cols, mask=cols < V, other=0.0).to(tl.float32) / cap)
+            p = tl.exp(2.0 * cap * sg - out) - tl.where(cols == t, 1.0, 0.0)
+            tl.store(dx + row * sx + cols, (gr * p * 4.0 * sg * (1.0 - sg)).to(dx.dtype.element_ty), mask=cols < V)
+
+    def gemm(a: Tensor, b: Tensor, aux: Tensor | None) -> tuple[Tensor, Tensor]:  # (C, D)
+        b, c = b.to(a.dtype), a.new_empty(a.size(0), b.size(1))
+        d = torch.empty_like(c) if aux is None else aux.contiguous()
+        bm, bn, bk, warps = (128, 128, 64, 8) if a.is_cuda else (16, 16, 16, 1)
+        gemm_act[(triton.cdiv(c.size(0), bm), triton.cdiv(c.size(1), bn))](
+            a, b, c, d, *c.shape, a.size(1), *a.stride(), *b.stride(), FWD=aux is None, UPCAST=not a.is_cuda,
+            PREC="ieee" if a.dtype == torch.float32 else None, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=3)
+        return c, d
+
+    def rows(kernel, x: Tensor, *args) -> None:  # one program per row of contiguous x
+        kernel[(x.size(0),)](x, *args, x.size(1), x.stride(0), BV=1024 if x.is_cuda else 32, num_warps=8)
+
+    return dict(gemm_act=gemm_act, ce_fwd=ce_fwd, ce_bwd=ce_bwd), gemm, rows
+
+
+def load_fused() -> None:
+    """Register the kernels as torch.ops.pgolf.{mlp, mlp_dpre, softcapped_ce, softcapped_ce_grad}: custom ops with
+    fake (meta) implementations and autograd, so a fullgraph compile traces them. ImportError without triton."""
+    if _FUSED:
+        return
+    kernels, gemm, rows = _fused_kernels()
+
+    @torch.library.custom_op("pgolf::mlp", mutates_args=())
+    def mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # (out, pre, post)
+        pre, post = gemm(x, w_up.t(), None)
+        return post @ w_down.to(post.dtype).t(), pre, post
+
+    @torch.library.custom_op("pgolf::mlp_dpre", mutates_args=())
+    def mlp_dpre(go: Tensor, w_down: Tensor, pre: Tensor) -> Tensor:
+        return gemm(go.to(pre.dtype), w_down, pre)[0]
+
+    @torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
+    def ce(logits: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:  # (per-row loss, LSE of z)
+        loss, lse = (logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
+        rows(kernels["ce_fwd"], logits.contiguous(), targets.contiguous(), loss, lse, cap)
+        return loss, lse
+
+    @torch.library.custom_op("pgolf::softcapped_ce_grad", mutates_args=())
+    def ce_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
+        dx = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        rows(kernels["ce_bwd"], logits.contiguous(), targets.contiguous(), lse, g.float().contiguous(), dx, cap)
+        return dx
+
+    mlp.register_fake(lambda x, w_up, w_down: (x.new_empty(x.size(0), w_down.size(0)),
+                                               *(x.new_empty(x.size(0), w_up.size(0)) for _ in range(2))))
+    mlp_dpre.register_fake(lambda go, w_down, pre: torch.empty_like(pre))
+    ce.register_fake(lambda logits, t, cap: tuple(logits.new_empty(logits.size(0), dtype=torch.float32)
+                                                  for _ in range(2)))
+    ce_grad.register_fake(lambda logits, t, lse, g, cap: torch.empty_like(logits))
+
+    def mlp_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def mlp_backward(ctx, go, *_):
+        x, w_up, w_down, pre, post = ctx.saved_tensors
+        dpre = torch.ops.pgolf.mlp_dpre(go, w_down, pre)
+        return dpre @ w_up.to(dpre.dtype), dpre.t() @ x, go.to(post.dtype).t() @ post
+
+    def ce_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], output[1])
+        ctx.cap = inputs[2]
+        ctx.mark_non_differentiable(output[1])
+
+    def ce_backward(ctx, g, _):
+        logits, targets, lse = ctx.saved_tensors
+        return torch.ops.pgolf.softcapped_ce_grad(logits, targets, lse, g, ctx.cap), None, None
+
+    mlp.register_autograd(mlp_backward, setup_context=mlp_setup)
+    ce.register_autograd(ce_backward, setup_context=ce_setup)
+    for dev in ("cuda", "cpu"):  # under autocast the MLP runs in its dtype, as F.linear does
+        torch.library.register_autocast("pgolf::mlp", dev, torch.bfloat16)
+    _FUSED.update(kernels)
+
+
+def fused_shape(h: Hyperparameters) -> tuple[int, int, int, int]:
+    """(tokens, dim, hidden, vocab) of one training micro-batch on one rank."""
+    return h.train_batch_tokens // 8, h.model_dim, int(h.mlp_mult * h.model_dim), h.vocab_size
+
+
+def _fwd_bwd(fn, args, dy: Tensor | None) -> list[Tensor]:
+    """fn(*args) and the gradients of args (dy: the output's gradient; None for a scalar loss)."""
+    leaves = [a.detach().requires_grad_() for a in args]
+    out = fn(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, None if dy is None else dy.to(out.dtype))]
+
+
+def measure_fused(names, shape, device, compile_check: bool = False, reps: int = 3) -> dict:
+    """{kernel: {"eager": ms, "fused": ms or why it is out}} of a bf16 forward + backward at shape (tokens, dim,
+    hidden, vocab), both compiled when compile_check (as training runs them). The fused op is out if it raised or
+    missed the fp32 eager outputs and gradients by more than FUSED_TOLERANCE (relative to their largest value)."""
+    n, d, hid, V = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s, std=1.0: (std * torch.randn(*s, device=device, generator=g)).bfloat16()  # noqa: E731
+    y = torch.randint(0, V, (n,), device=device, generator=g)
+    cases = {"mlp": (lambda f: lambda x, u, w: mlp_forward(x, u, w, f),
+                     (rnd(n, d), rnd(hid, d, std=d ** -0.5), rnd(d, hid, std=hid ** -0.5)), rnd(n, d)),
+             "ce": (lambda f: lambda z: softcapped_ce(z, y, 30.0, f), (rnd(n, V, std=8.0),), None)}
+    table = {}
+    for name in names:
+        make, args, dy = cases[name]
+        ref, row = _fwd_bwd(make(False), [a.float() for a in args], dy), table.setdefault(name, {})
+        for label in ("eager", "fused"):
+            try:
+                step = make(label == "fused")
+                step = torch.compile(step, fullgraph=True, dynamic=False) if compile_check else step
+                outs = _fwd_bwd(step, args, dy)  # also the warm-up (and the compile)
+                err = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(outs, ref))
+                if label == "fused" and not err <= FUSED_TOLERANCE:
+                    row[label] = f"mismatch({err:.3g})"
+                    continue
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    _fwd_bwd(step, args, dy)
+                sync(device)
+                row[label] = 1000 * (time.perf_counter() - t0) / reps
+            except Exception as e:  # a kernel that cannot run here is simply not chosen
+                row[label] = f"failed({type(e).__name__})"
+    return table
+
+
+def resolve_fused(requested: str, device: torch.device, shape=None, notes: list | None = None,
+                  compile_check: bool = False) -> str:
+    """FUSED_KERNELS resolved to a FUSED_CHOICES key. "auto": off without CUDA or triton; on CUDA with a shape,
+    each kernel where it matches eager and is faster by the slowest rank's time (the table goes to `notes`). A
+    forced choice needs triton and, on CUDA, must match eager; on CPU only TRITON_INTERPRET=1 runs it (tests)."""
+    if requested == "0" or (requested == "auto" and device.type != "cuda"):
+        return "0"
+    try:
+        load_fused()
+    except ImportError as e:
+        if requested != "auto":
+            raise ValueError(f"FUSED_KERNELS={requested} needs triton ({e})") from None
+        return "0"
+    if device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"FUSED_KERNELS={requested} needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+        return requested
+    names = FUSED_CHOICES.get(requested, FUSED_CHOICES["1"])
+    if shape is None:
+        return requested if requested != "auto" else "0"
+    table = measure_fused(names, shape, device, compile_check)
+    ms = [table[n][k] if isinstance(table[n][k], float) else math.inf for n in names for k in ("eager", "fused")]
+    ms = all_reduce_(torch.tensor(ms, device=device), dist.ReduceOp.MAX).tolist()
+    chosen = tuple(n for i, n in enumerate(names) if ms[2 * i + 1] < ms[2 * i] or requested != "auto")
+    if requested != "auto" and any(not isinstance(table[n]["fused"], float) for n in names):
+        raise ValueError(f"FUSED_KERNELS={requested} does not work on this device at shape {shape}: {table}")
+    choice = next(k for k, v in FUSED_CHOICES.items() if v == chosen)
+    if notes is not None:
+        cells = [f"{n}:{k}:{table[n][k] if isinstance(table[n][k], str) else f'{ms[2 * i + j]:.3f}'}"
+                 for i, n in enumerate(names) for j, k in enumerate(("eager", "fused"))]
+        notes.append("fused_select shape:N{}xD{}xH{}xV{} bf16 fwd+bwd_ms ".format(*shape) + " ".join(cells)
+                     + f" chosen:{choice}")
+    return choice
+
+
 def resolve_startup(h: Hyperparameters, rt: Runtime, notes: list | None = None) -> Hyperparameters:
-    """Start-up decisions (run id, attention backend: seconds of measuring on CUDA) go into the hparams line."""
-    backend = resolve_attention(h.attn_backend, rt.device, attention_shape(h), notes, compile_enabled(h, rt.device),
-                                h.doc_mask)
-    return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=backend)
+    """Start-up decisions (run id, attention backend, fused kernels: seconds of measuring on CUDA) go into the
+    hparams line."""
+    check = compile_enabled(h, rt.device)
+    backend = resolve_attention(h.attn_backend, rt.device, attention_shape(h), notes, check, h.doc_mask)
+    fused = resolve_fused(h.fused_kernels, rt.device, fused_shape(h), notes, check)
+    return replace(h, run_id=h.run_id or str(uuid.uuid4()), attn_backend=backend, fused_kernels=fused)
 
 
 # -----------------------------------------------------------------------------
@@ -961,25 +1211,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
 
 
-def mlp_forward(x: Tensor, w_up: Tensor, w_down: Tensor, tap=None) -> Tensor:
-    """LeakyReLU(0.5)^2 MLP, the one call site of every block's MLP (the fused kernel's slot; it runs without a
-    tap). tap(act) sees the hidden activation (GPTQ's Hessians)."""
-    act = F.leaky_relu(F.linear(x, w_up), 0.5).square()
-    if tap is not None:
-        tap(act)
-    return F.linear(act, w_down)
-
-
-def softcapped(logits: Tensor, cap: float) -> Tensor:
-    return cap * torch.tanh(logits.float() / cap)
-
-
-def softcapped_ce(logits: Tensor, targets: Tensor, cap: float) -> Tensor:
-    """Mean cross-entropy of the fp32 softcapped logits: the one call site of the training loss (the fused CE's)."""
-    capped = softcapped(logits, cap)
-    return F.cross_entropy(capped.reshape(-1, capped.size(-1)), targets.reshape(-1))
-
-
 def virtual_layers(h: Hyperparameters, looping: bool) -> tuple[int, ...]:
     """The physical layer of each virtual position: looping runs LOOP_START..LOOP_END 1 + NUM_LOOPS times."""
     L, a, b = h.num_layers, h.loop_start, h.loop_end + 1
@@ -1040,6 +1271,9 @@ class GPT(nn.Module):
         self.softcap, self.rope_dims, self.rope_base, self.rope_ntk_len = (h.logit_softcap, h.rope_dims, h.rope_base,
                                                                            h.rope_ntk_len)
         self.backend, self.doc_mask, self.attend = h.attn_backend, h.doc_mask, attention_kernel(h.attn_backend)
+        self.fused_mlp, self.fused_ce = (n in FUSED_CHOICES.get(h.fused_kernels, ()) for n in ("mlp", "ce"))
+        if self.fused_mlp or self.fused_ce:  # an unresolved "auto" means eager, as it means SDPA for attention
+            load_fused()
         self.smear_mode, self.smear_bos_mask, self.gate_dims = h.smear_gate, h.smear_bos_mask, h.gate_dims
         self.attn_gate_scale, self.skip_gated = h.attn_gate_scale, h.skip_gates
         self.par_start = h.parallel_start_layer or L  # the first physical layer of the two lanes (L: none)
@@ -1095,7 +1329,8 @@ class GPT(nn.Module):
         docs = doc_layout(self.backend, ids == BOS_ID) if self.doc_mask else None
         x = self._layers(x, w, (ve, cos, sin, docs))
         logits = F.linear(rms_norm(x), w["tok_emb.weight"].to(x.dtype))
-        return softcapped(logits, self.softcap) if targets is None else softcapped_ce(logits, targets, self.softcap)
+        return (softcap(logits, self.softcap) if targets is None
+                else softcapped_ce(logits, targets, self.softcap, self.fused_ce))
 
     def _embed(self, ids: Tensor, w: dict) -> Tensor:
         """Token (+ bigram) embedding, the SmearGate, the input RMSNorm. The gated smear mixes the previous
@@ -1164,7 +1399,7 @@ class GPT(nn.Module):
     def _mlp(self, j: int, blk: Block, x: Tensor, w: dict) -> Tensor:
         tap = None if self.tap is None else (lambda act: self.tap("mlp_act", j, act))
         n = self._tap("mlp_in", j, rms_norm(x) * blk.ln_factor)
-        return mlp_forward(n, w["mlp_up_bank"][j].to(x.dtype), w["mlp_down_bank"][j].to(x.dtype), tap)
+        return mlp_forward(n, w["mlp_up_bank"][j].to(x.dtype), w["mlp_down_bank"][j].to(x.dtype), self.fused_mlp, tap)
 
     def _tap(self, site: str, i: int, x: Tensor) -> Tensor:
         if self.tap is not None:

@@ -13,7 +13,10 @@ Full default config (26.9M params, 786,432 tokens/step = 8 micro-batches of 48x2
      collectives modelled from --busbw-gbs and --latency-ms, beside the naive figure (1-rank time / 8), phase by
      phase, for the 62,021,632-token FineWeb validation set;
   5. ms/step and tokens/s at the full config for every other attention candidate (one compile each), as long as
-     the budget lasts (skipped ones say so).
+     the budget lasts (skipped ones say so);
+  6. the fused Triton kernels (MLP, softcapped CE): start-up's fwd+bwd table and choice (made before section 2, whose
+     training uses it), and ms/step with each FUSED_KERNELS value (eager, mlp, ce, both; run before section 5)
+     while the budget lasts. --smoke lists the kernels only (their CPU tests: tests/test_kernels.py).
 
     python3 bench/gpu_check.py [--out gpu_check.json] [--budget-s 450] [--busbw-gbs 200] [--latency-ms 0.05]
     python3 bench/gpu_check.py --smoke    # tiny config on the CPU in seconds: the plumbing only, no GPU figure
@@ -98,6 +101,23 @@ def attention_section(h, rt, res: dict) -> str:
     choice = tg.resolve_attention("auto", rt.device, shape, notes, tg.compile_enabled(h, rt.device))
     res["attention"] = dict(shape_B_T_H_KV_D=list(shape), fwd_bwd_ms=table, chosen=choice, log_line=notes[:1])
     return choice
+
+
+def fused_section(h, rt, res: dict) -> str:
+    """The fused kernels and, on CUDA, start-up's measured choice (its log line holds the fwd+bwd table)."""
+    try:
+        import triton
+        version = triton.__version__
+    except ImportError:
+        version = None
+    out = res["fused_kernels"] = dict(kernels=list(tg.FUSED_CHOICES["1"]), triton=version)
+    if rt.device.type != "cuda":
+        out["note"] = "unmeasured: no GPU"
+        return "0"
+    notes = []
+    out["chosen"] = tg.resolve_fused("auto", rt.device, tg.fused_shape(h), notes, tg.compile_enabled(h, rt.device))
+    out["log_line"] = notes[:1]
+    return out["chosen"]
 
 
 def step_timing(h, rt, fwd, model, steps: int, qat: bool) -> dict:
@@ -194,15 +214,18 @@ def eval_section(h, rt, model_path: Path, luts, res: dict, args, n_chunks: int, 
     res["eval_projection_8ranks"] = proj
 
 
-def candidates_section(h, rt, res: dict, chosen: str, budget: Budget, steps: int, need_s: float) -> None:
-    """Full-config ms/step for every other working attention kernel: one compile each, while the budget lasts."""
-    out = res.setdefault("train_step_per_kernel", {})
-    for b, ms in res["attention"]["fwd_bwd_ms"].items():
+def candidates_section(h, rt, res: dict, chosen: str | None, budget: Budget, steps: int, need_s: float,
+                       key: str = "attn_backend", cands=None) -> None:
+    """Full-config ms/step for every other working attention kernel (or value of `key` in cands): one compile each,
+    while the budget lasts."""
+    out = res.setdefault("train_step_per_kernel" if key == "attn_backend" else f"train_step_per_{key}", {})
+    cands = res["attention"]["fwd_bwd_ms"] if cands is None else cands
+    for b, ms in cands.items():
         if b == chosen or not isinstance(ms, float) or not budget.allows(out, b, need_s):
             continue
         torch._dynamo.reset()
         torch.manual_seed(h.seed)
-        hb = dataclasses.replace(h, attn_backend=b)
+        hb = dataclasses.replace(h, **{key: b})
         model = tg.build_model(hb).to(rt.device)
         fwd = tg.make_compile_fn(hb, rt.device)(model)  # compiles lazily, inside the untimed first step
         t0 = time.perf_counter()
@@ -251,7 +274,9 @@ def main(argv=None) -> int:
     val = torch.from_numpy(synthetic_tokens(8 * h.eval_seq_len + 1, 1).astype(np.int32))
     chosen = attention_section(h, rt, res)
     save("attention")
-    h = dataclasses.replace(h, attn_backend=chosen)
+    fused = fused_section(h, rt, res)
+    save("fused_kernels")
+    h = dataclasses.replace(h, attn_backend=chosen, fused_kernels=fused)
     h1, model, fwd = training_section(h, rt, val, luts, res, work, 2 if args.smoke else 30)
     save("train_1gpu_preset")
     n = 1 if args.smoke else 5
@@ -266,6 +291,9 @@ def main(argv=None) -> int:
     if budget.allows(res, "eval_projection_8ranks", 200 if not args.smoke else 1):
         eval_section(h, rt, path, luts, res, args, 2 if args.smoke else 6, budget, 1 if args.smoke else 120)
         save("eval_projection_8ranks")
+    if dev.type == "cuda":  # every FUSED_KERNELS value (eager, mlp, ce, both), timed alike
+        candidates_section(h, rt, res, None, budget, 5, 75, "fused_kernels", {c: 0.0 for c in tg.FUSED_CHOICES})
+        save("train_step_per_fused_kernels")
     candidates_section(h, rt, res, chosen, budget, 1 if args.smoke else 5, 1 if args.smoke else 75)
     save("train_step_per_kernel")
     return 0

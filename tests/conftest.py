@@ -2,6 +2,7 @@
 import os
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: test_kernels runs it on CPU tensors
 
 import sys
 from pathlib import Path

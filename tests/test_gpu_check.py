@@ -18,6 +18,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     res = json.loads(out.read_text())
     assert res["smoke"] is True and "unmeasured on GPU" in res["device"]
     assert res["attention"]["chosen"] == "sdpa" and res["attention"]["fwd_bwd_ms"]["sdpa"] > 0
+    assert res["fused_kernels"]["kernels"] == ["mlp", "ce"] and res["fused_kernels"]["note"] == "unmeasured: no GPU"
     train = res["train_1gpu_preset"]
     assert train["steps"] == 2 and train["ms_per_step"] > 0 and train["compile_s"] >= 0
     assert any(l.startswith("compile_warmup steps:2 qat_variants:2") for l in train["log_tail"])
