@@ -11,6 +11,7 @@ import base64
 import copy
 import difflib
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -1317,6 +1318,7 @@ def _shuffle_payload(raw: bytes, inverse: bool) -> bytes:
 # bit-packed (the MLP's order is absorbed at export: sort_mlp_hidden). Frame: PERGROUP_MAGIC, stream count u32, the
 # streams' lengths u32, the streams: remainder, buckets, then the permutations.
 PERGROUP_MAGIC, PERGROUP_SORTED, ZPAQ_LEVEL = b"PGRP", ("tok_emb.weight",), 5
+PERGROUP_CHUNK = 1 << 21  # a bucket holds whole matrices up to ~2 MiB: ZPAQ (~3 s/MB one way) runs them in parallel
 
 
 def _pergroup_layout(raw: bytes) -> tuple[int, list[tuple[str, int, int, int, int]]]:
@@ -1329,9 +1331,11 @@ def _pergroup_layout(raw: bytes) -> tuple[int, list[tuple[str, int, int, int, in
         shape, n = e["shape"], math.prod(e["shape"])
         if e["kind"].startswith("int") and e["name"] in BANK_NAMES + ("tok_emb.weight",):
             S, (R, C) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
-            halves = 2 if e["name"] in ("qo_bank", "kv_bank") and S % 2 == 0 else 1
-            buckets += [(f"{e['name']}[{j * S // halves}:{(j + 1) * S // halves}]", off + j * n // halves,
-                         S // halves, R, C) for j in range(halves)]
+            half = S // 2 if e["name"] in ("qo_bank", "kv_bank") and S % 2 == 0 else S
+            step = max(1, min(half, PERGROUP_CHUNK // (R * C)))
+            for a in [a for h0 in range(0, S, half) for a in range(h0, h0 + half, step)]:
+                b = min(a + step, (a // half + 1) * half)
+                buckets.append((f"{e['name']}[{a}:{b}]", off + a * R * C, b - a, R, C))
         off += n
     return 8 + hlen, buckets
 
@@ -1349,6 +1353,12 @@ def _unpack_perm(b: bytes, n: int, count: int) -> np.ndarray:
     return (flat.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(1)
 
 
+@functools.lru_cache(maxsize=4)
+def _row_orders(buf: bytes, S: int, R: int, C: int) -> Tensor:
+    """The L1 chain order of each matrix's rows; cached: the fit's probes recompress the unpruned embedding."""
+    return torch.stack([l1_chain(m) for m in torch.from_numpy(np.frombuffer(buf, np.int8).reshape(S, R, C).copy())])
+
+
 def _pergroup_pack(raw: bytes) -> bytes:
     import brotli
     import zpaq
@@ -1359,7 +1369,7 @@ def _pergroup_pack(raw: bytes) -> bytes:
         pos = q0 + off + S * R * C
         codes = torch.from_numpy(np.frombuffer(raw, np.int8, S * R * C, q0 + off).reshape(S, R, C).copy())
         if label.split("[")[0] in PERGROUP_SORTED:
-            order = torch.stack([l1_chain(m) for m in codes])
+            order = _row_orders(raw[q0 + off:q0 + off + S * R * C], S, R, C)
             codes = codes.gather(1, order[:, :, None].expand(S, R, C))
             perms.append(_pack_perm(order.reshape(-1).numpy(), R))
         streams.append(codes.transpose(1, 2).contiguous().numpy().tobytes())
@@ -2519,7 +2529,10 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
         sync(rt.device)
         train_ms += (ms := 1000 * (clock() - t0))
         log0(f"gptq_calibration batches:{h.gptq_calib_batches} ranks:{rt.world_size} tokens:"
-             f"{h.gptq_calib_batches * h.train_batch_tokens // rt.grad_accum_steps} time:{ms:.0f}ms")
+             f"{h.gptq_calib_batches * h.train_batch_tokens // rt.grad_accum_steps} time:{ms:.0f}ms "
+             f"ends_at:{train_ms:.0f}ms cap:{1000 * ctx.h.max_wallclock_seconds:.0f}ms")
+        if 0 < ctx.h.max_wallclock_seconds < train_ms / 1000:
+            log0("WARNING: the GPTQ collection ended past MAX_WALLCLOCK_SECONDS: raise GPTQ_RESERVE_SECONDS")
     return step, train_ms, fwd
 
 
