@@ -1312,8 +1312,8 @@ def _shuffle_payload(raw: bytes, inverse: bool) -> bytes:
     return raw[:start] + _byte_planes(raw[start:], inverse)
 
 
-# Per-group codec: the quantized banks and embedding leave the payload in role buckets (a bank's two halves apart: Q | O,
-# K | V), each stored column-major and compressed by ZPAQ; the remainder (header, small codes, byte-shuffled fp16
+# Per-group codec: the quantized banks and embedding leave the payload in role buckets (Q | O, K | V, MLP up, MLP down,
+# embedding), each stored column-major and compressed by ZPAQ; the remainder (header, small codes, byte-shuffled fp16
 # sections) by brotli. Rows of PERGROUP_SORTED buckets are put in L1 nearest-neighbour order, the order stored
 # bit-packed (the MLP's order is absorbed at export: sort_mlp_hidden). Frame: PERGROUP_MAGIC, stream count u32, the
 # streams' lengths u32, the streams: remainder, buckets, then the permutations.

@@ -97,7 +97,8 @@ def penalty(args, tmp: Path) -> list[dict]:
                          pergroup=codec_row(raw, "pergroup")["bytes"]))
         print(json.dumps(rows[-1]), flush=True)
     unsorted = tg.quantize_model(model.state_dict(), model.hessians, scheme="sdclip")
-    rows.append(dict(method="sdclip-gptq, MLP unsorted", pergroup=codec_row(tg.serialize(unsorted), "pergroup")["bytes"]))
+    rows.append(dict(method="sdclip-gptq, MLP unsorted",
+                     pergroup=codec_row(tg.serialize(unsorted), "pergroup")["bytes"]))
     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -125,7 +126,8 @@ def codecs(args) -> list[dict]:
     L, hidden, V = h.num_layers, int(h.mlp_mult * h.model_dim), h.vocab_size
     rows.append(dict(permutations="#2135 raw uint16, all 67 matrices' rows", bytes=106_496))
     rows.append(dict(permutations="raw uint16, embedding + MLP rows", bytes=2 * (V + L * hidden)))
-    rows.append(dict(permutations="ours: embedding bit-packed, MLP absorbed", bytes=(V * (V - 1).bit_length() + 7) // 8))
+    rows.append(dict(permutations="ours: embedding bit-packed, MLP absorbed",
+                     bytes=(V * (V - 1).bit_length() + 7) // 8))
     return rows
 
 
