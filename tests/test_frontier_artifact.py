@@ -209,3 +209,11 @@ def test_permutation_packing_roundtrips():
         assert (tg._unpack_perm(packed, n, n) == p).all()
     with pytest.raises(ValueError, match="bytes, expected"):
         tg._unpack_perm(packed[:-1], 8192, 8192)
+
+
+@needs_zpaq
+def test_pergroup_carries_a_pr549_payload():
+    from conftest import perturbed_model, tiny
+    raw = tg.serialize(tg.quantize_model(perturbed_model(tiny(), seed=3)))
+    blob, codec, _ = tg.compress_payload(raw, "pergroup")
+    assert codec == "pergroup" and tg.decompress_artifact(blob) == raw
