@@ -11,6 +11,7 @@ import base64
 import copy
 import difflib
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -119,7 +120,8 @@ PR549 = dict(
     smear_gate="fixed", attn_gate=False, skip_gates=False, num_loops=0, parallel_start_layer=0, rope_ntk_len=1024,
     doc_mask=False, matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_momentum=0.99, muon_wd=0.04,
     embed_wd=0.04, scalar_wd=0.04, beta2=0.95, muon_eq_r=False, muon_ns="quintic", warmdown_iters=3500,
-    warmdown_frac=0.0, min_lr=0.0, ema_decay=0.997, late_qat_threshold=0.15)
+    warmdown_frac=0.0, min_lr=0.0, ema_decay=0.997, late_qat_threshold=0.15, gptq_enabled=False,
+    quant_scheme="percentile", lqer_top_k=0, mlp_sort=False)
 PRESETS = {
     "pr549": PR549,
     "cpu": dict(
@@ -219,13 +221,16 @@ class Hyperparameters:
     qat_enabled: bool = False  # fake-quant from step 0
     late_qat_threshold: float = 0.0  # > 0: turn fake-quant on once the LR multiplier drops below this (the seed: 0.15)
     # Full-Hessian GPTQ (calibrated on training batches inside the training budget)
-    gptq_enabled: bool = False
+    gptq_enabled: bool = True
     gptq_calib_batches: int = 16
     gptq_reserve_seconds: float = -1.0  # training stops this early for the collection; < 0: measured default
     gptq_damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     gptq_block_size: int = 128
+    quant_scheme: str = "sdclip"  # sdclip: row scale k std(row)/R by group (QUANT_GROUPS); percentile: the seed's
+    lqer_top_k: int = 3  # LQER: a rank-LQER_RANK correction of this many worst-quantized matrices; 0: off
+    mlp_sort: bool = True  # order each layer's MLP hidden units by similarity at export (absorbed: nothing stored)
     # Artifact
-    compressor: str = "auto"  # auto (smallest of all) | lzma | zstd | brotli, each optionally "+shuffle"
+    compressor: str = "auto"  # auto (smallest of all) | lzma | zstd | brotli, each optionally "+shuffle" | pergroup
     artifact_margin_bytes: int = 0  # the code count is exact, so no margin is needed
     fit_max_prune_fraction: float = 0.05  # fitting may zero at most this fraction of the int6 values
     # Evaluation
@@ -272,7 +277,8 @@ class Hyperparameters:
         """(field, ok, rule), lazily: the closing relations divide by fields checked before. NG_MAX_*: section 8."""
         L, hd, get = self.num_layers, self.model_dim // max(self.num_heads, 1), lambda n: getattr(self, n)
         choices = dict(torch_compile=("auto", "0", "1"), attn_backend=("auto",) + ATTN_BACKENDS,
-                       compressor=tuple(c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle")),
+                       compressor=tuple(c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle"))
+                       + ("pergroup",), quant_scheme=("sdclip", "percentile"),
                        preset=("",) + tuple(PRESETS), smear_gate=("off", "fixed", "gated"),
                        muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", *FUSED_CHOICES))
         yield from ((f.name, math.isfinite(v), "a finite number") for f in fields(self)
@@ -284,7 +290,8 @@ class Hyperparameters:
         yield from ((n, get(n) >= 0, ">= 0") for n in (
             "warmdown_iters", "warmup_steps", "max_wallclock_seconds", "val_loss_every", "train_log_every",
             "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps", "muon_wd",
-            "embed_wd", "scalar_wd", "rope_ntk_len", "num_loops", "grad_clip_norm", "ema_min_steps", "gptq_damp", "artifact_margin_bytes", "eval_margin_seconds",
+            "embed_wd", "scalar_wd", "rope_ntk_len", "num_loops", "grad_clip_norm", "ema_min_steps", "gptq_damp",
+            "artifact_margin_bytes", "lqer_top_k", "eval_margin_seconds",
             "val_max_tokens", "ttt_epochs", "ttt_lr", "ttt_proj_lr_mult", "ttt_fc_lr_mult", "bias_lr", "hedge_eta"))
         yield from ((n, 0 <= get(n) < 1, "in [0, 1)") for n in (
             "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum",
@@ -1131,6 +1138,24 @@ def int8_scales(w: Tensor) -> Tensor:
     return _grid_scale(row_quantiles(w.detach().float().abs(), (INT8_CLIP_PERCENTILE,))[0], INT8_MAX)
 
 
+# SDClip (QUANT_SCHEME=sdclip): (bits, k) per tensor group. A row's scale is k std(row) / R, R = 2^(bits-1) - 1, fixed
+# before GPTQ's sweep: k sets the codes' entropy (about bits - log2 k + const), so no clip search is needed.
+QUANT_GROUPS = {"mlp": (6, 11.5), "attn": (6, 13.0), "emb": (7, 14.0), "other": (6, 12.85)}
+SMALL_TENSOR_NUMEL = 65536  # sdclip: tensors up to this size are stored fp16
+
+
+def quant_group(name: str) -> str:
+    return ("mlp" if name.startswith("mlp_") else "attn" if name in ("qo_bank", "kv_bank")
+            else "emb" if name == "tok_emb.weight" else "other")
+
+
+def sdclip_scales(w: Tensor, group: str) -> tuple[Tensor, int]:
+    """(per-row scales (..., R) of matrices (..., R, C), qmax) on `group`'s SDClip grid."""
+    bits, k = QUANT_GROUPS[group]
+    qmax = 2 ** (bits - 1) - 1
+    return _grid_scale(k * w.detach().float().std(dim=-1), qmax), qmax
+
+
 def fake_quant(w: Tensor, int6: bool) -> Tensor:
     """Straight-through estimator on the int6 (banks) or int8 (tables) grid: forward dequantized, gradient identity."""
     scale, qmax = (int6_scales(w), INT6_MAX) if int6 else (int8_scales(w), INT8_MAX)
@@ -1187,6 +1212,7 @@ TOKEN_PARAM_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
 # The input (tapped site) each bank's slots multiply, for GPTQ's Hessians: one entry per half of a 2L bank.
 BANK_INPUTS = {"qo_bank": ("attn_in", "attn_out"), "kv_bank": ("attn_in", "attn_in"), "mlp_up_bank": ("mlp_in",),
                "mlp_down_bank": ("mlp_act",)}
+HEAD_INPUT = {"tok_emb.weight": ("head_in",)}  # the tied embedding's GPTQ Hessian: the head's input (one slot)
 BIGRAM_MULTS = (36313, 27191)
 
 
@@ -1328,7 +1354,7 @@ class GPT(nn.Module):
         cos, sin = rotary_cos_sin(ids.size(1), self.rope_dims, self.rope_base, ids.device, self.rope_ntk_len)
         docs = doc_layout(self.backend, ids == BOS_ID) if self.doc_mask else None
         x = self._layers(x, w, (ve, cos, sin, docs))
-        logits = F.linear(rms_norm(x), w["tok_emb.weight"].to(x.dtype))
+        logits = F.linear(self._tap("head_in", 0, rms_norm(x)), w["tok_emb.weight"].to(x.dtype))
         return (softcap(logits, self.softcap) if targets is None
                 else softcapped_ce(logits, targets, self.softcap, self.fused_ce))
 
@@ -1606,15 +1632,24 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
 # all post-training scores come from it. File: ARTIFACT_MAGIC, codec id u8, shuffled u8, payload CRC32 u32, length u64.
 
 ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA1", b"PGQ1"
-CODECS = ("lzma", "zstd", "brotli")
+CODECS = ("lzma", "zstd", "brotli", "pergroup")  # the id byte is the index: append only
+BYTE_CODECS = CODECS[:3]  # whole-payload codecs, each with or without the fp16 byte shuffle
 ARTIFACT_LIMIT_BYTES = 16_000_000  # the challenge's cap: code + compressed model, decimal
+LQER_RANK, LQER_GROUP = 4, 64
+LQER_KINDS = ("lqa", "lqb")  # a LQER factor pair: '{matrix}#{slot}.lqa' (A^T) and '.lqb' (B)
 
 
-def quantize_model(model: GPT, hessians: dict | None = None, damp: float = Hyperparameters.gptq_damp,
-                   block_size: int = Hyperparameters.gptq_block_size) -> dict:
-    """{name: (kind, ...)}: banks int6 on QAT's grid (GPTQ given a Hessian, else GPTQ-lite), tables int8, rest fp16."""
+def quantize_model(model: GPT | dict, hessians: dict | None = None, damp: float = Hyperparameters.gptq_damp,
+                   block_size: int = Hyperparameters.gptq_block_size, scheme: str = "percentile") -> dict:
+    """{name: (kind, ...)} of a model or its state dict. percentile (the seed's): banks int6 on QAT's grid (GPTQ given
+    a Hessian, else GPTQ-lite), tables int8, rest fp16. sdclip: see _sdclip_entry."""
     out, methods, t0 = {}, [], time.perf_counter()
-    for name, t in model.state_dict().items():
+    for name, t in (model if isinstance(model, dict) else model.state_dict()).items():
+        if scheme == "sdclip":
+            H = (hessians or {}).get(name)
+            out[name] = _sdclip_entry(name, t, H, damp, block_size)
+            methods += [f"{name}:{'gptq' if H is not None else 'rtn'}"] if out[name][0].startswith("int") else []
+            continue
         H = (hessians or {}).get(name) if name in BANK_NAMES else None  # GPTQ runs where the weights are (the GPU)
         dtype, t = str(t.dtype).replace("torch.", ""), t.detach().float().to(t.device if H is not None else "cpu")
         if name in BANK_NAMES:
@@ -1631,9 +1666,83 @@ def quantize_model(model: GPT, hessians: dict | None = None, damp: float = Hyper
     return out
 
 
+def _sdclip_entry(name: str, t: Tensor, H: Tensor | None, damp: float, block_size: int) -> tuple:
+    """Banks and the tied embedding on their group's SDClip grid (GPTQ with H, the embedding's from the head input;
+    else rounding); the sparse attention gates, and any other tensor over SMALL_TENSOR_NUMEL, int8 per row with
+    s = max|row| / 127; the rest fp16."""
+    dtype = str(t.dtype).replace("torch.", "")
+    t = t.detach().float().to(t.device if H is not None else "cpu")
+    if name in BANK_NAMES or name == "tok_emb.weight":
+        group, w = quant_group(name), (t if t.dim() == 3 else t[None])
+        s, qmax = sdclip_scales(w, group)
+        codes = gptq_codes(w, H.to(w.device), s, damp, block_size, qmax) if H is not None else _quant(w, s, qmax)
+        codes, s = codes.view(t.shape).to(torch.int8).cpu(), s.view(t.shape[:-1]).half().cpu()
+        return f"int{QUANT_GROUPS[group][0]}", codes, s
+    if "attn_gate" in name or t.numel() > SMALL_TENSOR_NUMEL:
+        s = _grid_scale(t.abs().amax(-1), INT8_MAX)
+        return "int8", _quant(t, s, INT8_MAX).to(torch.int8), s.half()
+    return "fp16", t.half(), dtype
+
+
 def dequantize(q: dict) -> dict[str, Tensor]:
-    return {name: a.to(getattr(torch, b)) if kind == "fp16" else a.float() * b.float().unsqueeze(-1)
-            for name, (kind, a, b) in q.items()}
+    """The model's tensors; each LQER pair adds its low-rank product A B to its matrix."""
+    out = {name: a.to(getattr(torch, b)) if kind == "fp16" else a.float() * b.float().unsqueeze(-1)
+           for name, (kind, a, b) in q.items() if kind not in LQER_KINDS}
+    for name, (kind, a, b) in q.items():
+        if kind == "lqa":
+            target, slot = name[:-4].rsplit("#", 1)
+            _, qb, sb = q[name[:-1] + "b"]
+            A, B = a.float() * b.float().unsqueeze(-1), (qb.float() * sb.float().unsqueeze(-1)).view(a.size(0), -1)
+            w = out[target]
+            (w[int(slot)] if w.dim() == 3 else w).add_(A.T @ B)
+    return out
+
+
+def lqer_correct(q: dict, weights: dict[str, Tensor], top_k: int, rank: int = LQER_RANK) -> dict:
+    """LQER (asymmetric): the top_k quantized matrices (bank slots, the embedding) by ||W - W_hat||_F each get a
+    rank-`rank` correction A B ~ W - W_hat (truncated SVD, A = U S): A int2 with one scale max|A| / 1.5 (codes
+    -2..1), B int4 in groups of LQER_GROUP with scales max|group| / 7.5 (codes -8..7). dequantize applies them."""
+    deq, errs, out = dequantize(q), [], dict(q)
+    for name in [n for n in q if n in BANK_NAMES or n == "tok_emb.weight"]:
+        E = weights[name].detach().float().cpu() - deq[name]
+        E = E if E.dim() == 3 else E[None]
+        errs += [(E[i].norm().item(), name, i, E[i]) for i in range(E.size(0))]
+    for _, name, i, E in sorted(errs, key=lambda e: -e[0])[:top_k]:
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+        A, B = (U[:, :rank] * S[:rank]).T, Vh[:rank].reshape(-1, math.gcd(LQER_GROUP, Vh[:rank].numel()))
+        sa = _grid_scale(A.abs().amax() * 2, 3)  # max|A| / 1.5
+        sb = _grid_scale(B.abs().amax(-1) * 2, 15)  # max|group| / 7.5
+        out[f"{name}#{i}.lqa"] = ("lqa", (A / sa).round().clamp(-2, 1).to(torch.int8), sa.expand(A.size(0)).half())
+        out[f"{name}#{i}.lqb"] = ("lqb", _quant(B, sb, 8).clamp_max(7).to(torch.int8), sb.half())
+    log0("lqer " + " ".join(f"{n}[{i}]:{e:.4g}" for e, n, i, _ in sorted(errs, key=lambda e: -e[0])[:top_k]))
+    return out
+
+
+def l1_chain(x: Tensor) -> Tensor:
+    """A greedy L1 nearest-neighbour order of the rows of x (n, f): row 0, then always the closest unused row."""
+    x = x.float().to("cuda" if torch.cuda.is_available() else "cpu")
+    dist = torch.cdist(x[None], x[None], p=1)[0]
+    order = [0]
+    dist[:, 0] = float("inf")
+    for _ in range(x.size(0) - 1):
+        order.append(int(dist[order[-1]].argmin()))
+        dist[:, order[-1]] = float("inf")
+    return torch.tensor(order)
+
+
+def sort_mlp_hidden(sd: dict, hessians: dict) -> tuple[dict, dict]:
+    """The same function with each layer's MLP hidden units in L1 nearest-neighbour order of their (row-normalised)
+    W_up rows and W_down columns: the codec sees similar rows side by side, and since the order of the hidden units
+    is free (W_up rows, W_down columns and the down Hessian permuted together), the artifact stores no permutation."""
+    up, down, Hd = sd["mlp_up_bank"].detach(), sd["mlp_down_bank"].detach(), hessians.get("mlp_down_bank")
+    norm = lambda w: w / w.float().std(-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    perms = [l1_chain(torch.cat((norm(up[i]), norm(down[i]).T), 1)).to(up.device) for i in range(up.size(0))]
+    sd = {**sd, "mlp_up_bank": torch.stack([up[i][p] for i, p in enumerate(perms)]),
+          "mlp_down_bank": torch.stack([down[i][:, p] for i, p in enumerate(perms)])}
+    if Hd is not None:
+        perms = [p.to(Hd.device) for p in perms]
+        hessians = {**hessians, "mlp_down_bank": torch.stack([Hd[i][p][:, p] for i, p in enumerate(perms)])}
+    return sd, hessians
 
 
 def serialize(q: dict) -> bytes:
@@ -1664,20 +1773,170 @@ def deserialize(raw: bytes) -> dict:
             (e["kind"], take("q", e["shape"]), take("s", e["shape"][:-1])) for e in meta["entries"]}
 
 
+def _byte_planes(b: bytes, inverse: bool) -> bytes:
+    """fp16 bytes split into low/high byte planes, or joined back (inverse)."""
+    return np.frombuffer(b, np.uint8).reshape((2, -1) if inverse else (-1, 2)).T.tobytes()
+
+
 def _shuffle_payload(raw: bytes, inverse: bool) -> bytes:
     """Split the fp16 sections (scales, passthrough) into low/high byte planes, or join them back (inverse)."""
     (hlen,) = struct.unpack("<I", raw[4:8])
     start = 8 + hlen + json.loads(raw[8:8 + hlen])["sizes"]["q"]
-    tail = np.frombuffer(raw, np.uint8, offset=start).reshape((2, -1) if inverse else (-1, 2))
-    return raw[:start] + tail.T.tobytes()
+    return raw[:start] + _byte_planes(raw[start:], inverse)
+
+
+# Per-group codec: the quantized banks and embedding leave the payload in role buckets (Q | O, K | V, MLP up, MLP down,
+# embedding), each stored column-major and compressed by ZPAQ; the remainder (header, small codes, byte-shuffled fp16
+# sections) by brotli. Rows of PERGROUP_SORTED buckets are put in L1 nearest-neighbour order, the order stored
+# bit-packed (the MLP's order is absorbed at export: sort_mlp_hidden). Frame: PERGROUP_MAGIC, stream count u32, the
+# streams' lengths u32, the streams: remainder, buckets, then the permutations.
+PERGROUP_MAGIC, PERGROUP_SORTED, ZPAQ_LEVEL = b"PGRP", ("tok_emb.weight",), 5
+PERGROUP_CHUNK = 1 << 21  # a bucket holds whole matrices up to ~2 MiB: ZPAQ (~3 s/MB one way) runs them in parallel
+
+
+def _pergroup_layout(raw: bytes) -> tuple[int, list[tuple[str, int, int, int, int]]]:
+    """(start of the payload's code section, buckets [(label, byte offset in that section, matrices, rows, cols)])."""
+    (hlen,) = struct.unpack("<I", raw[4:8])
+    off, buckets = 0, []
+    for e in json.loads(raw[8:8 + hlen])["entries"]:
+        if e["kind"] == "fp16":
+            continue
+        shape, n = e["shape"], math.prod(e["shape"])
+        if e["kind"].startswith("int") and e["name"] in BANK_NAMES + ("tok_emb.weight",):
+            S, (R, C) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
+            half = S // 2 if e["name"] in ("qo_bank", "kv_bank") and S % 2 == 0 else S
+            step = max(1, min(half, PERGROUP_CHUNK // (R * C)))
+            for a in [a for h0 in range(0, S, half) for a in range(h0, h0 + half, step)]:
+                b = min(a + step, (a // half + 1) * half)
+                buckets.append((f"{e['name']}[{a}:{b}]", off + a * R * C, b - a, R, C))
+        off += n
+    return 8 + hlen, buckets
+
+
+def _pack_perm(p: np.ndarray, n: int) -> bytes:
+    bits = max(1, (n - 1).bit_length())
+    return np.packbits((p[:, None] >> np.arange(bits)) & 1, bitorder="little").tobytes()
+
+
+def _unpack_perm(b: bytes, n: int, count: int) -> np.ndarray:
+    bits = max(1, (n - 1).bit_length())
+    if len(b) != (count * bits + 7) // 8:
+        raise ValueError(f"{len(b)} bytes, expected {(count * bits + 7) // 8}")
+    flat = np.unpackbits(np.frombuffer(b, np.uint8), count=count * bits, bitorder="little")
+    return (flat.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(1)
+
+
+@functools.lru_cache(maxsize=4)
+def _row_orders(buf: bytes, S: int, R: int, C: int) -> Tensor:
+    """The L1 chain order of each matrix's rows; cached: the fit's probes recompress the unpruned embedding."""
+    return torch.stack([l1_chain(m) for m in torch.from_numpy(np.frombuffer(buf, np.int8).reshape(S, R, C).copy())])
+
+
+def _pergroup_pack(raw: bytes) -> bytes:
+    import brotli
+    import zpaq
+    q0, buckets = _pergroup_layout(raw)
+    rest, streams, perms, pos = [raw[:q0]], [], [], q0
+    for label, off, S, R, C in buckets:
+        rest.append(raw[pos:q0 + off])
+        pos = q0 + off + S * R * C
+        codes = torch.from_numpy(np.frombuffer(raw, np.int8, S * R * C, q0 + off).reshape(S, R, C).copy())
+        if label.split("[")[0] in PERGROUP_SORTED:
+            order = _row_orders(raw[q0 + off:q0 + off + S * R * C], S, R, C)
+            codes = codes.gather(1, order[:, :, None].expand(S, R, C))
+            perms.append(_pack_perm(order.reshape(-1).numpy(), R))
+        streams.append(codes.transpose(1, 2).contiguous().numpy().tobytes())
+    (hlen,) = struct.unpack("<I", raw[4:8])
+    f0 = 8 + hlen + json.loads(raw[8:8 + hlen])["sizes"]["q"]  # the fp16 sections start
+    rest.append(raw[pos:f0])
+    rest = b"".join(rest) + _byte_planes(raw[f0:], inverse=False)
+    with ThreadPoolExecutor(max(1, len(streams))) as ex:
+        streams = list(ex.map(lambda b: zpaq.compress(b, level=ZPAQ_LEVEL, threads=1), streams))
+    streams = [brotli.compress(rest, quality=11, lgwin=24)] + streams + perms
+    return PERGROUP_MAGIC + struct.pack(f"<{1 + len(streams)}I", len(streams), *map(len, streams)) + b"".join(streams)
+
+
+def _pergroup_streams(frame: bytes) -> list[bytes]:
+    """The frame's streams, or ValueError naming what is missing."""
+    if len(frame) < 8 or frame[:4] != PERGROUP_MAGIC:
+        raise ValueError("pergroup frame: bad magic or shorter than its header")
+    (n,) = struct.unpack("<I", frame[4:8])
+    if 8 + 4 * n > len(frame):
+        raise ValueError(f"pergroup frame: {n} streams declared, the frame is too short for their lengths")
+    lengths, pos, out = struct.unpack(f"<{n}I", frame[8:8 + 4 * n]), 8 + 4 * n, []
+    for i, m in enumerate(lengths):
+        if pos + m > len(frame):
+            raise ValueError(f"pergroup frame: stream {i} truncated ({len(frame) - pos} of {m} bytes)")
+        out.append(frame[pos:pos + m])
+        pos += m
+    return out
+
+
+def _pergroup_unpack(frame: bytes) -> bytes:
+    """Inverse of _pergroup_pack; ValueError naming the tensor and the stream on any damage."""
+    import brotli
+    import zpaq
+    streams = _pergroup_streams(frame)
+    try:
+        rest = brotli.decompress(streams[0])
+        (hlen,) = struct.unpack("<I", rest[4:8])
+        q0, buckets = _pergroup_layout(rest)
+    except Exception as e:
+        raise ValueError(f"pergroup stream 0 (remainder: header, small tensors, scales): {e}") from None
+    sorted_ = [b for b in buckets if b[0].split("[")[0] in PERGROUP_SORTED]
+    if len(streams) != 1 + len(buckets) + len(sorted_):
+        raise ValueError(f"pergroup frame: {len(streams)} streams, the header needs {1 + len(buckets) + len(sorted_)} "
+                         f"(remainder, {len(buckets)} tensor buckets, {len(sorted_)} permutations)")
+    with ThreadPoolExecutor(max(1, len(buckets))) as ex:
+        dec = list(ex.map(lambda b: _try(zpaq.decompress, b), streams[1:1 + len(buckets)]))
+    perm_streams = dict(zip([b[0] for b in sorted_], range(1 + len(buckets), len(streams))))
+    parts, pos, removed = [], 0, 0
+    for i, ((label, off, S, R, C), d) in enumerate(zip(buckets, dec)):
+        if isinstance(d, Exception) or len(d) != S * R * C:
+            why = str(d) if isinstance(d, Exception) else f"{len(d)} bytes, expected {S * R * C}"
+            raise ValueError(f"pergroup stream {1 + i} (tensor {label}): {why}")
+        codes = torch.from_numpy(np.frombuffer(d, np.int8).reshape(S, C, R).copy()).transpose(1, 2)
+        if label in perm_streams:
+            order = _read_perm(streams[perm_streams[label]], f"stream {perm_streams[label]}", label, S, R)
+            codes = torch.empty_like(codes).scatter_(1, order[:, :, None].expand(S, R, C), codes)
+        cut = q0 + off - removed  # where the bucket's bytes were cut from the remainder
+        parts += [rest[pos:cut], codes.contiguous().numpy().tobytes()]
+        pos, removed = cut, removed + S * R * C
+    f0 = 8 + hlen + json.loads(rest[8:8 + hlen])["sizes"]["q"] - removed  # the fp16 sections start
+    return b"".join(parts) + rest[pos:f0] + _byte_planes(rest[f0:], inverse=True)
+
+
+def _read_perm(stream: bytes, where: str, label: str, S: int, R: int) -> Tensor:
+    """The (S, R) row orders of a bucket, checked to be permutations."""
+    try:
+        order = torch.from_numpy(_unpack_perm(stream, R, S * R)).view(S, R)
+        bad = order[order >= R]
+        if bad.numel():
+            raise ValueError(f"row index {int(bad[0])} out of range [0, {R})")
+        if any(torch.bincount(o, minlength=R).max() > 1 for o in order):
+            raise ValueError("not a permutation (a row appears twice)")
+    except ValueError as e:
+        raise ValueError(f"pergroup {where} (row permutation of tensor {label}): {e}") from None
+    return order
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001  (reported with the stream's name by the caller)
+        return e
 
 
 def _codec(name: str):
     """(compress, decompress), or None when the codec's module is not installed."""
     try:
-        mod = __import__({"zstd": "zstandard"}.get(name, name))
+        mod = __import__({"zstd": "zstandard", "pergroup": "zpaq"}.get(name, name))
+        if name == "pergroup":
+            __import__("brotli")
     except ImportError:
         return None
+    if name == "pergroup":
+        return _pergroup_pack, _pergroup_unpack
     if name == "zstd":
         return mod.ZstdCompressor(level=22).compress, mod.ZstdDecompressor().decompress
     kw = dict(preset=9 | lzma.PRESET_EXTREME) if name == "lzma" else dict(quality=11, lgwin=24)
@@ -1690,11 +1949,22 @@ def compress_payload(raw: bytes, choice: str) -> tuple[bytes, str, dict]:
     if codec != "auto" and _codec(codec) is None:
         raise ValueError(f"COMPRESSOR={choice}: module for {codec} is not installed")
     names = [c for c in CODECS if _codec(c)] if codec == "auto" else [codec]
+    if codec == "auto" and "pergroup" not in names:
+        log0("codec pergroup skipped: the zpaq module is not installed (pip install zpaq)")
     shuffles = (True,) if shuffle else (False, True) if codec == "auto" else (False,)
-    options, payloads = [(n, s) for n in names for s in shuffles], (raw, _shuffle_payload(raw, inverse=False))
+    options = [(n, s) for n in names for s in (shuffles if n in BYTE_CODECS else (False,))]
+    payloads, times = (raw, _shuffle_payload(raw, inverse=False)), {}
+
+    def run(o):
+        t0 = time.perf_counter()
+        blob = _codec(o[0])[0](payloads[o[1]])
+        times[o[0] + "+shuffle" * o[1]] = time.perf_counter() - t0
+        return blob
+
     with ThreadPoolExecutor(len(options)) as ex:
-        blobs = list(ex.map(lambda o: _codec(o[0])[0](payloads[o[1]]), options))
+        blobs = list(ex.map(run, options))
     sizes = {n + "+shuffle" * s: len(b) for (n, s), b in zip(options, blobs)}
+    log0("compress_time " + " ".join(f"{k}:{v:.2f}s" for k, v in times.items()))
     (n, s), body = min(zip(options, blobs), key=lambda ob: len(ob[1]))
     head = ARTIFACT_MAGIC + bytes([CODECS.index(n), s]) + struct.pack("<IQ", zlib.crc32(raw), len(raw))
     return head + body, n + "+shuffle" * s, sizes
@@ -1711,6 +1981,7 @@ def decompress_artifact(blob: bytes, path="artifact") -> bytes:
     codec, shuffled, crc, n = _artifact_header(blob, path)
     if _codec(codec) is None:
         raise ValueError(f"{path}: written with {codec}, whose module is not installed")
+    t0 = time.perf_counter()
     try:  # zstd/brotli carry no checksum: a damaged body can also decode to a garbled payload header
         raw = _codec(codec)[1](blob[18:])
         raw = _shuffle_payload(raw, inverse=True) if shuffled else raw
@@ -1718,6 +1989,7 @@ def decompress_artifact(blob: bytes, path="artifact") -> bytes:
         raise ValueError(f"{path}: corrupt or truncated artifact ({codec}: {e})") from None
     if len(raw) != n or zlib.crc32(raw) != crc:
         raise ValueError(f"{path}: corrupt or truncated artifact (length/CRC mismatch)")
+    log0(f"decompress codec:{codec} time:{1000 * (time.perf_counter() - t0):.0f}ms")
     return raw
 
 
@@ -1747,13 +2019,13 @@ class ArtifactInfo:
 def load_artifact(path: Path, h: Hyperparameters, device) -> GPT:
     if not path.is_file():
         raise FileNotFoundError(f"artifact {path} does not exist")
-    q, model = deserialize(decompress_artifact(path.read_bytes(), path)), build_model(h)
-    missing, unexpected = sorted(set(model.state_dict()) - set(q)), sorted(set(q) - set(model.state_dict()))
+    deq, model = dequantize(deserialize(decompress_artifact(path.read_bytes(), path))), build_model(h)
+    missing, unexpected = sorted(set(model.state_dict()) - set(deq)), sorted(set(deq) - set(model.state_dict()))
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the model config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     try:
-        model.load_state_dict(dequantize(q))
+        model.load_state_dict(deq)
     except RuntimeError as e:  # torch names each size mismatch, artifact ("checkpoint") vs model shape
         raise ValueError(f"{path}: tensor shapes do not match the model config: {e}") from None
     return model.to(device)
@@ -1923,6 +2195,19 @@ def fit_line(st: dict) -> str:
             "time:{seconds:.1f}s codec:{codec} probes:{probes}").format(**st)
 
 
+def export_payload(h: Hyperparameters, model: GPT) -> tuple[dict, dict, dict]:
+    """(what the artifact stores, the float weights it approximates, the Hessian diagonals that rank pruning): the
+    MLP hidden units sorted (MLP_SORT, absorbed), quantized (QUANT_SCHEME, GPTQ where Hessians were collected), then
+    LQER on the worst matrices (LQER_TOP_K)."""
+    sd, hessians = model.state_dict(), dict(model.hessians or {})
+    if h.mlp_sort:
+        sd, hessians = sort_mlp_hidden(sd, hessians)
+    q = quantize_model(sd, hessians, h.gptq_damp, h.gptq_block_size, h.quant_scheme)
+    if h.lqer_top_k > 0:
+        q = lqer_correct(q, sd, h.lqer_top_k)
+    return q, sd, {b: H.diagonal(dim1=-2, dim2=-1) for b, H in hessians.items()}
+
+
 def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> tuple[int, str]:
     """Rank 0 quantizes, fits the model budget and writes atomically; a model that cannot fit fails every rank first."""
     err = None
@@ -1933,11 +2218,9 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
         if h.preset == "smoke":  # a pipeline check reports the unfitted bytes a full run would be judged on
             budget = sys.maxsize
             log0("fit skipped: smoke run, not a submission")
-        q = quantize_model(model, model.hessians, h.gptq_damp, h.gptq_block_size)
-        hd = {b: H.diagonal(dim1=-2, dim2=-1) for b, H in (model.hessians or {}).items()}  # ranks what pruning drops
+        q, weights, hd = export_payload(h, model)
         try:
-            blob, codec, sizes, st = fit_to_budget(q, model.state_dict(), h.compressor, budget,
-                                                   h.fit_max_prune_fraction, hd)
+            blob, codec, sizes, st = fit_to_budget(q, weights, h.compressor, budget, h.fit_max_prune_fraction, hd)
         except RuntimeError as e:
             err = e
             log0(f"ERROR: {e}")
@@ -2608,15 +2891,21 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
 @torch.no_grad()
 def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tensor]:
     """H = mean x^T x (fp32) of every bank matrix's inputs (the eager model's taps) over `batches` training batches
-    (never validation data) on each rank, averaged across ranks; {bank: (slots, C, C)} in BANK_INPUTS order."""
-    sizes = {site: getattr(model, bank).size(-1) for bank, sites in BANK_INPUTS.items() for site in sites}
-    acc = {site: torch.zeros(model.L, c, c, device=rt.device) for site, c in sizes.items()}
+    (never validation data) on each rank, averaged across ranks; {bank: (slots, C, C)} in BANK_INPUTS order. The
+    model runs as it is evaluated: looped where it loops. QUANT_SCHEME=sdclip adds the tied embedding's (1, d, d)."""
+    inputs = {**BANK_INPUTS, **(HEAD_INPUT if h.quant_scheme == "sdclip" else {})}
+    sizes = {site: model.tok_emb.weight.size(-1) if site == "head_in" else getattr(model, bank).size(-1)
+             for bank, sites in inputs.items() for site in sites}
+    acc = {site: torch.zeros(1 if site == "head_in" else model.L, c, c, device=rt.device) for site, c in sizes.items()}
 
     def tap(site: str, i: int, x: Tensor) -> None:
-        xf = x.detach().reshape(-1, x.size(-1)).float()
-        acc[site][i].addmm_(xf.T, xf)
+        if site in acc:
+            xf = x.detach().reshape(-1, x.size(-1)).float()
+            acc[site][i].addmm_(xf.T, xf)
 
-    model.tap, rows = tap, 0
+    model.tap, rows, looping = tap, 0, getattr(model, "looping", None)
+    if looping is not None:
+        model.looping = True
     try:
         for _ in range(batches):
             x, _ = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
@@ -2625,10 +2914,12 @@ def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tenso
             rows += x.numel()
     finally:
         model.tap = None
+        if looping is not None:
+            model.looping = looping
     for t in acc.values():
         t.div_(rows)
     all_reduce_flat_(list(acc.values()), 1.0 / rt.world_size)
-    return {bank: torch.cat([acc[site] for site in sites]) for bank, sites in BANK_INPUTS.items()}
+    return {bank: torch.cat([acc[site] for site in sites]) for bank, sites in inputs.items()}
 
 
 def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
@@ -2729,7 +3020,10 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
         sync(rt.device)
         train_ms += (ms := 1000 * (clock() - t0))
         log0(f"gptq_calibration batches:{h.gptq_calib_batches} ranks:{rt.world_size} tokens:"
-             f"{h.gptq_calib_batches * h.train_batch_tokens // rt.grad_accum_steps} time:{ms:.0f}ms")
+             f"{h.gptq_calib_batches * h.train_batch_tokens // rt.grad_accum_steps} time:{ms:.0f}ms "
+             f"ends_at:{train_ms:.0f}ms cap:{1000 * ctx.h.max_wallclock_seconds:.0f}ms")
+        if 0 < ctx.h.max_wallclock_seconds < train_ms / 1000:
+            log0("WARNING: the GPTQ collection ended past MAX_WALLCLOCK_SECONDS: raise GPTQ_RESERVE_SECONDS")
     return step, train_ms, fwd
 
 

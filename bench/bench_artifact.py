@@ -131,7 +131,7 @@ def bench_state(model: tg.GPT, shuffles) -> dict:
     t_ser = time.perf_counter() - t0
     shuffled = tg._shuffle_payload(raw, inverse=False)
     rows = []
-    for c in tg.CODECS:
+    for c in tg.BYTE_CODECS:
         if tg._codec(c) is None:
             rows.append(dict(codec=c, missing=True))
             continue

@@ -147,7 +147,9 @@ def training_section(h, rt, val, luts, res: dict, work: Path, steps: int):
     compile_ms = next(float(l.split(":")[1][:-2]) for l in lines if l.startswith("compile_time:"))
     res["train_1gpu_preset"] = dict(steps=n, ms_per_step=train_ms / n, tokens_per_s=h1.train_batch_tokens * n / train_ms * 1000,
                                     compile_s=compile_ms / 1000, wall_s=wall, peak_mem_gib=peak_gib(rt.device),
-                                    log_tail=[l for l in lines if l.startswith(("step:", "compile", "qat:", "ema:"))][-6:])
+                                    log_tail=[l for l in lines if l.startswith(("step:", "compile", "qat:", "ema:"))][-6:],
+                                    # the measured reserve must cover the collection (GPTQ_CALIB_BATCHES batches)
+                                    gptq=[l for l in lines if l.startswith(("gptq_reserve:", "gptq_calibration "))])
     return h1, model, fwd
 
 

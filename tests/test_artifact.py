@@ -227,7 +227,7 @@ def test_export_then_load_equals_in_memory_dequantized(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-@pytest.mark.parametrize("codec", tg.CODECS)
+@pytest.mark.parametrize("codec", tg.BYTE_CODECS)
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_every_compressor_roundtrips(tmp_path, monkeypatch, codec, shuffle):
     h = tiny(compressor=codec + ("+shuffle" if shuffle else ""))
@@ -247,16 +247,18 @@ def test_every_compressor_roundtrips(tmp_path, monkeypatch, codec, shuffle):
 def test_compress_payload_auto_picks_smallest_and_reports_all():
     raw = tg.serialize(tg.quantize_model(random_model(10)))
     blob, chosen, sizes = tg.compress_payload(raw, "auto")
-    assert set(sizes) == {c + s for c in tg.CODECS for s in ("", "+shuffle")}
+    pergroup = {"pergroup"} if tg._codec("pergroup") else set()  # skipped without the zpaq module
+    assert set(sizes) == {c + s for c in tg.BYTE_CODECS for s in ("", "+shuffle")} | pergroup
     assert sizes[chosen] == min(sizes.values()) == len(blob) - 18
     assert tg.decompress_artifact(blob) == raw
     # each reported size is what that codec really produces
     for name, n in sizes.items():
         c, _, s = name.partition("+")
-        payload = tg._shuffle_payload(raw, inverse=False) if s else raw
+        payload = tg._shuffle_payload(raw, inverse=False) if s else raw  # pergroup: its own planes inside
         assert len(tg._codec(c)[0](payload)) == n, name
     _, chosen_s, sizes_s = tg.compress_payload(raw, "auto+shuffle")
-    assert set(sizes_s) == {c + "+shuffle" for c in tg.CODECS} and chosen_s.endswith("+shuffle")
+    assert set(sizes_s) == {c + "+shuffle" for c in tg.BYTE_CODECS} | pergroup
+    assert chosen_s.endswith("+shuffle") or chosen_s == "pergroup"
 
 
 def test_shuffle_is_a_byte_permutation_of_the_fp16_sections():
