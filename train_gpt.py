@@ -117,7 +117,7 @@ PR549 = dict(
     smear_gate="fixed", attn_gate=False, skip_gates=False, num_loops=0, parallel_start_layer=0, rope_ntk_len=1024,
     doc_mask=False, matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_momentum=0.99, muon_wd=0.04,
     embed_wd=0.04, scalar_wd=0.04, beta2=0.95, muon_eq_r=False, muon_ns="quintic", warmdown_iters=3500,
-    warmdown_frac=0.0, min_lr=0.0, ema_decay=0.997, late_qat_threshold=0.15)
+    warmdown_frac=0.0, min_lr=0.0, ema_decay=0.997, late_qat_threshold=0.15, tilt_enabled=False, eval_plan="stream")
 PRESETS = {
     "pr549": PR549,
     "cpu": dict(
@@ -258,6 +258,13 @@ class Hyperparameters:
     bias_lr: float = 0.02
     hedge_enabled: bool = True
     hedge_eta: float = 1.0
+    tilt_enabled: bool = True  # the token-only n-gram tilt expert (#2135): one hinted token per position, prefix-only
+    tilt_order: int = 16  # the hint's context is the TILT_ORDER - 1 previous tokens
+    tilt_threshold: float = 0.8  # tilt only where the hint's prefix frequency top_count / total reaches this
+    tilt_beta: float = 2.625  # p'(a) = p(a) e^(beta [a = hint]) / Z
+    eval_plan: str = "stream"  # stream: sliding windows across documents; docs: each document alone, in TTT_CHUNKs
+    ttt_chunk: int = 48  # docs plan: targets per chunk; each window is the last <= EVAL_SEQ_LEN tokens of its document
+    ttt_doc_batch: int = 64  # docs plan: documents scored side by side (sorted by length, longest batches first)
 
     def __post_init__(self):
         """Every knob checked with its value named, so a bad one fails here, not after training."""
@@ -271,13 +278,14 @@ class Hyperparameters:
         choices = dict(torch_compile=("auto", "0", "1"), attn_backend=("auto",) + ATTN_BACKENDS,
                        compressor=tuple(c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle")),
                        preset=("",) + tuple(PRESETS), smear_gate=("off", "fixed", "gated"),
-                       muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", "0", "1"))
+                       muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", "0", "1"), eval_plan=("stream", "docs"))
         yield from ((f.name, math.isfinite(v), "a finite number") for f in fields(self)
                     if isinstance(v := getattr(self, f.name), float))
         yield from ((n, get(n) >= 1, ">= 1") for n in (
             "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim", "num_heads", "num_kv_heads",
             "bigram_dim", "ve_dim", "muon_backend_steps", "eval_seq_len", "eval_batch_seqs", "ttt_batch_seqs",
-            "ttt_chunk_tokens", "ngram_min_order", "ngram_min_count", "gptq_calib_batches", "gptq_block_size"))
+            "ttt_chunk_tokens", "ttt_doc_batch", "ngram_min_order", "ngram_min_count", "gptq_calib_batches",
+            "gptq_block_size"))
         yield from ((n, get(n) >= 0, ">= 0") for n in (
             "warmdown_iters", "warmup_steps", "max_wallclock_seconds", "val_loss_every", "train_log_every",
             "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps", "muon_wd",
@@ -303,6 +311,13 @@ class Hyperparameters:
         yield "ngram_max_order", self.ngram_min_order <= self.ngram_max_order <= 127, "in [NGRAM_MIN_ORDER, 127]"
         yield "ngram_table_bits", 0 <= self.ngram_table_bits <= NG_MAX_TABLE_BITS, f"in [0, {NG_MAX_TABLE_BITS}]"
         yield "ngram_top_k", 1 <= self.ngram_top_k <= NG_MAX_TOP_K, f"in [1, {NG_MAX_TOP_K}]"
+        yield "tilt_order", 2 <= self.tilt_order <= 127, "in [2, 127]"
+        yield "tilt_threshold", 0 < self.tilt_threshold <= 1, "in (0, 1]"
+        yield "tilt_beta", 0 < self.tilt_beta <= 20, "in (0, 20]"
+        yield ("ttt_chunk", 1 <= self.ttt_chunk and (self.eval_plan != "docs" or self.ttt_chunk <= self.eval_seq_len),
+               f">= 1 and, with EVAL_PLAN=docs, <= EVAL_SEQ_LEN={self.eval_seq_len} (a window holds its whole chunk)")
+        yield ("eval_plan", self.eval_plan == "stream" or not self.ttt_enabled,
+               "stream while TTT_ENABLED=1 (the docs plan's per-document LoRA scorer is not in yet)")
         yield "model_dim", self.model_dim % self.num_heads == 0, "divisible by NUM_HEADS"
         yield "num_heads", self.num_heads % self.num_kv_heads == 0, "divisible by NUM_KV_HEADS"
         yield "rope_dims", self.rope_dims % 2 == 0 and self.rope_dims <= hd, f"even and <= head_dim {hd}"
@@ -1564,6 +1579,21 @@ def _ng_mod(x):
     return x - NG_MOD if x >= NG_MOD else x
 
 
+@njit(cache=True)
+def _ng_pow(mul, e):
+    """mul**e mod (2**31 - 1): the weight of a k-token context's oldest token (e = k - 1)."""
+    top = 1
+    for _ in range(e):
+        top = _ng_mod(top * mul)
+    return top
+
+
+@njit(cache=True)
+def _ng_roll(h, old, new, top, mul):
+    """One rolling-hash step: drop `old` (weight top = mul**(k-1); 0: nothing to drop), append `new`."""
+    return _ng_mod((h + NG_MOD - _ng_mod(old * top)) * mul + new)
+
+
 @njit(cache=True, nogil=True)
 def _ng_order_chunk(tokens, k, c0, c1, min_count, table, buf_tok, buf_cnt, counters):
     """Replay order k over positions [c0, c1) into buffer rows t - c0; counters += (inserted, dropped, evicted mass).
@@ -1571,18 +1601,15 @@ def _ng_order_chunk(tokens, k, c0, c1, min_count, table, buf_tok, buf_cnt, count
     start = max(c0, k)
     buf_tok[:min(start, c1) - c0, 0] = -1  # no order-k context yet
     mask = table.shape[0] - 1
-    h_row, h_tag, top_row, top_tag = 0, 0, 1, 1
-    for _ in range(k - 1):  # top = P**(k-1), the weight of the oldest context token
-        top_row = _ng_mod(top_row * NG_MUL_ROW)
-        top_tag = _ng_mod(top_tag * NG_MUL_TAG)
+    h_row, h_tag, top_row, top_tag = 0, 0, _ng_pow(NG_MUL_ROW, k - 1), _ng_pow(NG_MUL_TAG, k - 1)
     ring = np.zeros((NG_RING, 2), np.int64)  # (bucket, tag) of the positions hashed ahead
     inserted = dropped = evicted = 0
     for s in range(start - k + 1, c1 + NG_AHEAD):  # the first k steps hash the context of position `start`
         if s < c1:  # roll the hash to position s: drop tokens[s-1-k] (none up to start), append tokens[s-1]
             old = int(tokens[s - 1 - k]) + 1 if s > start else 0
             new = int(tokens[s - 1]) + 1
-            h_row = _ng_mod((h_row + NG_MOD - _ng_mod(old * top_row)) * NG_MUL_ROW + new)
-            h_tag = _ng_mod((h_tag + NG_MOD - _ng_mod(old * top_tag)) * NG_MUL_TAG + new)
+            h_row = _ng_roll(h_row, old, new, top_row, NG_MUL_ROW)
+            h_tag = _ng_roll(h_tag, old, new, top_tag, NG_MUL_TAG)
             ring[s % NG_RING, 0] = h_row & mask
             ring[s % NG_RING, 1] = h_tag
             _ng_prefetch(table, h_row & mask)
@@ -1640,6 +1667,22 @@ def _ng_merge(min_order, c0, a, b, buf_tok, buf_cnt, cand_tok, cand_cnt, chosen)
             cand_cnt[t, j] = buf_cnt[o, t - c0, j] if o >= 0 else 0
 
 
+def _ng_tokens(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > NG_TOK_MASK)):
+        raise ValueError(f"tokens must be a 1-D stream of ids in [0, {NG_TOK_MASK}], got shape {tokens.shape}")
+    return np.ascontiguousarray(tokens, dtype=np.uint16)  # one compiled specialization, 2 bytes/token
+
+
+def _ng_zeros(shape: tuple) -> np.ndarray:
+    """Zeroed int64 tables, 64-byte aligned: no bucket straddles two cache lines (1.3x faster). numpy already
+    madvises huge pages (fewer TLB misses)."""
+    size = math.prod(shape)
+    raw = np.zeros(size + 8, np.int64)
+    off = (-raw.ctypes.data % 64) // 8
+    return raw[off:off + size].reshape(shape)
+
+
 def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_order=Hyperparameters.ngram_max_order,
                      table_bits=Hyperparameters.ngram_table_bits, top_k=Hyperparameters.ngram_top_k,
                      min_count=Hyperparameters.ngram_min_count, debug=False):
@@ -1653,17 +1696,11 @@ def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_orde
                             ("min_count", min_count, 1, math.inf)):
         if not lo <= v <= hi:
             raise ValueError(f"ngram_candidates: {name}: {v} not in [{lo}, {hi}]")
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > NG_TOK_MASK)):
-        raise ValueError(f"tokens must be a 1-D stream of ids in [0, {NG_TOK_MASK}], got shape {tokens.shape}")
-    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)  # one compiled specialization, 2 bytes/token
+    tokens = _ng_tokens(tokens)
     n, n_ord = tokens.size, max_order - min_order + 1
     threads = min(n_ord, numba.get_num_threads()) if numba is not None and not numba.config.DISABLE_JIT else 1
     chunk = max(1, min(n, NG_CHUNK))
-    size = n_ord * (1 << table_bits) * (1 + top_k)
-    raw = np.zeros(size + 8, np.int64)  # numpy already madvises huge pages (fewer TLB misses)
-    off = (-raw.ctypes.data % 64) // 8  # 64-byte aligned: no bucket straddles two cache lines (1.3x faster)
-    tables = raw[off:off + size].reshape(n_ord, 1 << table_bits, 1 + top_k)
+    tables = _ng_zeros((n_ord, 1 << table_bits, 1 + top_k))
     buf_tok, buf_cnt = np.empty((n_ord, chunk, top_k), np.int32), np.empty((n_ord, chunk, top_k), np.float32)
     cand_tok, cand_logc = np.empty((n, top_k), np.int32), np.empty((n, top_k), np.float32)  # _ng_merge sets every row
     chosen, counters = np.empty(n, np.int8), np.zeros((n_ord, 3), np.int64)
@@ -1688,6 +1725,81 @@ def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_orde
     stats = {"order": chosen, "with_candidates": int(sum(hits))}
     stats.update({f"{name}_per_order": dict(zip(orders, map(int, a))) for name, a in per_order.items()})
     return cand_tok, cand_logc, stats
+
+
+# Token-only n-gram tilt (#2135's token expert, our kernel). LEGALITY INVARIANT: row t's hint reads tables built from
+# tokens[:t] and hashes only its context tokens[t-m .. t-1] (m = TILT_ORDER - 1); token t enters after row t is emitted.
+# Tables never reset (they span documents), open addressing with linear probing, 2 int64 words per slot (0 = empty):
+#     CONTEXT slot H_ROW & mask: word 0 = key << 16 | top_tok, key = 2**46 | H_ROW << 15 | H_TAG mod 2**15;
+#                                word 1 = total << 32 | top_count           (H_*: the n-gram kernel's lanes, k = m)
+#     PAIR    slot P_ROW & mask: word 0 = 2**62 | P_ROW << 31 | P_TAG, word 1 = count   (P_*: lanes rolled on by t)
+# Row t (t >= m): hint = top_tok where the context is present and top_count / total >= threshold, else -1; then
+# count(context, t) += 1, total += 1, and t becomes top_tok when its count now exceeds top_count.
+TILT_LOAD = 0.55  # slots >= tokens / TILT_LOAD per table: at most one context and one pair per token
+TILT_MAX_TABLE_BITS = 28  # 2**28 slots x 16 bytes = 4 GiB per table (~147M tokens)
+
+
+@njit(cache=True, nogil=True)
+def _tilt_pass(tokens, m, threshold, ctx, pair, hint, conf):
+    """The header's rule over the whole stream, hashing NG_AHEAD positions ahead and prefetching both slots."""
+    n, mask = tokens.size, ctx.shape[0] - 1
+    top_row, top_tag = _ng_pow(NG_MUL_ROW, m - 1), _ng_pow(NG_MUL_TAG, m - 1)
+    hint[:min(m, n)] = -1
+    conf[:min(m, n)] = 0
+    ring = np.zeros((NG_RING, 4), np.int64)  # context and pair lanes of the positions hashed ahead
+    h_row = h_tag = 0
+    for s in range(1, n + NG_AHEAD):
+        if s < n:  # roll the context to tokens[s-m .. s-1], then the pair on to token s
+            old, new = int(tokens[s - 1 - m]) + 1 if s > m else 0, int(tokens[s - 1]) + 1
+            h_row = _ng_roll(h_row, old, new, top_row, NG_MUL_ROW)
+            h_tag = _ng_roll(h_tag, old, new, top_tag, NG_MUL_TAG)
+            if s >= m:
+                x = int(tokens[s]) + 1
+                j = s % NG_RING
+                ring[j, 0], ring[j, 1] = h_row, h_tag
+                ring[j, 2], ring[j, 3] = _ng_roll(h_row, 0, x, 0, NG_MUL_ROW), _ng_roll(h_tag, 0, x, 0, NG_MUL_TAG)
+                _ng_prefetch(ctx, h_row & mask)
+                _ng_prefetch(pair, ring[j, 2] & mask)
+        t = s - NG_AHEAD
+        if t < m:
+            continue
+        j = t % NG_RING
+        key, pkey = (1 << 46) | (ring[j, 0] << 15) | (ring[j, 1] & 0x7FFF), (1 << 62) | (ring[j, 2] << 31) | ring[j, 3]
+        i = ring[j, 0] & mask
+        while ctx[i, 0] != 0 and (ctx[i, 0] >> 16) != key:
+            i = (i + 1) & mask
+        total, top = ctx[i, 1] >> 32, ctx[i, 1] & 0xFFFFFFFF
+        conf[t] = top / total if total > 0 else 0.0
+        hint[t] = ctx[i, 0] & NG_TOK_MASK if total > 0 and top >= threshold * total else -1
+        p = ring[j, 2] & mask  # only now does token t enter the tables
+        while pair[p, 0] != 0 and pair[p, 0] != pkey:
+            p = (p + 1) & mask
+        pair[p, 0], pair[p, 1] = pkey, pair[p, 1] + 1
+        if pair[p, 1] > top:
+            ctx[i, 0], top = (key << 16) | int(tokens[t]), pair[p, 1]
+        ctx[i, 1] = ((total + 1) << 32) | top
+
+
+def tilt_hints(tokens, order: int = Hyperparameters.tilt_order, threshold: float = Hyperparameters.tilt_threshold):
+    """Rows by the header's rules: (hint int32 [N], -1 = no tilt; conf float32 [N], top_count / total, 0 = unseen
+    context). Memory: 2 tables of 2**ceil(log2(N / TILT_LOAD)) x 16 bytes. Row t scores tokens[t] (position t - 1)."""
+    if not (2 <= order <= 127 and 0 < threshold <= 1):
+        raise ValueError(f"tilt_hints: order {order} not in [2, 127] or threshold {threshold} not in (0, 1]")
+    tokens = _ng_tokens(tokens)
+    bits = max(1, math.ceil(math.log2(max(tokens.size, 1) / TILT_LOAD)))
+    if bits > TILT_MAX_TABLE_BITS:
+        raise ValueError(f"tilt_hints: {tokens.size} tokens need 2**{bits} slots > 2**{TILT_MAX_TABLE_BITS}")
+    hint, conf = np.empty(tokens.size, np.int32), np.empty(tokens.size, np.float32)
+    _tilt_pass(tokens, order - 1, threshold, _ng_zeros((1 << bits, 2)), _ng_zeros((1 << bits, 2)), hint, conf)
+    return hint, conf
+
+
+def tilt_log_probs(lp: Tensor, hint: Tensor, beta: float) -> Tensor:
+    """The tilt of the distribution exp(lp) (rows) toward each row's hint (< 0: none), in closed form:
+    log p'(a) = log p(a) + beta [a = h] - log(1 + q (e^beta - 1)), q = p(h): normalized by construction."""
+    on, h = (hint >= 0)[:, None], hint.clamp(min=0).long()[:, None]
+    log_z = torch.log1p(lp.gather(1, h).exp() * math.expm1(beta)) * on
+    return (lp - log_z).scatter_add_(1, h, on.to(lp.dtype) * beta)
 
 
 class OnlineBias:
@@ -1781,20 +1893,28 @@ class ScoredChunk:
 class Experts:
     """Neural logits z -> the scored distributions, from inputs and logits (never targets), each normalized over the
     vocabulary. Tracks: neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram = softmax(z + r + b_1 n)
-    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), mixture = Hedge over the pool [neural,
-    neural+bias, softmax(z + r + b_j n) per beta]; neural in the pool mixes a harmful boost away (Hedge's bound)."""
+    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), <the track before>+tilt = the closed-form
+    tilt of the track before it toward the prefix-only hint (tilt_log_probs), mixture = Hedge over the pool [neural,
+    neural+bias, softmax(z + r + b_j n) per beta, tilt]; neural in the pool mixes a harmful boost away (Hedge's bound).
+    Its hints: tilt_hints' rows, indexed like the candidates (row p + 1 for position p)."""
 
-    def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None):
-        self.bias, self.cands, self.hedge = bias, cands, hedge
+    def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None, hints=None):
+        self.bias, self.cands, self.hedge, self.hints = bias, cands, hedge, hints
         self.betas = h.ngram_beta_list if cands is not None else ()
         self.tracks = (["neural"] + ["neural+bias"] * (bias is not None) + ["neural+bias+ngram"] * bool(self.betas)
                        + ["mixture"] * (hedge is not None))
         self.pool = ["neural"] + ["neural+bias"] * (bias is not None) + [f"ngram beta:{b}" for b in self.betas]
+        self.tilt_track, self.tilt_beta = "", 0.0
+        if hints is not None:  # the tilt goes on top of the last plain track
+            n_plain = len(self.tracks) - (hedge is not None)
+            self.tilt_beta, self.tilt_track = h.tilt_beta, self.tracks[n_plain - 1] + "+tilt"
+            self.tracks.insert(n_plain, self.tilt_track)
+            self.pool.append(f"tilt beta:{h.tilt_beta}")
         self.n_experts = len(self.pool)  # Hedge's pool, in log_probs' order
 
     @staticmethod
-    def pool_size(has_bias: bool, n_betas: int) -> int:
-        return 1 + int(has_bias) + n_betas
+    def pool_size(has_bias: bool, n_betas: int, has_tilt: bool = False) -> int:
+        return 1 + int(has_bias) + n_betas + int(has_tilt)
 
     def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         experts, z = [logits.log_softmax(-1)], logits
@@ -1805,7 +1925,12 @@ class Experts:
             tok, logc = (torch.from_numpy(a[(pos + 1).cpu().numpy()]).to(logits.device) for a in self.cands)
             boost = torch.zeros_like(logits).scatter_add_(1, tok.long().clamp(min=0), logc * (tok >= 0))
             experts += [(z + beta * boost).log_softmax(-1) for beta in self.betas]
-        out = dict(zip([t for t in self.tracks if t != "mixture"], experts))  # neural+bias+ngram: the first beta
+        out = dict(zip([t for t in self.tracks if t not in ("mixture", self.tilt_track)], experts))  # ngram: beta 1
+        if self.hints is not None:
+            hint = torch.from_numpy(self.hints[(pos + 1).cpu().numpy()]).to(logits.device)
+            base = out[self.tracks[self.tracks.index(self.tilt_track) - 1]]
+            experts.append(tilt_log_probs(base, hint, self.tilt_beta))
+            out[self.tilt_track] = experts[-1]
         if self.hedge is not None:
             out["mixture"] = self.hedge.mix(experts)
         return out, experts
@@ -2271,10 +2396,16 @@ def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=Non
         log0(f"ngram orders:{h.ngram_min_order}-{h.ngram_max_order} table_bits:{h.ngram_table_bits} "
              f"top_k:{h.ngram_top_k} coverage:{float((cands[0][:, 0] >= 0).mean()):.4f} "
              f"build_ms:{1000 * (time.perf_counter() - t0):.0f}")
+    hints = None
+    if h.tilt_enabled:  # inside the eval clock, like the n-gram build
+        t0 = time.perf_counter()
+        hints = tilt_hints(ctx.val.numpy(), h.tilt_order, h.tilt_threshold)[0]
+        log0(f"tilt order:{h.tilt_order} threshold:{h.tilt_threshold} beta:{h.tilt_beta} "
+             f"gated:{float((hints >= 0).mean()):.4f} build_ms:{1000 * (time.perf_counter() - t0):.0f}")
     bias = OnlineBias(h, h.vocab_size, rt.device) if h.bias_enabled else None
-    n_pool = Experts.pool_size(bias is not None, len(h.ngram_beta_list) if cands is not None else 0)
+    n_pool = Experts.pool_size(bias is not None, len(h.ngram_beta_list) if cands is not None else 0, h.tilt_enabled)
     hedge = HedgeMixer(n_pool, h.hedge_eta, rt.device) if h.hedge_enabled else None
-    experts = Experts(h, bias, cands, hedge)
+    experts = Experts(h, bias, cands, hedge, hints)
     scorer = TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)) if h.ttt_enabled else FixedScorer(fwd)
     r = run_pass(ctx, scorer, h.eval_stride, experts, h.ttt_chunk_tokens, recorder=recorder, label="pass",
                  budget=budget or EvalBudget(h, rt, t_eval))
