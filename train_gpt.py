@@ -318,6 +318,10 @@ class Hyperparameters:
                f">= 1 and, with EVAL_PLAN=docs, <= EVAL_SEQ_LEN={self.eval_seq_len} (a window holds its whole chunk)")
         yield ("eval_plan", self.eval_plan == "stream" or not self.ttt_enabled,
                "stream while TTT_ENABLED=1 (the docs plan's per-document LoRA scorer is not in yet)")
+        yield ("eval_plan", self.eval_plan == "stream" or not (self.hedge_enabled and (self.ngram_enabled or
+                                                                                      self.tilt_enabled)),
+               "stream while HEDGE_ENABLED=1 with NGRAM_ENABLED or TILT_ENABLED: docs run longest first, so Hedge's "
+               "weights would carry stream-order table counts of tokens not yet scored into earlier documents")
         yield "model_dim", self.model_dim % self.num_heads == 0, "divisible by NUM_HEADS"
         yield "num_heads", self.num_heads % self.num_kv_heads == 0, "divisible by NUM_KV_HEADS"
         yield "rope_dims", self.rope_dims % 2 == 0 and self.rope_dims <= hd, f"even and <= head_dim {hd}"
@@ -1809,11 +1813,14 @@ class OnlineBias:
         r_t = r_{t-1} + lr * (onehot(x_t) - p_{t-1})     otherwise
     p: the neural distribution (no bias), so r_t reads only inputs up to t: a segmented prefix sum, computed per batch
     in parallel. The carry between chunks advances with a chunk's last target only in update(), after its score is
-    recorded; in a chunk each rank starts from it (or 0 after a BOS): several ranks drop some in-chunk context."""
+    recorded; in a chunk each rank starts from it (or 0 after a BOS): several ranks drop some in-chunk context.
+    Docs plan: a rank scores whole chunks of documents, so each continues exactly from its own document's state,
+    committed in update() after its previous chunk (the same rule, on every rank)."""
 
     def __init__(self, h: Hyperparameters, vocab: int, device):
         self.lr, self.V, self.device = h.bias_lr, vocab, device
         self.carry = torch.zeros(vocab, device=device, dtype=torch.float64)
+        self.per_doc, self.state, self.pending = h.eval_plan == "docs", {}, {}  # docs: next position -> (r, p)
 
     def begin_chunk(self, x_before: Tensor | None) -> None:
         """x_before: inputs between the chunk start (exclusive) and this rank's first position (inclusive)."""
@@ -1821,9 +1828,19 @@ class OnlineBias:
         self.init = torch.zeros_like(self.carry) if fresh else self.carry.clone()
         self.r_last, self.p_last, self.depends_on_init = self.init.clone(), None, True
 
-    def biases(self, x: Tensor, p: Tensor) -> Tensor:
+    def biases(self, x: Tensor, p: Tensor, pos: Tensor | None = None) -> Tensor:
         """Bias rows (n, V) for consecutive positions with inputs x (n,) and neural probabilities p (n, V): one
-        in-place cumulative sum per document segment (a BOS starts one), no (n, V) one-hot, gather or select."""
+        in-place cumulative sum per document segment (a BOS starts one), no (n, V) one-hot, gather or select.
+        Docs plan (pos given): rows are runs of consecutive positions, each from the state its document reached."""
+        if self.per_doc and pos is not None:
+            cuts = (torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist()
+            out = []
+            for a, b in zip([0] + cuts, cuts + [len(pos)]):  # a chunk's first input is BOS, or its state is here
+                self.r_last, self.p_last = self.state.get(int(pos[a]), (torch.zeros_like(self.carry), None))
+                self.depends_on_init = False
+                out.append(self.biases(x[a:b], p[a:b]))
+                self.pending[int(pos[b - 1]) + 1] = (self.r_last, self.p_last)
+            return torch.cat(out) if out else p.new_zeros(0, self.V)
         n, p_before = x.numel(), self.p_last if self.p_last is not None else torch.zeros_like(self.carry)
         g = torch.cat((p_before[None], p[:-1])).mul_(-self.lr)  # float64, as p_before
         g[torch.arange(n, device=x.device), x.long()] += self.lr
@@ -1839,7 +1856,11 @@ class OnlineBias:
 
     def update(self, scored: "ScoredChunk") -> None:
         """Advance the committed carry to the next chunk's first position, composing ranks in order: each sends
-        its r there, less the carry it started from while it still depends on it, and whether it does."""
+        its r there, less the carry it started from while it still depends on it, and whether it does. Docs plan:
+        the states this step reached replace the last step's (a rank's next step continues the same documents)."""
+        if self.per_doc:
+            self.state, self.pending = self.pending, {}
+            return
         delta, dep = torch.zeros_like(self.carry), self.p_last is None  # no positions: pass the carry through
         if self.p_last is not None and bool(scored.targets[-1] != BOS_ID):  # else the next position starts a document
             dep = self.depends_on_init
@@ -1888,15 +1909,16 @@ class ScoredChunk:
     targets: Tensor  # this rank's targets, in position order
     stream: Tensor  # val[lo:hi+1]: the chunk's inputs and its (now scored) targets, the only tokens TTT sees
     expert_nll: Tensor  # (experts,) float64 sums over this rank's positions
+    span: ChunkSpan | None = None  # what was scored (docs plan: mine's windows are this rank's whole chunks)
 
 
 class Experts:
     """Neural logits z -> the scored distributions, from inputs and logits (never targets), each normalized over the
     vocabulary. Tracks: neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram = softmax(z + r + b_1 n)
-    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), <the track before>+tilt = the closed-form
-    tilt of the track before it toward the prefix-only hint (tilt_log_probs), mixture = Hedge over the pool [neural,
-    neural+bias, softmax(z + r + b_j n) per beta, tilt]; neural in the pool mixes a harmful boost away (Hedge's bound).
-    Its hints: tilt_hints' rows, indexed like the candidates (row p + 1 for position p)."""
+    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), <the track before>+tilt = its
+    closed-form tilt toward the prefix-only hint (tilt_log_probs), mixture = Hedge over the pool [neural, neural+bias,
+    softmax(z + r + b_j n) per beta, tilt]; neural in the pool mixes a harmful boost away (Hedge's bound).
+    hints: tilt_hints' rows, indexed like the candidates (row p + 1 for position p)."""
 
     def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None, hints=None):
         self.bias, self.cands, self.hedge, self.hints = bias, cands, hedge, hints
@@ -1919,7 +1941,7 @@ class Experts:
     def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         experts, z = [logits.log_softmax(-1)], logits
         if self.bias is not None:
-            z = logits + self.bias.biases(x, experts[0].exp())
+            z = logits + self.bias.biases(x, experts[0].exp(), pos)
             experts.append(z.log_softmax(-1))
         if self.betas:
             tok, logc = (torch.from_numpy(a[(pos + 1).cpu().numpy()]).to(logits.device) for a in self.cands)
@@ -2046,6 +2068,9 @@ class ChunkSpan:
     n_chunks: int
     windows: np.ndarray  # all of the chunk's windows, (start, lo, hi) each
     mine: np.ndarray  # the ones this rank scores
+    width: int = 0  # the scoring batch's width (0: EVAL_SEQ_LEN)
+    batch: int = -1  # docs plan: this rank's document batch (a per-document scorer resets its state on a new one)
+    slots: np.ndarray | None = None  # docs plan: each of mine's document, as its index in the batch
 
 
 @dataclass
@@ -2136,6 +2161,48 @@ def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkS
     return [ChunkSpan(c, len(chunks), cw, cw[r * len(cw) // w:(r + 1) * len(cw) // w]) for c, cw in enumerate(chunks)]
 
 
+def find_docs(val: Tensor) -> np.ndarray:
+    """Documents as scored-position ranges (start, end): one runs from its BOS to the next BOS, which is its last
+    target; the last runs to the stream's end (positions before the first BOS form one more). Position p: input
+    val[p], target val[p + 1]."""
+    n = val.numel() - 1
+    bos = np.flatnonzero(val[:n].numpy() == BOS_ID)
+    if bos.size == 0:
+        raise ValueError(f"EVAL_PLAN=docs: the validation stream ({n} targets) has no BOS token (id {BOS_ID}): "
+                         f"there are no documents to isolate")
+    starts = np.union1d([0], bos)
+    return np.stack((starts, np.append(starts[1:], n)), 1)
+
+
+def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
+    """The document-isolated plan (#1855): each document in chunks of TTT_CHUNK targets, each chunk's window the last
+    <= EVAL_SEQ_LEN inputs of the same document ending at the chunk's end. Documents sorted by length go in batches of
+    TTT_DOC_BATCH, side by side, chunk after chunk; batches longest first, each to the rank with the least work so far
+    (window tokens; ties: the lowest rank), statically. Span i = every rank's i-th step (a rank past its last: none)."""
+    h, (s, e) = ctx.h, find_docs(ctx.val).T
+    order, C, T = np.argsort(e - s, kind="stable"), h.ttt_chunk, h.eval_seq_len
+    batches = [order[i:i + h.ttt_doc_batch] for i in range(0, len(order), h.ttt_doc_batch)][::-1]
+    steps, work = [[] for _ in range(ctx.rt.world_size)], np.zeros(ctx.rt.world_size)
+    for b, docs in enumerate(batches):
+        rank = int(np.argmin(work))
+        for ci in range(-(-int((e[docs] - s[docs]).max()) // C)):
+            slots = np.flatnonzero(e[docs] - s[docs] > ci * C)
+            lo = s[docs[slots]] + ci * C
+            hi = np.minimum(lo + C, e[docs[slots]])
+            wins = np.stack((np.maximum(s[docs[slots]], hi - T), lo, hi), 1)
+            width = int(min(T, 1 << int((wins[:, 2] - wins[:, 0]).max() - 1).bit_length()))  # few distinct shapes
+            steps[rank].append((b, wins, slots, width))
+            work[rank] += len(wins) * width
+    n = max(map(len, steps))
+    none = (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0)
+    spans = []
+    for i in range(n):
+        b, mine, slots, width = steps[ctx.rt.rank][i] if i < len(steps[ctx.rt.rank]) else none
+        every = np.concatenate([st[i][1] for st in steps if i < len(st)])
+        spans.append(ChunkSpan(i, n, every, mine, width, b, slots))
+    return spans
+
+
 def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
     """Rank 0's running bpb of every track (run_pass logs <= ~100 chunks; the score is the all-reduced total)."""
     el, c, n, nbytes = time.perf_counter() - t0, span.index, span.n_chunks, max(tally.bytes.item(), 1.0)
@@ -2144,24 +2211,26 @@ def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tal
 
 
 def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = None, chunk_tokens: int = 0,
-             recorder=None, label: str = "", budget: EvalBudget | None = None) -> EvalResult:
-    """The one scoring path, over chunks of windows left to right: score a chunk with scorer.current (inference_mode),
-    record its NLL, then (only then) hand the record to bias, Hedge and the scorer (TTT or fixed; the budget guard sets
-    TTT's epochs just before). Without them: plain or sliding eval. A non-finite score raises on every rank."""
+             recorder=None, label: str = "", budget: EvalBudget | None = None, plan: str = "stream") -> EvalResult:
+    """The one scoring path, over the plan's chunks of windows (stream: left to right, plan_chunks; docs: plan_docs):
+    score a chunk with scorer.current (inference_mode), record its NLL, then (only then) hand the record to bias, Hedge
+    and the scorer (TTT or fixed; the budget guard sets TTT's epochs just before). Without them: plain or sliding eval.
+    A non-finite score raises on every rank."""
     h, rt, val, t0 = ctx.h, ctx.rt, ctx.val, time.perf_counter()
     experts = experts or Experts(h, None, None, None)
     tally = Tally.zeros(len(experts.tracks), rt.device, experts.n_experts)
-    for span in plan_chunks(ctx, stride, chunk_tokens):
+    for span in plan_docs(ctx) if plan == "docs" else plan_chunks(ctx, stride, chunk_tokens):
         if budget is not None:
             budget.begin(span, scorer)
-        mine, lo, hi = span.mine, int(span.windows[0, 1]), int(span.windows[:, 2].max())
-        if experts.bias is not None:
+        mine, lo, hi = span.mine, int(span.windows[:, 1].min()), int(span.windows[:, 2].max())
+        if experts.bias is not None and plan == "stream":  # the docs plan's bias keeps per-document states
             first = int(mine[0, 1]) if len(mine) else lo
             experts.bias.begin_chunk(val[lo + 1:first + 1].to(rt.device) if first > lo else None)
         model, targets, expert_nll = scorer.current, [], torch.zeros_like(tally.experts)
         with torch.inference_mode():
             for i in range(0, len(mine), h.eval_batch_seqs):
-                logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], h.eval_seq_len, rt.device)
+                logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], span.width or h.eval_seq_len,
+                                            rt.device)
                 x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
                 lps, ex = experts.log_probs(logits, x, pos)
                 nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
@@ -2173,7 +2242,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
                 if recorder is not None:
                     recorder(dict(chunk=span.index, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
         y_all = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=rt.device)
-        scored = ScoredChunk(span.index, span.n_chunks, lo, hi, y_all, val[lo:hi + 1], expert_nll)
+        scored = ScoredChunk(span.index, span.n_chunks, lo, hi, y_all, val[lo:hi + 1], expert_nll, span)
         tally.experts += expert_nll
         for comp in filter(None, (experts.bias, experts.hedge)):
             comp.update(scored)
@@ -2408,7 +2477,7 @@ def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=Non
     experts = Experts(h, bias, cands, hedge, hints)
     scorer = TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)) if h.ttt_enabled else FixedScorer(fwd)
     r = run_pass(ctx, scorer, h.eval_stride, experts, h.ttt_chunk_tokens, recorder=recorder, label="pass",
-                 budget=budget or EvalBudget(h, rt, t_eval))
+                 budget=budget or EvalBudget(h, rt, t_eval), plan=h.eval_plan)
     if hedge is not None:
         log0("hedge final_weights:" + ",".join(f"{w:.4f}" for w in hedge.log_w.exp().tolist()))
     return r, experts, scorer
@@ -2443,6 +2512,8 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     val = load_val_tokens(h.val_files, h.eval_seq_len, h.val_max_tokens, h.vocab_size)
+    if h.eval_plan == "docs":  # no documents to isolate: fail now, not after training
+        find_docs(val)
     ctx = EvalContext(h, rt, val, tuple(t.to(rt.device) for t in load_tokenizer_luts(h)))
     if h.val_max_tokens > 0:
         log0(f"val_subset tokens:{val.numel() - 1} (VAL_MAX_TOKENS={h.val_max_tokens}): a pipeline check, not a score")

@@ -2,14 +2,17 @@
 prefix-only hints, the closed form's normalization) and the pass's legality with the tilt and every expert on."""
 import dataclasses
 import math
+import os
+import socket
 import time
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import perturbed_model
+from conftest import perturbed_model, tiny
 
 CPU = tg.Runtime.local()
 
@@ -21,6 +24,12 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- the tilt's hints
@@ -202,3 +211,206 @@ def test_answer_flip_with_every_expert_on(env):
         before = [p for p in base.nll[track] if p < t]
         assert before and all(base.nll[track][p] == flipped.nll[track][p] for p in before), track
         assert torch.equal(base.rows[t][track], flipped.rows[t][track]), track
+
+
+# ----------------------------------------------------------------------------- the document-isolated plan
+
+
+DOCS = dict(ALL_ON, eval_plan="docs", ttt_enabled=False, ttt_chunk=8, ttt_doc_batch=4, hedge_enabled=False)
+# The two expert sets the docs plan allows: the stream-order tables (n-gram, tilt) or Hedge across documents
+DOCS_EXPERTS = {"tables": {}, "hedge": dict(hedge_enabled=True, ngram_enabled=False, tilt_enabled=False)}
+
+
+def _docs_val(seed=0, n_docs=23, vocab=50) -> torch.Tensor:
+    """Documents of very different lengths (1 to 150 targets), a few leading tokens before the first BOS."""
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(2, vocab, 3)] + [np.concatenate(([tg.BOS_ID], rng.integers(2, vocab, rng.integers(0, 150))))
+                                          for _ in range(n_docs)]
+    return torch.from_numpy(np.concatenate(docs).astype(np.int32))
+
+
+def _plans(h, val, world):
+    return [tg.plan_docs(tg.EvalContext(h, tg.Runtime(r, r, world, CPU.device), val, None)) for r in range(world)]
+
+
+@pytest.mark.parametrize("world, chunk, seq, batch", [(1, 8, 32, 4), (2, 8, 32, 4), (3, 5, 12, 2), (2, 48, 48, 64),
+                                                      (8, 3, 3, 1)])
+def test_docs_plan_scores_every_target_once_inside_its_document(world, chunk, seq, batch):
+    h = tg.Hyperparameters(**tg.PR549, eval_seq_len=seq, eval_stride=1, ttt_chunk=chunk, ttt_doc_batch=batch)
+    val = _docs_val()
+    docs, n = tg.find_docs(val), val.numel() - 1
+    assert docs[0].tolist() == [0, 3] and (val[docs[1:, 0]] == tg.BOS_ID).all() and docs[-1, 1] == n
+    doc_of = np.searchsorted(docs[:, 0], np.arange(n), side="right") - 1
+    plans = _plans(h, val, world)
+    assert len({len(p) for p in plans}) == 1  # every rank walks the same steps (the collectives match)
+    scored = []
+    for rank, spans in enumerate(plans):
+        seen = {}  # batch -> the previous step's windows
+        for i, span in enumerate(spans):
+            assert np.array_equal(span.windows, np.concatenate([p[i].mine for p in plans]))
+            for (ws, lo, hi), slot in zip(span.mine, span.slots):
+                assert doc_of[ws] == doc_of[hi - 1] and ws <= lo < hi and hi - lo <= chunk and hi - ws <= seq
+                assert hi - ws == seq or ws == docs[doc_of[ws], 0]  # the longest context the document has
+                assert hi - ws <= span.width <= seq
+                assert lo == docs[doc_of[lo], 0] or seen[span.batch][slot] == lo  # its document's previous chunk
+                scored.append(np.arange(lo, hi))
+            seen[span.batch] = dict(zip(span.slots.tolist(), span.mine[:, 2].tolist()))
+    assert np.array_equal(np.sort(np.concatenate(scored)), np.arange(n))
+    assert all(np.array_equal(a.mine, b.mine) for a, b in zip(_plans(h, val, world)[0], plans[0]))  # deterministic
+
+
+def test_docs_plan_runs_the_longest_batches_first_on_the_least_loaded_rank():
+    h = tg.Hyperparameters(**tg.PR549, eval_seq_len=32, eval_stride=1, ttt_chunk=8, ttt_doc_batch=3)
+    val = _docs_val(1)
+    docs = tg.find_docs(val)
+    lens = docs[:, 1] - docs[:, 0]
+    spans = _plans(h, val, 1)[0]
+    firsts = [s for i, s in enumerate(spans) if i == 0 or s.batch != spans[i - 1].batch]
+    longest = [max(lens[np.searchsorted(docs[:, 0], s.mine[:, 1], side="right") - 1]) for s in firsts]
+    assert longest == sorted(longest, reverse=True) and [s.batch for s in firsts] == list(range(len(firsts)))
+    two = _plans(h, val, 2)
+    work = [sum(len(s.mine) * s.width for s in p) for p in two]
+    assert max(work) - min(work) <= max(len(s.mine) * s.width for p in two for s in p) * -(-150 // 8)
+
+
+def test_docs_plan_bad_input_fails_at_start_up(dataset, tmp_path):
+    with pytest.raises(ValueError, match="EVAL_PLAN=docs.*no BOS"):
+        tg.find_docs(torch.arange(2, 40, dtype=torch.int32))
+    with pytest.raises(ValueError, match="TTT_CHUNK=64"):
+        tg.Hyperparameters(eval_plan="docs", ttt_chunk=64, eval_seq_len=32, ttt_enabled=False)
+    with pytest.raises(ValueError, match="EVAL_PLAN=docs"):
+        tg.Hyperparameters(eval_plan="docs", ttt_enabled=True)
+    with pytest.raises(ValueError, match="EVAL_PLAN=docs.*HEDGE_ENABLED"):
+        tg.Hyperparameters(eval_plan="docs", ttt_enabled=False, hedge_enabled=True, ngram_enabled=False)
+    with pytest.raises(ValueError, match="TTT_DOC_BATCH=0"):
+        tg.Hyperparameters(ttt_doc_batch=0)
+    for split in ("train", "val"):  # no BOS anywhere: run() stops before it trains
+        tg.write_shard(tmp_path / tg.SHARD_NAME.format(split=split, index=0), np.arange(2, 900) % 1000 + 2)
+    h = dataclasses.replace(tiny(data_path=str(tmp_path), tokenizer_path=dataset["tokenizer_path"]), **DOCS,
+                            out_dir=str(tmp_path), run_id="nobos")
+    with pytest.raises(ValueError, match="no BOS"):
+        tg.run(h, CPU)
+    assert not (tmp_path / "final_model.int6.ptz").exists()
+
+
+def _docs_env(env, **kw):
+    return dataclasses.replace(env[0], **{**DOCS, **kw}), env[1], env[2]
+
+
+def test_docs_pass_scores_each_target_once_normalized(env):
+    h, val, luts = _docs_env(env)
+    rows = [0, 5, 105, 106, 107, 364, 700, 1500, val.numel() - 2]
+    rec = Recorder(rows)
+    r, experts, _ = adaptive(h, val, luts, rec)
+    pos = torch.cat(rec.positions)
+    assert torch.equal(pos.sort().values, torch.arange(val.numel() - 1))
+    stream = tg.run_pass(tg.EvalContext(h, CPU, val, luts), tg.FixedScorer(perturbed_model(h)), h.eval_stride)
+    assert (r.tokens, r.bytes) == (stream.tokens, stream.bytes)
+    assert experts.tracks[-1] == r.final == "neural+bias+ngram+tilt"
+    for p in rows:
+        for track, lp in rec.rows[p].items():
+            probs = lp.double().exp()
+            assert probs.min() >= 0 and abs(probs.sum().item() - 1) < 1e-5, (p, track)
+
+
+def test_docs_pass_neural_scores_see_only_their_document(env):
+    """A document's neural scores equal scoring it alone, as its own stream (windows never cross a BOS)."""
+    h, val, luts = _docs_env(env, bias_enabled=False, ngram_enabled=False, hedge_enabled=False, tilt_enabled=False)
+    rec = Recorder()
+    adaptive(h, val, luts, rec)
+    docs = tg.find_docs(val)
+    for a, b in docs[[1, 2, -1]]:
+        alone = Recorder()
+        adaptive(h, val[a:b + 1].clone(), luts, alone)
+        for p in range(a, b):
+            assert alone.nll["neural"][p - a] == pytest.approx(rec.nll["neural"][p], abs=2e-5)
+
+
+def test_docs_pass_bias_is_the_sequential_rule_per_document(env):
+    h, val, luts = _docs_env(env, ngram_enabled=False, hedge_enabled=False, tilt_enabled=False, bias_lr=0.5)
+    rec = Recorder(range(val.numel() - 1))
+    adaptive(h, val, luts, rec)
+    x, V = val.long(), h.vocab_size
+    r = torch.zeros(V, dtype=torch.float64)
+    for t in range(val.numel() - 1):
+        p_prev = rec.rows[t - 1]["neural"].double().exp() if t else None
+        r = torch.zeros(V, dtype=torch.float64) if x[t] == tg.BOS_ID or t == 0 else \
+            r + h.bias_lr * (torch.nn.functional.one_hot(x[t], V).double() - p_prev)
+        want = (rec.rows[t]["neural"].double() + r).log_softmax(-1)
+        torch.testing.assert_close(rec.rows[t]["neural+bias"].double(), want, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("experts", DOCS_EXPERTS)
+def test_docs_pass_updates_follow_the_scores_they_use(env, monkeypatch, experts):
+    h, val, luts = _docs_env(env, **DOCS_EXPERTS[experts])
+    scored, events = set(), []
+
+    def spy(name, fn):
+        def wrapped(self, chunk):
+            mine = chunk.span.mine
+            events.append(name)
+            assert all(p in scored for ws, lo, hi in mine for p in range(lo, hi)), name
+            return fn(self, chunk)
+        return wrapped
+
+    for cls, name in ((tg.OnlineBias, "bias"), (tg.HedgeMixer, "hedge"), (tg.FixedScorer, "scorer")):
+        monkeypatch.setattr(cls, "update", spy(name, cls.update))
+    rec = Recorder()
+    adaptive(h, val, luts, lambda r: (rec(r), scored.update(r["pos"].tolist())))
+    assert {"bias", "scorer"} | ({"hedge"} if h.hedge_enabled else set()) <= set(events) and len(scored) == val.numel() - 1
+
+
+@pytest.mark.parametrize("experts", DOCS_EXPERTS)
+def test_docs_answer_flip_with_every_expert_on(env, experts):
+    """Flip the target at position t: the distribution at t stays identical, and so does every score that may not
+    see it: with the tables, every position before t (each score is a function of its stream prefix); with Hedge,
+    every position scored at t's step or before, but t's own and its document's later ones (Hedge's weights carry
+    scored losses to later steps, in any document). Other documents' neural scores stay."""
+    h, val, luts = _docs_env(env, **DOCS_EXPERTS[experts])
+    t = 880  # early in the last batch's longest document: other documents are scored after it
+    assert tg.BOS_ID not in (val[t + 1], (val[t + 1] + 17) % h.vocab_size)  # the documents stay as they are
+    base, flipped, steps = Recorder([t]), Recorder([t]), {}
+    adaptive(h, val, luts, lambda r: (base(r), steps.update(dict.fromkeys(r["pos"].tolist(), r["chunk"]))))
+    val2 = val.clone()
+    val2[t + 1] = (val2[t + 1] + 17) % h.vocab_size
+    adaptive(h, val2, luts, flipped)
+    docs = tg.find_docs(val)
+    a, b = docs[np.searchsorted(docs[:, 0], t, side="right") - 1]
+    for track in base.nll:
+        same = [p for p in base.nll[track] if (p < t or not a <= p < b) and steps[p] <= steps[t]] if h.hedge_enabled \
+            else [p for p in base.nll[track] if p < t]
+        assert same and all(base.nll[track][p] == flipped.nll[track][p] for p in same), track
+        assert torch.equal(base.rows[t][track], flipped.rows[t][track]), track
+    assert all(base.nll["neural"][p] == flipped.nll["neural"][p] for p in base.nll["neural"] if not a <= p < b)
+    final = list(base.nll)[-1]  # Hedge's cross-document adaptation is live: the flip reaches other documents
+    assert not h.hedge_enabled or any(base.nll[final][p] != flipped.nll[final][p] for p in base.nll[final] if not a <= p < b)
+
+
+def _docs_rank_worker(rank, world, port, h, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    rt = tg.init_runtime()
+    val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
+    rec = Recorder()
+    ctx = tg.EvalContext(h, rt, val, tg.load_tokenizer_luts(h))
+    r, _, _ = tg.adaptive_pass(ctx, perturbed_model(h), perturbed_model(h), time.perf_counter(), recorder=rec)
+    torch.save({"losses": r.losses, "tokens": r.tokens, "bytes": r.bytes, "nll": rec.nll}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_docs_pass_on_two_ranks_scores_each_target_once_as_on_one(env, tmp_path):
+    """Two ranks split the batches: together they score every target once, each exactly as one rank does."""
+    h, val, luts = _docs_env(env)
+    one = Recorder()
+    r1, _, _ = adaptive(h, val, luts, one)
+    out = str(tmp_path / "docs")
+    mp.spawn(_docs_rank_worker, args=(2, _free_port(), h, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert all(rk["tokens"] == r1.tokens and rk["bytes"] == r1.bytes for rk in ranks)
+    for track, nll in one.nll.items():
+        mine = [set(rk["nll"][track]) for rk in ranks]
+        assert mine[0] and mine[1] and not mine[0] & mine[1] and mine[0] | mine[1] == set(nll)
+        for rk in ranks:
+            assert all(v == pytest.approx(nll[p], abs=1e-5) for p, v in rk["nll"][track].items()), track
+        assert ranks[0]["losses"][track] == pytest.approx(r1.losses[track], rel=1e-6)
