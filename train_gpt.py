@@ -1738,49 +1738,59 @@ def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_orde
 #                                word 1 = total << 32 | top_count           (H_*: the n-gram kernel's lanes, k = m)
 #     PAIR    slot P_ROW & mask: word 0 = 2**62 | P_ROW << 31 | P_TAG, word 1 = count   (P_*: lanes rolled on by t)
 # Row t (t >= m): hint = top_tok where the context is present and top_count / total >= threshold, else -1; then
-# count(context, t) += 1, total += 1, and t becomes top_tok when its count now exceeds top_count.
+# count(context, t) += 1, total += 1, and t becomes top_tok when its count now exceeds top_count. The top token's
+# count lives in the context slot alone (its pair slot is written when it loses the top), so a new context or a
+# repeat of its top token (most rows) touches one slot, the pair table only the rest.
 TILT_LOAD = 0.55  # slots >= tokens / TILT_LOAD per table: at most one context and one pair per token
 TILT_MAX_TABLE_BITS = 28  # 2**28 slots x 16 bytes = 4 GiB per table (~147M tokens)
 
 
+@njit(cache=True)
+def _tilt_pair(pair, h_row, h_tag, x):
+    """The pair table's slot of (context lanes, token x): found, or the empty one where it goes."""
+    p_row, p_tag = _ng_roll(h_row, 0, x + 1, 0, NG_MUL_ROW), _ng_roll(h_tag, 0, x + 1, 0, NG_MUL_TAG)
+    key, p, mask = (1 << 62) | (p_row << 31) | p_tag, p_row & (len(pair) - 1), len(pair) - 1
+    while pair[p, 0] != 0 and pair[p, 0] != key:
+        p = (p + 1) & mask
+    pair[p, 0] = key
+    return p
+
+
 @njit(cache=True, nogil=True)
 def _tilt_pass(tokens, m, threshold, ctx, pair, hint, conf):
-    """The header's rule over the whole stream, hashing NG_AHEAD positions ahead and prefetching both slots."""
+    """The header's rule over the whole stream, hashing NG_AHEAD positions ahead and prefetching the context slot."""
     n, mask = tokens.size, ctx.shape[0] - 1
     top_row, top_tag = _ng_pow(NG_MUL_ROW, m - 1), _ng_pow(NG_MUL_TAG, m - 1)
     hint[:min(m, n)] = -1
     conf[:min(m, n)] = 0
-    ring = np.zeros((NG_RING, 4), np.int64)  # context and pair lanes of the positions hashed ahead
+    ring = np.zeros((NG_RING, 2), np.int64)  # context lanes of the positions hashed ahead
     h_row = h_tag = 0
     for s in range(1, n + NG_AHEAD):
-        if s < n:  # roll the context to tokens[s-m .. s-1], then the pair on to token s
+        if s < n:  # roll the context to tokens[s-m .. s-1]
             old, new = int(tokens[s - 1 - m]) + 1 if s > m else 0, int(tokens[s - 1]) + 1
             h_row = _ng_roll(h_row, old, new, top_row, NG_MUL_ROW)
             h_tag = _ng_roll(h_tag, old, new, top_tag, NG_MUL_TAG)
-            if s >= m:
-                x = int(tokens[s]) + 1
-                j = s % NG_RING
-                ring[j, 0], ring[j, 1] = h_row, h_tag
-                ring[j, 2], ring[j, 3] = _ng_roll(h_row, 0, x, 0, NG_MUL_ROW), _ng_roll(h_tag, 0, x, 0, NG_MUL_TAG)
-                _ng_prefetch(ctx, h_row & mask)
-                _ng_prefetch(pair, ring[j, 2] & mask)
+            ring[s % NG_RING, 0], ring[s % NG_RING, 1] = h_row, h_tag
+            _ng_prefetch(ctx, h_row & mask)
         t = s - NG_AHEAD
         if t < m:
             continue
-        j = t % NG_RING
-        key, pkey = (1 << 46) | (ring[j, 0] << 15) | (ring[j, 1] & 0x7FFF), (1 << 62) | (ring[j, 2] << 31) | ring[j, 3]
-        i = ring[j, 0] & mask
+        r, g = ring[t % NG_RING, 0], ring[t % NG_RING, 1]
+        key, i = (1 << 46) | (r << 15) | (g & 0x7FFF), r & mask
         while ctx[i, 0] != 0 and (ctx[i, 0] >> 16) != key:
             i = (i + 1) & mask
-        total, top = ctx[i, 1] >> 32, ctx[i, 1] & 0xFFFFFFFF
+        total, top, top_tok = ctx[i, 1] >> 32, ctx[i, 1] & 0xFFFFFFFF, ctx[i, 0] & NG_TOK_MASK
         conf[t] = top / total if total > 0 else 0.0
-        hint[t] = ctx[i, 0] & NG_TOK_MASK if total > 0 and top >= threshold * total else -1
-        p = ring[j, 2] & mask  # only now does token t enter the tables
-        while pair[p, 0] != 0 and pair[p, 0] != pkey:
-            p = (p + 1) & mask
-        pair[p, 0], pair[p, 1] = pkey, pair[p, 1] + 1
-        if pair[p, 1] > top:
-            ctx[i, 0], top = (key << 16) | int(tokens[t]), pair[p, 1]
+        hint[t] = top_tok if total > 0 and top >= threshold * total else -1
+        x = int(tokens[t])  # only now does token t enter the tables
+        if total == 0 or x == top_tok:  # a new context (x its top, count 1), or one more of its top token
+            ctx[i, 0], ctx[i, 1] = (key << 16) | x, ((total + 1) << 32) | (top + 1)
+            continue
+        p = _tilt_pair(pair, r, g, x)
+        pair[p, 1] += 1
+        if pair[p, 1] > top:  # x takes the top: the old top's count moves to its pair slot
+            pair[_tilt_pair(pair, r, g, top_tok), 1] = top
+            ctx[i, 0], top = (key << 16) | x, pair[p, 1]
         ctx[i, 1] = ((total + 1) << 32) | top
 
 
