@@ -1513,9 +1513,10 @@ def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
                     dtype=np.int64).reshape(-1, 3)
 
 
-def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device) -> tuple[Tensor, Tensor]:
-    """Logits (n, V) of the scored positions of a batch of windows, and those positions (n,)."""
-    x = torch.zeros(len(wins), window, dtype=torch.int64)
+def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device, rows: int = 0) -> tuple[Tensor, Tensor]:
+    """Logits (n, V) of the scored positions of a batch of windows, and those positions (n,). rows > 0: the batch is
+    padded to that many windows (fewer shapes to compile)."""
+    x = torch.zeros(max(len(wins), rows), window, dtype=torch.int64)
     for b, (ws, _, hi) in enumerate(wins):
         x[b, :hi - ws] = val[ws:hi].long()
     with autocast(device):
@@ -2188,7 +2189,9 @@ def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
     """The document-isolated plan (#1855): each document in chunks of TTT_CHUNK targets, each chunk's window the last
     <= EVAL_SEQ_LEN inputs of the same document ending at the chunk's end. Documents sorted by length go in batches of
     TTT_DOC_BATCH, side by side, chunk after chunk; batches longest first, each to the rank with the least work so far
-    (window tokens; ties: the lowest rank), statically. Span i = every rank's i-th step (a rank past its last: none)."""
+    (window tokens; ties: the lowest rank), statically. Span i = every rank's i-th step (a rank past its last: none).
+    A step's width is EVAL_SEQ_LEN / 8, / 4, / 2 or all of it, and run_pass pads its batches to EVAL_BATCH_SEQS rows:
+    few shapes for the compiled model."""
     h, (s, e) = ctx.h, find_docs(ctx.val).T
     order, C, T = np.argsort(e - s, kind="stable"), h.ttt_chunk, h.eval_seq_len
     batches = [order[i:i + h.ttt_doc_batch] for i in range(0, len(order), h.ttt_doc_batch)][::-1]
@@ -2200,7 +2203,7 @@ def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
             lo = s[docs[slots]] + ci * C
             hi = np.minimum(lo + C, e[docs[slots]])
             wins = np.stack((np.maximum(s[docs[slots]], hi - T), lo, hi), 1)
-            width = int(min(T, 1 << int((wins[:, 2] - wins[:, 0]).max() - 1).bit_length()))  # few distinct shapes
+            width = next(w for w in (T >> 3, T >> 2, T >> 1, T) if w >= (wins[:, 2] - wins[:, 0]).max())  # 4 shapes
             steps[rank].append((b, wins, slots, width))
             work[rank] += len(wins) * width
     n = max(map(len, steps))
@@ -2240,7 +2243,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
         with torch.inference_mode():
             for i in range(0, len(mine), h.eval_batch_seqs):
                 logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], span.width or h.eval_seq_len,
-                                            rt.device)
+                                            rt.device, h.eval_batch_seqs if span.width else 0)  # docs: fixed shapes
                 x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
                 lps, ex = experts.log_probs(logits, x, pos)
                 nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
