@@ -414,3 +414,17 @@ def test_docs_pass_on_two_ranks_scores_each_target_once_as_on_one(env, tmp_path)
         for rk in ranks:
             assert all(v == pytest.approx(nll[p], abs=1e-5) for p, v in rk["nll"][track].items()), track
         assert ranks[0]["losses"][track] == pytest.approx(r1.losses[track], rel=1e-6)
+
+
+def test_a_whole_run_with_the_docs_plan_and_the_tilt(dataset, tmp_path, monkeypatch):
+    """run(): trains, exports, then the declared docs-plan pass with the tilt built inside the eval clock; the
+    diagnostics still slide over the stream."""
+    monkeypatch.setattr(tg, "_LOG", {"path": None, "main": True})
+    h = dataclasses.replace(tiny(**dataset, out_dir=str(tmp_path), run_id="docs"), **DOCS)
+    assert tg.run(h, CPU) == 0
+    log = (tmp_path / "logs" / "docs.txt").read_text()
+    run = log[log.index("\nhparams "):]  # past the logged source
+    assert "eval_plan:docs" in run and "tilt_enabled:True" in run
+    assert "\ntilt order:3 threshold:0.5 beta:2.625 gated:" in run and " build_ms:" in run
+    assert "\nablation track:neural+bias+ngram+tilt val_loss:" in run and "\nfinal_score val_loss:" in run
+    assert "\nfinal_int8_zlib_roundtrip_exact val_loss:" in run
