@@ -121,7 +121,8 @@ PR549 = dict(
     doc_mask=False, matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_momentum=0.99, muon_wd=0.04,
     embed_wd=0.04, scalar_wd=0.04, beta2=0.95, muon_eq_r=False, muon_ns="quintic", warmdown_iters=3500,
     warmdown_frac=0.0, min_lr=0.0, ema_decay=0.997, late_qat_threshold=0.15, gptq_enabled=False,
-    quant_scheme="percentile", lqer_top_k=0, mlp_sort=False)
+    quant_scheme="percentile", lqer_top_k=0, mlp_sort=False, tilt_enabled=False,
+    eval_plan="stream")
 PRESETS = {
     "pr549": PR549,
     "cpu": dict(
@@ -266,6 +267,13 @@ class Hyperparameters:
     bias_lr: float = 0.02
     hedge_enabled: bool = True
     hedge_eta: float = 1.0
+    tilt_enabled: bool = True  # the token-only n-gram tilt expert (#2135): one hinted token per position, prefix-only
+    tilt_order: int = 16  # the hint's context is the TILT_ORDER - 1 previous tokens
+    tilt_threshold: float = 0.8  # tilt only where the hint's prefix frequency top_count / total reaches this
+    tilt_beta: float = 2.625  # p'(a) = p(a) e^(beta [a = hint]) / Z
+    eval_plan: str = "stream"  # stream: sliding windows across documents; docs: each document alone, in TTT_CHUNKs
+    ttt_chunk: int = 48  # docs plan: targets per chunk; each window is the last <= EVAL_SEQ_LEN tokens of its document
+    ttt_doc_batch: int = 64  # docs plan: documents scored side by side (sorted by length, longest batches first)
 
     def __post_init__(self):
         """Every knob checked with its value named, so a bad one fails here, not after training."""
@@ -280,13 +288,15 @@ class Hyperparameters:
                        compressor=tuple(c + s for c in ("auto", "lzma", "zstd", "brotli") for s in ("", "+shuffle"))
                        + ("pergroup",), quant_scheme=("sdclip", "percentile"),
                        preset=("",) + tuple(PRESETS), smear_gate=("off", "fixed", "gated"),
-                       muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", *FUSED_CHOICES))
+                       muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", *FUSED_CHOICES),
+                       eval_plan=("stream", "docs"))
         yield from ((f.name, math.isfinite(v), "a finite number") for f in fields(self)
                     if isinstance(v := getattr(self, f.name), float))
         yield from ((n, get(n) >= 1, ">= 1") for n in (
             "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim", "num_heads", "num_kv_heads",
             "bigram_dim", "ve_dim", "muon_backend_steps", "eval_seq_len", "eval_batch_seqs", "ttt_batch_seqs",
-            "ttt_chunk_tokens", "ngram_min_order", "ngram_min_count", "gptq_calib_batches", "gptq_block_size"))
+            "ttt_chunk_tokens", "ttt_doc_batch", "ngram_min_order", "ngram_min_count", "gptq_calib_batches",
+            "gptq_block_size"))
         yield from ((n, get(n) >= 0, ">= 0") for n in (
             "warmdown_iters", "warmup_steps", "max_wallclock_seconds", "val_loss_every", "train_log_every",
             "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps", "muon_wd",
@@ -316,6 +326,17 @@ class Hyperparameters:
         yield "ngram_max_order", self.ngram_min_order <= self.ngram_max_order <= 127, "in [NGRAM_MIN_ORDER, 127]"
         yield "ngram_table_bits", 0 <= self.ngram_table_bits <= NG_MAX_TABLE_BITS, f"in [0, {NG_MAX_TABLE_BITS}]"
         yield "ngram_top_k", 1 <= self.ngram_top_k <= NG_MAX_TOP_K, f"in [1, {NG_MAX_TOP_K}]"
+        yield "tilt_order", 2 <= self.tilt_order <= 127, "in [2, 127]"
+        yield "tilt_threshold", 0 < self.tilt_threshold <= 1, "in (0, 1]"
+        yield "tilt_beta", 0 < self.tilt_beta <= 20, "in (0, 20]"
+        yield ("ttt_chunk", 1 <= self.ttt_chunk and (self.eval_plan != "docs" or self.ttt_chunk <= self.eval_seq_len),
+               f">= 1 and, with EVAL_PLAN=docs, <= EVAL_SEQ_LEN={self.eval_seq_len} (a window holds its whole chunk)")
+        yield ("eval_plan", self.eval_plan == "stream" or not self.ttt_enabled,
+               "stream while TTT_ENABLED=1 (the docs plan's per-document LoRA scorer is not in yet)")
+        yield ("eval_plan", self.eval_plan == "stream" or not (self.hedge_enabled and (self.ngram_enabled or
+                                                                                      self.tilt_enabled)),
+               "stream while HEDGE_ENABLED=1 with NGRAM_ENABLED or TILT_ENABLED: docs run longest first, so Hedge's "
+               "weights would carry stream-order table counts of tokens not yet scored into earlier documents")
         yield "model_dim", self.model_dim % self.num_heads == 0, "divisible by NUM_HEADS"
         yield "num_heads", self.num_heads % self.num_kv_heads == 0, "divisible by NUM_KV_HEADS"
         yield "rope_dims", self.rope_dims % 2 == 0 and self.rope_dims <= hd, f"even and <= head_dim {hd}"
@@ -2250,9 +2271,10 @@ def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
                     dtype=np.int64).reshape(-1, 3)
 
 
-def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device) -> tuple[Tensor, Tensor]:
-    """Logits (n, V) of the scored positions of a batch of windows, and those positions (n,)."""
-    x = torch.zeros(len(wins), window, dtype=torch.int64)
+def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device, rows: int = 0) -> tuple[Tensor, Tensor]:
+    """Logits (n, V) of the scored positions of a batch of windows, and those positions (n,). rows > 0: the batch is
+    padded to that many windows (fewer shapes to compile)."""
+    x = torch.zeros(max(len(wins), rows), window, dtype=torch.int64)
     for b, (ws, _, hi) in enumerate(wins):
         x[b, :hi - ws] = val[ws:hi].long()
     with autocast(device):
@@ -2320,6 +2342,21 @@ def _ng_mod(x):
     return x - NG_MOD if x >= NG_MOD else x
 
 
+@njit(cache=True)
+def _ng_pow(mul, e):
+    """mul**e mod (2**31 - 1): the weight of a k-token context's oldest token (e = k - 1)."""
+    top = 1
+    for _ in range(e):
+        top = _ng_mod(top * mul)
+    return top
+
+
+@njit(cache=True)
+def _ng_roll(h, old, new, top, mul):
+    """One rolling-hash step: drop `old` (weight top = mul**(k-1); 0: nothing to drop), append `new`."""
+    return _ng_mod((h + NG_MOD - _ng_mod(old * top)) * mul + new)
+
+
 @njit(cache=True, nogil=True)
 def _ng_order_chunk(tokens, k, c0, c1, min_count, table, buf_tok, buf_cnt, counters):
     """Replay order k over positions [c0, c1) into buffer rows t - c0; counters += (inserted, dropped, evicted mass).
@@ -2327,18 +2364,15 @@ def _ng_order_chunk(tokens, k, c0, c1, min_count, table, buf_tok, buf_cnt, count
     start = max(c0, k)
     buf_tok[:min(start, c1) - c0, 0] = -1  # no order-k context yet
     mask = table.shape[0] - 1
-    h_row, h_tag, top_row, top_tag = 0, 0, 1, 1
-    for _ in range(k - 1):  # top = P**(k-1), the weight of the oldest context token
-        top_row = _ng_mod(top_row * NG_MUL_ROW)
-        top_tag = _ng_mod(top_tag * NG_MUL_TAG)
+    h_row, h_tag, top_row, top_tag = 0, 0, _ng_pow(NG_MUL_ROW, k - 1), _ng_pow(NG_MUL_TAG, k - 1)
     ring = np.zeros((NG_RING, 2), np.int64)  # (bucket, tag) of the positions hashed ahead
     inserted = dropped = evicted = 0
     for s in range(start - k + 1, c1 + NG_AHEAD):  # the first k steps hash the context of position `start`
         if s < c1:  # roll the hash to position s: drop tokens[s-1-k] (none up to start), append tokens[s-1]
             old = int(tokens[s - 1 - k]) + 1 if s > start else 0
             new = int(tokens[s - 1]) + 1
-            h_row = _ng_mod((h_row + NG_MOD - _ng_mod(old * top_row)) * NG_MUL_ROW + new)
-            h_tag = _ng_mod((h_tag + NG_MOD - _ng_mod(old * top_tag)) * NG_MUL_TAG + new)
+            h_row = _ng_roll(h_row, old, new, top_row, NG_MUL_ROW)
+            h_tag = _ng_roll(h_tag, old, new, top_tag, NG_MUL_TAG)
             ring[s % NG_RING, 0] = h_row & mask
             ring[s % NG_RING, 1] = h_tag
             _ng_prefetch(table, h_row & mask)
@@ -2396,6 +2430,22 @@ def _ng_merge(min_order, c0, a, b, buf_tok, buf_cnt, cand_tok, cand_cnt, chosen)
             cand_cnt[t, j] = buf_cnt[o, t - c0, j] if o >= 0 else 0
 
 
+def _ng_tokens(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > NG_TOK_MASK)):
+        raise ValueError(f"tokens must be a 1-D stream of ids in [0, {NG_TOK_MASK}], got shape {tokens.shape}")
+    return np.ascontiguousarray(tokens, dtype=np.uint16)  # one compiled specialization, 2 bytes/token
+
+
+def _ng_zeros(shape: tuple) -> np.ndarray:
+    """Zeroed int64 tables, 64-byte aligned: no bucket straddles two cache lines (1.3x faster). numpy already
+    madvises huge pages (fewer TLB misses)."""
+    size = math.prod(shape)
+    raw = np.zeros(size + 8, np.int64)
+    off = (-raw.ctypes.data % 64) // 8
+    return raw[off:off + size].reshape(shape)
+
+
 def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_order=Hyperparameters.ngram_max_order,
                      table_bits=Hyperparameters.ngram_table_bits, top_k=Hyperparameters.ngram_top_k,
                      min_count=Hyperparameters.ngram_min_count, debug=False):
@@ -2409,17 +2459,11 @@ def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_orde
                             ("min_count", min_count, 1, math.inf)):
         if not lo <= v <= hi:
             raise ValueError(f"ngram_candidates: {name}: {v} not in [{lo}, {hi}]")
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > NG_TOK_MASK)):
-        raise ValueError(f"tokens must be a 1-D stream of ids in [0, {NG_TOK_MASK}], got shape {tokens.shape}")
-    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)  # one compiled specialization, 2 bytes/token
+    tokens = _ng_tokens(tokens)
     n, n_ord = tokens.size, max_order - min_order + 1
     threads = min(n_ord, numba.get_num_threads()) if numba is not None and not numba.config.DISABLE_JIT else 1
     chunk = max(1, min(n, NG_CHUNK))
-    size = n_ord * (1 << table_bits) * (1 + top_k)
-    raw = np.zeros(size + 8, np.int64)  # numpy already madvises huge pages (fewer TLB misses)
-    off = (-raw.ctypes.data % 64) // 8  # 64-byte aligned: no bucket straddles two cache lines (1.3x faster)
-    tables = raw[off:off + size].reshape(n_ord, 1 << table_bits, 1 + top_k)
+    tables = _ng_zeros((n_ord, 1 << table_bits, 1 + top_k))
     buf_tok, buf_cnt = np.empty((n_ord, chunk, top_k), np.int32), np.empty((n_ord, chunk, top_k), np.float32)
     cand_tok, cand_logc = np.empty((n, top_k), np.int32), np.empty((n, top_k), np.float32)  # _ng_merge sets every row
     chosen, counters = np.empty(n, np.int8), np.zeros((n_ord, 3), np.int64)
@@ -2446,6 +2490,91 @@ def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_orde
     return cand_tok, cand_logc, stats
 
 
+# Token-only n-gram tilt (#2135's token expert, our kernel). LEGALITY INVARIANT: row t's hint reads tables built from
+# tokens[:t] and hashes only its context tokens[t-m .. t-1] (m = TILT_ORDER - 1); token t enters after row t is emitted.
+# Tables never reset (they span documents), open addressing with linear probing, 2 int64 words per slot (0 = empty):
+#     CONTEXT slot H_ROW & mask: word 0 = key << 16 | top_tok, key = 2**46 | H_ROW << 15 | H_TAG mod 2**15;
+#                                word 1 = total << 32 | top_count           (H_*: the n-gram kernel's lanes, k = m)
+#     PAIR    slot P_ROW & mask: word 0 = 2**62 | P_ROW << 31 | P_TAG, word 1 = count   (P_*: lanes rolled on by t)
+# Row t (t >= m): hint = top_tok where the context is present and top_count / total >= threshold, else -1; then
+# count(context, t) += 1, total += 1, and t becomes top_tok when its count now exceeds top_count. The top token's
+# count lives in the context slot alone (its pair slot is written when it loses the top), so a new context or a
+# repeat of its top token (most rows) touches one slot, the pair table only the rest.
+TILT_LOAD = 0.55  # slots >= tokens / TILT_LOAD per table: at most one context and one pair per token
+TILT_MAX_TABLE_BITS = 28  # 2**28 slots x 16 bytes = 4 GiB per table (~147M tokens)
+
+
+@njit(cache=True)
+def _tilt_pair(pair, h_row, h_tag, x):
+    """The pair table's slot of (context lanes, token x): found, or the empty one where it goes."""
+    p_row, p_tag = _ng_roll(h_row, 0, x + 1, 0, NG_MUL_ROW), _ng_roll(h_tag, 0, x + 1, 0, NG_MUL_TAG)
+    key, p, mask = (1 << 62) | (p_row << 31) | p_tag, p_row & (len(pair) - 1), len(pair) - 1
+    while pair[p, 0] != 0 and pair[p, 0] != key:
+        p = (p + 1) & mask
+    pair[p, 0] = key
+    return p
+
+
+@njit(cache=True, nogil=True)
+def _tilt_pass(tokens, m, threshold, ctx, pair, hint, conf):
+    """The header's rule over the whole stream, hashing NG_AHEAD positions ahead and prefetching the context slot."""
+    n, mask = tokens.size, ctx.shape[0] - 1
+    top_row, top_tag = _ng_pow(NG_MUL_ROW, m - 1), _ng_pow(NG_MUL_TAG, m - 1)
+    hint[:min(m, n)] = -1
+    conf[:min(m, n)] = 0
+    ring = np.zeros((NG_RING, 2), np.int64)  # context lanes of the positions hashed ahead
+    h_row = h_tag = 0
+    for s in range(1, n + NG_AHEAD):
+        if s < n:  # roll the context to tokens[s-m .. s-1]
+            old, new = int(tokens[s - 1 - m]) + 1 if s > m else 0, int(tokens[s - 1]) + 1
+            h_row = _ng_roll(h_row, old, new, top_row, NG_MUL_ROW)
+            h_tag = _ng_roll(h_tag, old, new, top_tag, NG_MUL_TAG)
+            ring[s % NG_RING, 0], ring[s % NG_RING, 1] = h_row, h_tag
+            _ng_prefetch(ctx, h_row & mask)
+        t = s - NG_AHEAD
+        if t < m:
+            continue
+        r, g = ring[t % NG_RING, 0], ring[t % NG_RING, 1]
+        key, i = (1 << 46) | (r << 15) | (g & 0x7FFF), r & mask
+        while ctx[i, 0] != 0 and (ctx[i, 0] >> 16) != key:
+            i = (i + 1) & mask
+        total, top, top_tok = ctx[i, 1] >> 32, ctx[i, 1] & 0xFFFFFFFF, ctx[i, 0] & NG_TOK_MASK
+        conf[t] = top / total if total > 0 else 0.0
+        hint[t] = top_tok if total > 0 and top >= threshold * total else -1
+        x = int(tokens[t])  # only now does token t enter the tables
+        if total == 0 or x == top_tok:  # a new context (x its top, count 1), or one more of its top token
+            ctx[i, 0], ctx[i, 1] = (key << 16) | x, ((total + 1) << 32) | (top + 1)
+            continue
+        p = _tilt_pair(pair, r, g, x)
+        pair[p, 1] += 1
+        if pair[p, 1] > top:  # x takes the top: the old top's count moves to its pair slot
+            pair[_tilt_pair(pair, r, g, top_tok), 1] = top
+            ctx[i, 0], top = (key << 16) | x, pair[p, 1]
+        ctx[i, 1] = ((total + 1) << 32) | top
+
+
+def tilt_hints(tokens, order: int = Hyperparameters.tilt_order, threshold: float = Hyperparameters.tilt_threshold):
+    """Rows by the header's rules: (hint int32 [N], -1 = no tilt; conf float32 [N], top_count / total, 0 = unseen
+    context). Memory: 2 tables of 2**ceil(log2(N / TILT_LOAD)) x 16 bytes. Row t scores tokens[t] (position t - 1)."""
+    if not (2 <= order <= 127 and 0 < threshold <= 1):
+        raise ValueError(f"tilt_hints: order {order} not in [2, 127] or threshold {threshold} not in (0, 1]")
+    tokens = _ng_tokens(tokens)
+    bits = max(1, math.ceil(math.log2(max(tokens.size, 1) / TILT_LOAD)))
+    if bits > TILT_MAX_TABLE_BITS:
+        raise ValueError(f"tilt_hints: {tokens.size} tokens need 2**{bits} slots > 2**{TILT_MAX_TABLE_BITS}")
+    hint, conf = np.empty(tokens.size, np.int32), np.empty(tokens.size, np.float32)
+    _tilt_pass(tokens, order - 1, threshold, _ng_zeros((1 << bits, 2)), _ng_zeros((1 << bits, 2)), hint, conf)
+    return hint, conf
+
+
+def tilt_log_probs(lp: Tensor, hint: Tensor, beta: float) -> Tensor:
+    """The tilt of the distribution exp(lp) (rows) toward each row's hint (< 0: none), in closed form:
+    log p'(a) = log p(a) + beta [a = h] - log(1 + q (e^beta - 1)), q = p(h): normalized by construction."""
+    on, h = (hint >= 0)[:, None], hint.clamp(min=0).long()[:, None]
+    log_z = torch.log1p(lp.gather(1, h).exp() * math.expm1(beta)) * on
+    return (lp - log_z).scatter_add_(1, h, on.to(lp.dtype) * beta)
+
+
 class OnlineBias:
     """Per-document logit bias (Nacrith-style online SGD on cross-entropy), reset at every BOS. Sequential rule, for
     position t with input x_t (= the previous target):
@@ -2453,11 +2582,14 @@ class OnlineBias:
         r_t = r_{t-1} + lr * (onehot(x_t) - p_{t-1})     otherwise
     p: the neural distribution (no bias), so r_t reads only inputs up to t: a segmented prefix sum, computed per batch
     in parallel. The carry between chunks advances with a chunk's last target only in update(), after its score is
-    recorded; in a chunk each rank starts from it (or 0 after a BOS): several ranks drop some in-chunk context."""
+    recorded; in a chunk each rank starts from it (or 0 after a BOS): several ranks drop some in-chunk context.
+    Docs plan: a rank scores whole chunks of documents, so each continues exactly from its own document's state,
+    committed in update() after its previous chunk (the same rule, on every rank)."""
 
     def __init__(self, h: Hyperparameters, vocab: int, device):
         self.lr, self.V, self.device = h.bias_lr, vocab, device
         self.carry = torch.zeros(vocab, device=device, dtype=torch.float64)
+        self.per_doc, self.state, self.pending = h.eval_plan == "docs", {}, {}  # docs: next position -> (r, p)
 
     def begin_chunk(self, x_before: Tensor | None) -> None:
         """x_before: inputs between the chunk start (exclusive) and this rank's first position (inclusive)."""
@@ -2465,9 +2597,19 @@ class OnlineBias:
         self.init = torch.zeros_like(self.carry) if fresh else self.carry.clone()
         self.r_last, self.p_last, self.depends_on_init = self.init.clone(), None, True
 
-    def biases(self, x: Tensor, p: Tensor) -> Tensor:
+    def biases(self, x: Tensor, p: Tensor, pos: Tensor | None = None) -> Tensor:
         """Bias rows (n, V) for consecutive positions with inputs x (n,) and neural probabilities p (n, V): one
-        in-place cumulative sum per document segment (a BOS starts one), no (n, V) one-hot, gather or select."""
+        in-place cumulative sum per document segment (a BOS starts one), no (n, V) one-hot, gather or select.
+        Docs plan (pos given): rows are runs of consecutive positions, each from the state its document reached."""
+        if self.per_doc and pos is not None:
+            cuts = (torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist()
+            out = []
+            for a, b in zip([0] + cuts, cuts + [len(pos)]):  # a chunk's first input is BOS, or its state is here
+                self.r_last, self.p_last = self.state.get(int(pos[a]), (torch.zeros_like(self.carry), None))
+                self.depends_on_init = False
+                out.append(self.biases(x[a:b], p[a:b]))
+                self.pending[int(pos[b - 1]) + 1] = (self.r_last, self.p_last)
+            return torch.cat(out) if out else p.new_zeros(0, self.V)
         n, p_before = x.numel(), self.p_last if self.p_last is not None else torch.zeros_like(self.carry)
         g = torch.cat((p_before[None], p[:-1])).mul_(-self.lr)  # float64, as p_before
         g[torch.arange(n, device=x.device), x.long()] += self.lr
@@ -2483,7 +2625,11 @@ class OnlineBias:
 
     def update(self, scored: "ScoredChunk") -> None:
         """Advance the committed carry to the next chunk's first position, composing ranks in order: each sends
-        its r there, less the carry it started from while it still depends on it, and whether it does."""
+        its r there, less the carry it started from while it still depends on it, and whether it does. Docs plan:
+        the states this step reached replace the last step's (a rank's next step continues the same documents)."""
+        if self.per_doc:
+            self.state, self.pending = self.pending, {}
+            return
         delta, dep = torch.zeros_like(self.carry), self.p_last is None  # no positions: pass the carry through
         if self.p_last is not None and bool(scored.targets[-1] != BOS_ID):  # else the next position starts a document
             dep = self.depends_on_init
@@ -2532,36 +2678,50 @@ class ScoredChunk:
     targets: Tensor  # this rank's targets, in position order
     stream: Tensor  # val[lo:hi+1]: the chunk's inputs and its (now scored) targets, the only tokens TTT sees
     expert_nll: Tensor  # (experts,) float64 sums over this rank's positions
+    span: ChunkSpan | None = None  # what was scored (docs plan: mine's windows are this rank's whole chunks)
 
 
 class Experts:
     """Neural logits z -> the scored distributions, from inputs and logits (never targets), each normalized over the
     vocabulary. Tracks: neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram = softmax(z + r + b_1 n)
-    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), mixture = Hedge over the pool [neural,
-    neural+bias, softmax(z + r + b_j n) per beta]; neural in the pool mixes a harmful boost away (Hedge's bound)."""
+    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), <the track before>+tilt = its
+    closed-form tilt toward the prefix-only hint (tilt_log_probs), mixture = Hedge over the pool [neural, neural+bias,
+    softmax(z + r + b_j n) per beta, tilt]; neural in the pool mixes a harmful boost away (Hedge's bound).
+    hints: tilt_hints' rows, indexed like the candidates (row p + 1 for position p)."""
 
-    def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None):
-        self.bias, self.cands, self.hedge = bias, cands, hedge
+    def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None, hints=None):
+        self.bias, self.cands, self.hedge, self.hints = bias, cands, hedge, hints
         self.betas = h.ngram_beta_list if cands is not None else ()
         self.tracks = (["neural"] + ["neural+bias"] * (bias is not None) + ["neural+bias+ngram"] * bool(self.betas)
                        + ["mixture"] * (hedge is not None))
         self.pool = ["neural"] + ["neural+bias"] * (bias is not None) + [f"ngram beta:{b}" for b in self.betas]
+        self.tilt_track, self.tilt_beta = "", 0.0
+        if hints is not None:  # the tilt goes on top of the last plain track
+            n_plain = len(self.tracks) - (hedge is not None)
+            self.tilt_beta, self.tilt_track = h.tilt_beta, self.tracks[n_plain - 1] + "+tilt"
+            self.tracks.insert(n_plain, self.tilt_track)
+            self.pool.append(f"tilt beta:{h.tilt_beta}")
         self.n_experts = len(self.pool)  # Hedge's pool, in log_probs' order
 
     @staticmethod
-    def pool_size(has_bias: bool, n_betas: int) -> int:
-        return 1 + int(has_bias) + n_betas
+    def pool_size(has_bias: bool, n_betas: int, has_tilt: bool = False) -> int:
+        return 1 + int(has_bias) + n_betas + int(has_tilt)
 
     def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         experts, z = [logits.log_softmax(-1)], logits
         if self.bias is not None:
-            z = logits + self.bias.biases(x, experts[0].exp())
+            z = logits + self.bias.biases(x, experts[0].exp(), pos)
             experts.append(z.log_softmax(-1))
         if self.betas:
             tok, logc = (torch.from_numpy(a[(pos + 1).cpu().numpy()]).to(logits.device) for a in self.cands)
             boost = torch.zeros_like(logits).scatter_add_(1, tok.long().clamp(min=0), logc * (tok >= 0))
             experts += [(z + beta * boost).log_softmax(-1) for beta in self.betas]
-        out = dict(zip([t for t in self.tracks if t != "mixture"], experts))  # neural+bias+ngram: the first beta
+        out = dict(zip([t for t in self.tracks if t not in ("mixture", self.tilt_track)], experts))  # ngram: beta 1
+        if self.hints is not None:
+            hint = torch.from_numpy(self.hints[(pos + 1).cpu().numpy()]).to(logits.device)
+            base = out[self.tracks[self.tracks.index(self.tilt_track) - 1]]
+            experts.append(tilt_log_probs(base, hint, self.tilt_beta))
+            out[self.tilt_track] = experts[-1]
         if self.hedge is not None:
             out["mixture"] = self.hedge.mix(experts)
         return out, experts
@@ -2677,6 +2837,9 @@ class ChunkSpan:
     n_chunks: int
     windows: np.ndarray  # all of the chunk's windows, (start, lo, hi) each
     mine: np.ndarray  # the ones this rank scores
+    width: int = 0  # the scoring batch's width (0: EVAL_SEQ_LEN)
+    batch: int = -1  # docs plan: this rank's document batch (a per-document scorer resets its state on a new one)
+    slots: np.ndarray | None = None  # docs plan: each of mine's document, as its index in the batch
 
 
 @dataclass
@@ -2767,6 +2930,50 @@ def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkS
     return [ChunkSpan(c, len(chunks), cw, cw[r * len(cw) // w:(r + 1) * len(cw) // w]) for c, cw in enumerate(chunks)]
 
 
+def find_docs(val: Tensor) -> np.ndarray:
+    """Documents as scored-position ranges (start, end): one runs from its BOS to the next BOS, which is its last
+    target; the last runs to the stream's end (positions before the first BOS form one more). Position p: input
+    val[p], target val[p + 1]."""
+    n = val.numel() - 1
+    bos = np.flatnonzero(val[:n].numpy() == BOS_ID)
+    if bos.size == 0:
+        raise ValueError(f"EVAL_PLAN=docs: the validation stream ({n} targets) has no BOS token (id {BOS_ID}): "
+                         f"there are no documents to isolate")
+    starts = np.union1d([0], bos)
+    return np.stack((starts, np.append(starts[1:], n)), 1)
+
+
+def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
+    """The document-isolated plan (#1855): each document in chunks of TTT_CHUNK targets, each chunk's window the last
+    <= EVAL_SEQ_LEN inputs of the same document ending at the chunk's end. Documents sorted by length go in batches of
+    TTT_DOC_BATCH, side by side, chunk after chunk; batches longest first, each to the rank with the least work so far
+    (window tokens; ties: the lowest rank), statically. Span i = every rank's i-th step (a rank past its last: none).
+    A step's width is EVAL_SEQ_LEN / 8, / 4, / 2 or all of it, and run_pass pads its batches to EVAL_BATCH_SEQS rows:
+    few shapes for the compiled model."""
+    h, (s, e) = ctx.h, find_docs(ctx.val).T
+    order, C, T = np.argsort(e - s, kind="stable"), h.ttt_chunk, h.eval_seq_len
+    batches = [order[i:i + h.ttt_doc_batch] for i in range(0, len(order), h.ttt_doc_batch)][::-1]
+    steps, work = [[] for _ in range(ctx.rt.world_size)], np.zeros(ctx.rt.world_size)
+    for b, docs in enumerate(batches):
+        rank = int(np.argmin(work))
+        for ci in range(-(-int((e[docs] - s[docs]).max()) // C)):
+            slots = np.flatnonzero(e[docs] - s[docs] > ci * C)
+            lo = s[docs[slots]] + ci * C
+            hi = np.minimum(lo + C, e[docs[slots]])
+            wins = np.stack((np.maximum(s[docs[slots]], hi - T), lo, hi), 1)
+            width = next(w for w in (T >> 3, T >> 2, T >> 1, T) if w >= (wins[:, 2] - wins[:, 0]).max())  # 4 shapes
+            steps[rank].append((b, wins, slots, width))
+            work[rank] += len(wins) * width
+    n = max(map(len, steps))
+    none = (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0)
+    spans = []
+    for i in range(n):
+        b, mine, slots, width = steps[ctx.rt.rank][i] if i < len(steps[ctx.rt.rank]) else none
+        every = np.concatenate([st[i][1] for st in steps if i < len(st)])
+        spans.append(ChunkSpan(i, n, every, mine, width, b, slots))
+    return spans
+
+
 def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
     """Rank 0's running bpb of every track (run_pass logs <= ~100 chunks; the score is the all-reduced total)."""
     el, c, n, nbytes = time.perf_counter() - t0, span.index, span.n_chunks, max(tally.bytes.item(), 1.0)
@@ -2775,24 +2982,26 @@ def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tal
 
 
 def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = None, chunk_tokens: int = 0,
-             recorder=None, label: str = "", budget: EvalBudget | None = None) -> EvalResult:
-    """The one scoring path, over chunks of windows left to right: score a chunk with scorer.current (inference_mode),
-    record its NLL, then (only then) hand the record to bias, Hedge and the scorer (TTT or fixed; the budget guard sets
-    TTT's epochs just before). Without them: plain or sliding eval. A non-finite score raises on every rank."""
+             recorder=None, label: str = "", budget: EvalBudget | None = None, plan: str = "stream") -> EvalResult:
+    """The one scoring path, over the plan's chunks of windows (stream: left to right, plan_chunks; docs: plan_docs):
+    score a chunk with scorer.current (inference_mode), record its NLL, then (only then) hand the record to bias, Hedge
+    and the scorer (TTT or fixed; the budget guard sets TTT's epochs just before). Without them: plain or sliding eval.
+    A non-finite score raises on every rank."""
     h, rt, val, t0 = ctx.h, ctx.rt, ctx.val, time.perf_counter()
     experts = experts or Experts(h, None, None, None)
     tally = Tally.zeros(len(experts.tracks), rt.device, experts.n_experts)
-    for span in plan_chunks(ctx, stride, chunk_tokens):
+    for span in plan_docs(ctx) if plan == "docs" else plan_chunks(ctx, stride, chunk_tokens):
         if budget is not None:
             budget.begin(span, scorer)
-        mine, lo, hi = span.mine, int(span.windows[0, 1]), int(span.windows[:, 2].max())
-        if experts.bias is not None:
+        mine, lo, hi = span.mine, int(span.windows[:, 1].min()), int(span.windows[:, 2].max())
+        if experts.bias is not None and plan == "stream":  # the docs plan's bias keeps per-document states
             first = int(mine[0, 1]) if len(mine) else lo
             experts.bias.begin_chunk(val[lo + 1:first + 1].to(rt.device) if first > lo else None)
         model, targets, expert_nll = scorer.current, [], torch.zeros_like(tally.experts)
         with torch.inference_mode():
             for i in range(0, len(mine), h.eval_batch_seqs):
-                logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], h.eval_seq_len, rt.device)
+                logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], span.width or h.eval_seq_len,
+                                            rt.device, h.eval_batch_seqs if span.width else 0)  # docs: fixed shapes
                 x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
                 lps, ex = experts.log_probs(logits, x, pos)
                 nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
@@ -2804,7 +3013,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
                 if recorder is not None:
                     recorder(dict(chunk=span.index, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))
         y_all = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=rt.device)
-        scored = ScoredChunk(span.index, span.n_chunks, lo, hi, y_all, val[lo:hi + 1], expert_nll)
+        scored = ScoredChunk(span.index, span.n_chunks, lo, hi, y_all, val[lo:hi + 1], expert_nll, span)
         tally.experts += expert_nll
         for comp in filter(None, (experts.bias, experts.hedge)):
             comp.update(scored)
@@ -3056,13 +3265,19 @@ def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=Non
         log0(f"ngram orders:{h.ngram_min_order}-{h.ngram_max_order} table_bits:{h.ngram_table_bits} "
              f"top_k:{h.ngram_top_k} coverage:{float((cands[0][:, 0] >= 0).mean()):.4f} "
              f"build_ms:{1000 * (time.perf_counter() - t0):.0f}")
+    hints = None
+    if h.tilt_enabled:  # inside the eval clock, like the n-gram build
+        t0 = time.perf_counter()
+        hints = tilt_hints(ctx.val.numpy(), h.tilt_order, h.tilt_threshold)[0]
+        log0(f"tilt order:{h.tilt_order} threshold:{h.tilt_threshold} beta:{h.tilt_beta} "
+             f"gated:{float((hints >= 0).mean()):.4f} build_ms:{1000 * (time.perf_counter() - t0):.0f}")
     bias = OnlineBias(h, h.vocab_size, rt.device) if h.bias_enabled else None
-    n_pool = Experts.pool_size(bias is not None, len(h.ngram_beta_list) if cands is not None else 0)
+    n_pool = Experts.pool_size(bias is not None, len(h.ngram_beta_list) if cands is not None else 0, h.tilt_enabled)
     hedge = HedgeMixer(n_pool, h.hedge_eta, rt.device) if h.hedge_enabled else None
-    experts = Experts(h, bias, cands, hedge)
+    experts = Experts(h, bias, cands, hedge, hints)
     scorer = TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)) if h.ttt_enabled else FixedScorer(fwd)
     r = run_pass(ctx, scorer, h.eval_stride, experts, h.ttt_chunk_tokens, recorder=recorder, label="pass",
-                 budget=budget or EvalBudget(h, rt, t_eval))
+                 budget=budget or EvalBudget(h, rt, t_eval), plan=h.eval_plan)
     if hedge is not None:
         log0("hedge final_weights:" + ",".join(f"{w:.4f}" for w in hedge.log_w.exp().tolist()))
     return r, experts, scorer
@@ -3097,6 +3312,8 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     val = load_val_tokens(h.val_files, h.eval_seq_len, h.val_max_tokens, h.vocab_size)
+    if h.eval_plan == "docs":  # no documents to isolate: fail now, not after training
+        find_docs(val)
     ctx = EvalContext(h, rt, val, load_byte_counter(h, val.numel()).to(rt.device))
     log0(f"bpb_bytes:{ctx.count_bytes.source}")
     if h.val_max_tokens > 0:

@@ -68,7 +68,7 @@ def penalty(args, tmp: Path) -> list[dict]:
     tg.init_logging(tmp / "penalty.txt", True)
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     n = min(args.val_tokens // h.eval_seq_len * h.eval_seq_len, val.numel() - 1)
-    ctx = tg.EvalContext(h, rt, val[:n + 1], tg.load_tokenizer_luts(h))
+    ctx = tg.EvalContext(h, rt, val[:n + 1], tg.load_byte_counter(h, n + 1))
     torch.manual_seed(h.seed)
     model = tg.build_model(h)
     steps, train_ms, _ = tg.train(ctx, model)
