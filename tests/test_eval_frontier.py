@@ -367,15 +367,15 @@ def test_docs_answer_flip_with_every_expert_on(env, experts):
     every position scored at t's step or before, but t's own and its document's later ones (Hedge's weights carry
     scored losses to later steps, in any document). Other documents' neural scores stay."""
     h, val, luts = _docs_env(env, **DOCS_EXPERTS[experts])
-    t = 880  # early in the last batch's longest document: other documents are scored after it
+    docs = tg.find_docs(val)
+    a, b = max(docs.tolist(), key=lambda d: d[1] - d[0])  # the longest document: its batch is scored first
+    t = a + 5  # early in it: other documents are scored after it
     assert tg.BOS_ID not in (val[t + 1], (val[t + 1] + 17) % h.vocab_size)  # the documents stay as they are
     base, flipped, steps = Recorder([t]), Recorder([t]), {}
     adaptive(h, val, luts, lambda r: (base(r), steps.update(dict.fromkeys(r["pos"].tolist(), r["chunk"]))))
     val2 = val.clone()
     val2[t + 1] = (val2[t + 1] + 17) % h.vocab_size
     adaptive(h, val2, luts, flipped)
-    docs = tg.find_docs(val)
-    a, b = docs[np.searchsorted(docs[:, 0], t, side="right") - 1]
     for track in base.nll:
         same = [p for p in base.nll[track] if (p < t or not a <= p < b) and steps[p] <= steps[t]] if h.hedge_enabled \
             else [p for p in base.nll[track] if p < t]
