@@ -2,16 +2,19 @@
 """Device check on one CUDA GPU: one script, at most --budget-s seconds (default 450, under 8 minutes), writing
 $OUT/gpu_check.json (or --out PATH) after every section, so a cut-short run still leaves what it measured.
 
-Full default config (26.9M params, 786,432 tokens/step = 8 micro-batches of 48x2048 on one GPU), synthetic shards:
-  1. attention: every candidate kernel's forward+backward ms at the run's shape (the start-up measurement) and the
-     kernel start-up would choose;
-  2. PRESET=1gpu's schedule, first 30 steps, through the real train() loop (compile warmup with both QAT variants,
-     EMA, the one-sync-per-step clock): compile time, ms/step, tokens/s, peak memory;
-  3. the training step with and without QAT (the compiled model of 2);
+Full default config (the 04-27 record's model: 35.9M params, 786,432 tokens/step = 8 micro-batches of 48x2048 on
+one GPU), synthetic shards:
+  1. attention: every candidate kernel's forward+backward ms at the run's shape, document-masked as training runs it
+     (FA3/FA2 varlen, SDPA with a block-diagonal mask: the start-up measurement), and the kernel start-up would choose;
+  2. PRESET=1gpu's schedule, first 30 steps, through the real train() loop (compile warmup over the loop and QAT
+     variants, GPTQ's measured reserve and Hessian collection, the one-sync-per-step clock): compile time, ms/step,
+     tokens/s, peak memory;
+  3. the training step before and after the depth-recurrence switch (looping off / on), and with and without QAT
+     where the config uses it (the compiled model of 2), each with its peak memory;
   4. evaluation on 8 ranks, projected (issue 9): one rank's real share measured on this GPU (rank 0 of 8: each chunk
      with 1/8 of its windows and 1/8 of its TTT sequences, every per-batch and per-step overhead included) plus the
      collectives modelled from --busbw-gbs and --latency-ms, beside the naive figure (1-rank time / 8), phase by
-     phase, for the 62,021,632-token FineWeb validation set;
+     phase, for the FineWeb validation set of the default dataset (47,853,344 tokens, sp8192 CaseOps);
   5. ms/step and tokens/s at the full config for every other attention candidate (one compile each), as long as
      the budget lasts (skipped ones say so);
   6. the fused Triton kernels (MLP, softcapped CE): start-up's fwd+bwd table and choice (made before section 2, whose
@@ -42,11 +45,14 @@ import torch._dynamo  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
-FINEWEB_VAL_TOKENS = 62_021_632
+# FineWeb validation tokens by dataset (the projection's length): sp1024, plain sp8192, sp8192 CaseOps
+FINEWEB_VAL_TOKENS = {"fineweb10B_sp1024": 62_021_632, "fineweb10B_sp8192": 40_540_160,
+                      "fineweb10B_sp8192_caseops": 47_853_344}
+VAL_TOKENS = FINEWEB_VAL_TOKENS[Path(tg.Hyperparameters().data_path).name]  # the default config's dataset
 WORLD = 8  # the ranks of the projected evaluation
 # --smoke: a tiny model, a short stream, a few steps; every path of the full check runs.
-SMOKE = dict(num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0, bigram_vocab_size=64,
-             bigram_dim=8, xsa_last_n=1, ve_dim=8, ve_layers="1", rope_dims=4, train_seq_len=32, eval_seq_len=32,
+SMOKE = dict(num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0, vocab_size=1024, loop_start=1,
+             loop_end=2, parallel_start_layer=3, xsa_last_n=4, gate_dims=8, rope_dims=4, train_seq_len=32, eval_seq_len=32,
              eval_stride=16, eval_batch_seqs=8, train_batch_tokens=512, ttt_chunk_tokens=256, ttt_batch_seqs=8,
              ttt_epochs=1, ngram_table_bits=12, torch_compile="0", compressor="lzma")
 
@@ -96,10 +102,11 @@ class Budget:
 def attention_section(h, rt, res: dict) -> str:
     shape = tg.attention_shape(h)
     cands = tg.attention_candidates(rt.device)
-    table = tg.measure_attention(cands, shape, rt.device, tg.compile_enabled(h, rt.device))
+    table = tg.measure_attention(cands, shape, rt.device, tg.compile_enabled(h, rt.device), doc_mask=h.doc_mask)
     notes = []
-    choice = tg.resolve_attention("auto", rt.device, shape, notes, tg.compile_enabled(h, rt.device))
-    res["attention"] = dict(shape_B_T_H_KV_D=list(shape), fwd_bwd_ms=table, chosen=choice, log_line=notes[:1])
+    choice = tg.resolve_attention("auto", rt.device, shape, notes, tg.compile_enabled(h, rt.device), h.doc_mask)
+    res["attention"] = dict(shape_B_T_H_KV_D=list(shape), doc_mask=h.doc_mask, fwd_bwd_ms=table, chosen=choice,
+                            log_line=notes[:1])
     return choice
 
 
@@ -120,14 +127,20 @@ def fused_section(h, rt, res: dict) -> str:
     return out["chosen"]
 
 
-def step_timing(h, rt, fwd, model, steps: int, qat: bool) -> dict:
-    """ms/step and tokens/s of `steps` real optimizer steps (8 micro-batches each) after one untimed step."""
+def step_timing(h, rt, fwd, model, steps: int, qat: bool, looping: bool = True) -> dict:
+    """ms/step, tokens/s and peak memory of `steps` real optimizer steps (8 micro-batches each) after one untimed
+    step, with the depth-recurrence loop off or on (its flag restored after)."""
     opt = tg.Optimizers(h, model, rt)
     loader = tg.DistributedTokenLoader(h.train_files, rt)
     opt.set_schedule(0, 1.0)
+    was, model.looping = model.looping, looping
     tg.train_step(h, rt, fwd, opt, loader, qat)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
     _, t = timed(lambda: [tg.train_step(h, rt, fwd, opt, loader, qat) for _ in range(steps)], rt.device)
-    return dict(ms_per_step=1000 * t / steps, tokens_per_s=h.train_batch_tokens * steps / t)
+    model.looping = was
+    return dict(ms_per_step=1000 * t / steps, tokens_per_s=h.train_batch_tokens * steps / t,
+                peak_mem_gib=peak_gib(rt.device))
 
 
 def training_section(h, rt, val, luts, res: dict, work: Path, steps: int):
@@ -183,11 +196,11 @@ def eval_section(h, rt, model_path: Path, luts, res: dict, args, n_chunks: int, 
         run = lambda c, s=stride: timed(lambda: tg.run_pass(c, tg.FixedScorer(fwd), s), dev)  # noqa: E731
         if tg.compile_enabled(h, dev):
             run(ctx1), run(ctx8)  # compile the scoring shapes
-        proj[name] = eval_phase(ctx1, ctx8, run, sample.numel(), FINEWEB_VAL_TOKENS, comm_ms(64, args) / 1000, stride, 0)
+        proj[name] = eval_phase(ctx1, ctx8, run, sample.numel(), VAL_TOKENS, comm_ms(64, args) / 1000, stride, 0)
         if not budget.allows(res, "eval_projection_pass", need_pass_s):
             res["eval_projection_8ranks"] = proj
             return
-    n_fw = math.ceil(FINEWEB_VAL_TOKENS / h.ttt_chunk_tokens)
+    n_fw = math.ceil(VAL_TOKENS / h.ttt_chunk_tokens)
     per_chunk_comm = (h.ttt_epochs * comm_ms(4 * n_params, args) + 2 * comm_ms(8 * (h.vocab_size + 1), args)) / 1000
 
     def adaptive(c):  # a fresh artifact model each time: TTT trains it in place
@@ -205,7 +218,7 @@ def eval_section(h, rt, model_path: Path, luts, res: dict, args, n_chunks: int, 
     t0 = time.perf_counter()
     tg.ngram_candidates(sample.numpy(), h.ngram_min_order, h.ngram_max_order, h.ngram_table_bits, h.ngram_top_k,
                         h.ngram_min_count)
-    ng = (time.perf_counter() - t0) * FINEWEB_VAL_TOKENS / sample.numel()
+    ng = (time.perf_counter() - t0) * VAL_TOKENS / sample.numel()
     proj["ngram_build"] = dict(naive_div8_s=ng, one_rank_share_s=ng, note="every rank builds the whole table")
     for k in ("naive_div8_s", "one_rank_share_s"):
         proj.setdefault("total", {})[k] = sum(v[k] for v in proj.values() if isinstance(v, dict) and k in v)
@@ -282,8 +295,13 @@ def main(argv=None) -> int:
     h1, model, fwd = training_section(h, rt, val, luts, res, work, 2 if args.smoke else 30)
     save("train_1gpu_preset")
     n = 1 if args.smoke else 5
-    res["train_step_qat"] = {"off": step_timing(h1, rt, fwd, model, n, False), "on": step_timing(h1, rt, fwd, model, n, True)}
-    save("train_step_qat")
+    qat = h1.qat_enabled or h1.late_qat_threshold > 0
+    res["train_step_loop"] = {"off": step_timing(h1, rt, fwd, model, n, h1.qat_enabled, looping=False),
+                              "on": step_timing(h1, rt, fwd, model, n, h1.qat_enabled, looping=True)}
+    if qat:
+        res["train_step_qat"] = {"off": step_timing(h1, rt, fwd, model, n, False),
+                                 "on": step_timing(h1, rt, fwd, model, n, True)}
+    save("train_step_loop")
     path = work / "final_model.int6.ptz"
     (size, codec), res["export_s"] = timed(lambda: tg.export_artifact(h, rt, model, path), dev)
     res["artifact_bytes_barely_trained"], res["codec"] = size, codec

@@ -21,8 +21,9 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert res["fused_kernels"]["kernels"] == ["mlp", "ce"] and res["fused_kernels"]["note"] == "unmeasured: no GPU"
     train = res["train_1gpu_preset"]
     assert train["steps"] == 2 and train["ms_per_step"] > 0 and train["compile_s"] >= 0
-    assert any(l.startswith("compile_warmup steps:2 qat_variants:2") for l in train["log_tail"])
-    assert res["train_step_qat"]["on"]["ms_per_step"] > 0 and res["train_step_qat"]["off"]["ms_per_step"] > 0
+    assert any(l.startswith("compile_warmup steps:2 qat_variants:1 loop_variants:2") for l in train["log_tail"])
+    assert res["attention"]["doc_mask"] is True
+    assert res["train_step_loop"]["on"]["ms_per_step"] > 0 and res["train_step_loop"]["off"]["ms_per_step"] > 0
     proj = res["eval_projection_8ranks"]
     for phase in ("roundtrip_plain", "sliding_diagnostic", "adaptive_pass"):
         p = proj[phase]
