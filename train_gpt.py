@@ -65,8 +65,8 @@ FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAtt
 ATTN_BACKENDS = (*FLASH_MODULES, "sdpa", *SDPA_BACKENDS)  # every ATTN_BACKEND but "auto"
 # The fused Triton training kernels (section 2) each FUSED_KERNELS value turns on; "auto" resolves to one of them.
 FUSED_CHOICES = {"0": (), "1": ("mlp", "ce"), "mlp": ("mlp",), "ce": ("ce",)}
-# Muon's Newton-Schulz coefficients (a, b, c) per iteration (section 6): the seed's one quintic tuple, or Polar Express's
-# five tuples (iterations past the fifth reuse the last).
+# Muon's Newton-Schulz coefficients (a, b, c) per iteration (section 6): the seed's one quintic tuple, or Polar
+# Express's five tuples (iterations past the fifth reuse the last).
 NS_COEFFS = {"quintic": ((3.4445, -4.7750, 2.0315),),
              "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                                (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -115,7 +115,8 @@ def _parse_list(text: str, typ, name: str) -> tuple:
 # a fixed step count (the same score on every machine): 450 steps x ~640 ms, the ~150 s eval, pip and the corpus build
 # fit 10 min. Its eval knobs (last line) were tuned on held-out training documents.
 PR549 = dict(
-    preset="pr549", data_path="./data/datasets/fineweb10B_sp1024", tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
+    preset="pr549", data_path="./data/datasets/fineweb10B_sp1024",
+    tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
     vocab_size=1024, mlp_mult=3.0, qk_gain_init=1.5, bigram_vocab_size=1536, xsa_last_n=4, ve_layers="9,10",
     smear_gate="fixed", attn_gate=False, skip_gates=False, num_loops=0, parallel_start_layer=0, rope_ntk_len=1024,
     doc_mask=False, matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_momentum=0.99, muon_wd=0.04,
@@ -185,7 +186,7 @@ class Hyperparameters:
     xsa_last_n: int = 11
     ve_dim: int = 128
     ve_layers: str = ""  # value embeddings on these layers; "": off
-    smear_gate: str = "gated"  # gated: x_t += lambda sigmoid(w . e_t[:gate_dims]) e_{t-1}; fixed: the seed's per-dim mix
+    smear_gate: str = "gated"  # gated: x_t += lambda sigmoid(w . e_t[:gate_dims]) e_{t-1}; fixed: seed's per-dim mix
     smear_bos_mask: bool = True  # the gated smear never mixes across a BOS (the maintainers' rule)
     attn_gate: bool = True  # sparse head gate sigmoid(attn_gate_scale W_g n[:gate_dims]) on each head's output
     attn_gate_scale: float = 0.5
@@ -322,7 +323,8 @@ class Hyperparameters:
                f"0 (off) or >= {lo} (past the encoder's NUM_LAYERS // 2 layers and LOOP_END)")
         yield ("loop_end", self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < L,
                f">= LOOP_START={self.loop_start} >= 0 and < NUM_LAYERS={L} (or NUM_LOOPS=0)")
-        yield "warmdown_frac", self.warmdown_frac == 0 or self.warmdown_iters == 0, "0 when WARMDOWN_ITERS > 0 (one schedule)"
+        yield ("warmdown_frac", self.warmdown_frac == 0 or self.warmdown_iters == 0,
+               "0 when WARMDOWN_ITERS > 0 (one schedule)")
         yield "ngram_max_order", self.ngram_min_order <= self.ngram_max_order <= 127, "in [NGRAM_MIN_ORDER, 127]"
         yield "ngram_table_bits", 0 <= self.ngram_table_bits <= NG_MAX_TABLE_BITS, f"in [0, {NG_MAX_TABLE_BITS}]"
         yield "ngram_top_k", 1 <= self.ngram_top_k <= NG_MAX_TOP_K, f"in [1, {NG_MAX_TOP_K}]"
@@ -551,6 +553,22 @@ def attention_kernel(backend: str):
     return flash
 
 
+def time_ms(step, device, reps: int) -> float:
+    """ms per call of step() over reps calls; the caller has run it once (compile, autotune, warm caches)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sync(device)
+    return 1000 * (time.perf_counter() - t0) / reps
+
+
+def slowest_rank(times: list, device, dtype=torch.float32) -> list[float]:
+    """Each entry's max over the ranks (a string, a reason a candidate is out, counts as inf): ranks decide alike."""
+    ms = torch.tensor([math.inf if isinstance(v, str) else v for v in times], dtype=dtype, device=device)
+    return all_reduce_(ms, dist.ReduceOp.MAX).tolist()
+
+
 def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3,
                       doc_mask: bool = False) -> dict:
     """{backend: ms of a bf16 forward + backward at shape (B, T, H, KV, D)} or {backend: why it is out}: it raised,
@@ -581,13 +599,8 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
                 traced = torch.compile(lambda q, k, v, s: fn(q, k, v, layout(b, s)), fullgraph=True, dynamic=False)
                 traced(q[:1], k[:1], v[:1], starts[:1]).sum().backward()
             docs = layout(b, starts)
-            for i in range(reps + 1):
-                if i == 1:
-                    sync(device)
-                    t0 = time.perf_counter()
-                fn(q, k, v, docs).backward(dy)
-            sync(device)
-            out[b] = 1000 * (time.perf_counter() - t0) / reps
+            fn(q, k, v, docs).backward(dy)  # the warm-up
+            out[b] = time_ms(lambda: fn(q, k, v, docs).backward(dy), device, reps)
         except Exception as e:  # a kernel that cannot run these shapes is simply not a candidate
             out[b] = f"failed({type(e).__name__})"
     return out
@@ -609,8 +622,7 @@ def resolve_attention(requested: str, device: torch.device, shape=None, notes: l
             raise ValueError(f"ATTN_BACKEND={requested} does not work on this device at shape {shape}: {why}")
         return requested
     table = measure_attention(available, shape, device, compile_check, doc_mask=doc_mask)
-    ms = torch.tensor([v if isinstance(v, float) else math.inf for v in table.values()], device=device)
-    ms = all_reduce_(ms, dist.ReduceOp.MAX).tolist()
+    ms = slowest_rank(list(table.values()), device)
     if not math.isfinite(min(ms)):
         raise RuntimeError(f"no attention kernel works at shape {shape}: {table}")
     choice = available[min(range(len(ms)), key=lambda i: ms[i])]
@@ -832,15 +844,8 @@ def measure_fused(names, shape, device, compile_check: bool = False, reps: int =
                 step = torch.compile(step, fullgraph=True, dynamic=False) if compile_check else step
                 outs = _fwd_bwd(step, args, dy)  # also the warm-up (and the compile)
                 err = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(outs, ref))
-                if label == "fused" and not err <= FUSED_TOLERANCE:
-                    row[label] = f"mismatch({err:.3g})"
-                    continue
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    _fwd_bwd(step, args, dy)
-                sync(device)
-                row[label] = 1000 * (time.perf_counter() - t0) / reps
+                ok = label == "eager" or err <= FUSED_TOLERANCE
+                row[label] = time_ms(lambda: _fwd_bwd(step, args, dy), device, reps) if ok else f"mismatch({err:.3g})"
             except Exception as e:  # a kernel that cannot run here is simply not chosen
                 row[label] = f"failed({type(e).__name__})"
     return table
@@ -867,8 +872,7 @@ def resolve_fused(requested: str, device: torch.device, shape=None, notes: list 
     if shape is None:
         return requested if requested != "auto" else "0"
     table = measure_fused(names, shape, device, compile_check)
-    ms = [table[n][k] if isinstance(table[n][k], float) else math.inf for n in names for k in ("eager", "fused")]
-    ms = all_reduce_(torch.tensor(ms, device=device), dist.ReduceOp.MAX).tolist()
+    ms = slowest_rank([table[n][k] for n in names for k in ("eager", "fused")], device)
     chosen = tuple(n for i, n in enumerate(names) if ms[2 * i + 1] < ms[2 * i] or requested != "auto")
     if requested != "auto" and any(not isinstance(table[n]["fused"], float) for n in names):
         raise ValueError(f"FUSED_KERNELS={requested} does not work on this device at shape {shape}: {table}")
@@ -1778,12 +1782,18 @@ def serialize(q: dict) -> bytes:
     return PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + b"".join(body.values())
 
 
+def _payload_meta(raw: bytes) -> tuple[int, int, dict]:
+    """(start of the int8 code section, start of the fp16 sections, header JSON) of a serialized payload."""
+    (hlen,) = struct.unpack("<I", raw[4:8])
+    meta = json.loads(raw[8:8 + hlen])
+    return 8 + hlen, 8 + hlen + meta["sizes"]["q"], meta
+
+
 def deserialize(raw: bytes) -> dict:
     if raw[:4] != PAYLOAD_MAGIC:
         raise ValueError("artifact payload has a bad magic number")
-    (hlen,) = struct.unpack("<I", raw[4:8])
-    meta = json.loads(raw[8:8 + hlen])
-    pos = dict(zip("qsf", np.cumsum([8 + hlen, meta["sizes"]["q"], meta["sizes"]["s"]]).tolist()))  # section starts
+    q0, f0, meta = _payload_meta(raw)
+    pos = dict(q=q0, s=f0, f=f0 + meta["sizes"]["s"])  # section starts
 
     def take(sec, shape):
         arr = np.frombuffer(raw, np.int8 if sec == "q" else np.float16, math.prod(shape), pos[sec])
@@ -1801,9 +1811,8 @@ def _byte_planes(b: bytes, inverse: bool) -> bytes:
 
 def _shuffle_payload(raw: bytes, inverse: bool) -> bytes:
     """Split the fp16 sections (scales, passthrough) into low/high byte planes, or join them back (inverse)."""
-    (hlen,) = struct.unpack("<I", raw[4:8])
-    start = 8 + hlen + json.loads(raw[8:8 + hlen])["sizes"]["q"]
-    return raw[:start] + _byte_planes(raw[start:], inverse)
+    f0 = _payload_meta(raw)[1]
+    return raw[:f0] + _byte_planes(raw[f0:], inverse)
 
 
 # Per-group codec: the quantized banks and embedding leave the payload in role buckets (Q | O, K | V, MLP up, MLP down,
@@ -1817,9 +1826,9 @@ PERGROUP_CHUNK = 1 << 21  # a bucket holds whole matrices up to ~2 MiB: ZPAQ (~3
 
 def _pergroup_layout(raw: bytes) -> tuple[int, list[tuple[str, int, int, int, int]]]:
     """(start of the payload's code section, buckets [(label, byte offset in that section, matrices, rows, cols)])."""
-    (hlen,) = struct.unpack("<I", raw[4:8])
+    q0, _, meta = _payload_meta(raw)
     off, buckets = 0, []
-    for e in json.loads(raw[8:8 + hlen])["entries"]:
+    for e in meta["entries"]:
         if e["kind"] == "fp16":
             continue
         shape, n = e["shape"], math.prod(e["shape"])
@@ -1831,7 +1840,7 @@ def _pergroup_layout(raw: bytes) -> tuple[int, list[tuple[str, int, int, int, in
                 b = min(a + step, (a // half + 1) * half)
                 buckets.append((f"{e['name']}[{a}:{b}]", off + a * R * C, b - a, R, C))
         off += n
-    return 8 + hlen, buckets
+    return q0, buckets
 
 
 def _pack_perm(p: np.ndarray, n: int) -> bytes:
@@ -1867,8 +1876,7 @@ def _pergroup_pack(raw: bytes) -> bytes:
             codes = codes.gather(1, order[:, :, None].expand(S, R, C))
             perms.append(_pack_perm(order.reshape(-1).numpy(), R))
         streams.append(codes.transpose(1, 2).contiguous().numpy().tobytes())
-    (hlen,) = struct.unpack("<I", raw[4:8])
-    f0 = 8 + hlen + json.loads(raw[8:8 + hlen])["sizes"]["q"]  # the fp16 sections start
+    f0 = _payload_meta(raw)[1]
     rest.append(raw[pos:f0])
     rest = b"".join(rest) + _byte_planes(raw[f0:], inverse=False)
     with ThreadPoolExecutor(max(1, len(streams))) as ex:
@@ -1900,8 +1908,8 @@ def _pergroup_unpack(frame: bytes) -> bytes:
     streams = _pergroup_streams(frame)
     try:
         rest = brotli.decompress(streams[0])
-        (hlen,) = struct.unpack("<I", rest[4:8])
         q0, buckets = _pergroup_layout(rest)
+        f0 = _payload_meta(rest)[1]
     except Exception as e:
         raise ValueError(f"pergroup stream 0 (remainder: header, small tensors, scales): {e}") from None
     sorted_ = [b for b in buckets if b[0].split("[")[0] in PERGROUP_SORTED]
@@ -1923,7 +1931,7 @@ def _pergroup_unpack(frame: bytes) -> bytes:
         cut = q0 + off - removed  # where the bucket's bytes were cut from the remainder
         parts += [rest[pos:cut], codes.contiguous().numpy().tobytes()]
         pos, removed = cut, removed + S * R * C
-    f0 = 8 + hlen + json.loads(rest[8:8 + hlen])["sizes"]["q"] - removed  # the fp16 sections start
+    f0 -= removed  # the fp16 sections start in the remainder
     return b"".join(parts) + rest[pos:f0] + _byte_planes(rest[f0:], inverse=True)
 
 
@@ -2877,9 +2885,6 @@ class EvalBudget:
         sync(self.rt.device)
         return self.clock()
 
-    def _agree(self, *values: float) -> list[float]:
-        return all_reduce_(torch.tensor(values, dtype=torch.float64, device=self.rt.device), dist.ReduceOp.MAX).tolist()
-
     def begin(self, span: ChunkSpan, scorer) -> None:
         """Chunk `span`'s scoring starts: the update just done (unless chunk 0's) times an epoch for plan()."""
         self._mark = self._now()
@@ -2891,7 +2896,8 @@ class EvalBudget:
         now, c, n = self._now(), span.index, span.n_chunks
         if c > 0 or n == 1:
             self.score_s, self.score_windows = self.score_s + now - self._mark, self.score_windows + len(span.windows)
-        elapsed, score_s, epoch_s = self._agree(now - self.start, now - self._mark, self.epoch_s or 0.0)
+        elapsed, score_s, epoch_s = slowest_rank([now - self.start, now - self._mark, self.epoch_s or 0.0],
+                                                    self.rt.device, torch.float64)
         self._t_update, left, todo = now, self.deadline - elapsed, n - 1 - c  # todo: chunks to score = updates to run
         if c == 0 or todo == 0:
             return
@@ -2908,7 +2914,8 @@ class EvalBudget:
             self.changes.append((c, old, e))
 
     def end_pass(self, label: str) -> None:
-        elapsed, budget = self._agree(self._now() - self.start)[0], self.h.eval_budget_seconds
+        elapsed = slowest_rank([self._now() - self.start], self.rt.device, torch.float64)[0]
+        budget = self.h.eval_budget_seconds
         log0(f"budget {label}_end elapsed:{elapsed:.1f}s deadline:{self.deadline:.1f}s budget:{budget:.1f}s")
         if elapsed > budget and not self.error:
             self.error = (f"ERROR: eval budget: the declared pass ended {elapsed:.1f}s after the evaluation began, "
@@ -2917,7 +2924,8 @@ class EvalBudget:
 
     def room_for(self, n_windows: int) -> tuple[bool, float, float]:
         """(fits, estimated seconds, seconds left) for a plain scoring of n_windows windows, from the pass's rate."""
-        elapsed, rate = self._agree(self._now() - self.start, self.score_s / max(self.score_windows, 1))
+        times = [self._now() - self.start, self.score_s / max(self.score_windows, 1)]
+        elapsed, rate = slowest_rank(times, self.rt.device, torch.float64)
         need, left = rate * n_windows, self.deadline - elapsed
         return need <= left, need, left
 
@@ -3146,7 +3154,7 @@ def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
             sync(rt.device)
         per_batch = time.perf_counter() - t0
         reserve = 2.0 * h.gptq_calib_batches * per_batch + 1.0  # the default: 2x the estimate (as the records) + 1 s
-        reserve = all_reduce_(torch.tensor(reserve, device=rt.device, dtype=torch.float64), dist.ReduceOp.MAX).item()
+        reserve = slowest_rank([reserve], rt.device, torch.float64)[0]
         source = f"measured per_batch:{1000 * per_batch:.1f}ms"
     if reserve >= h.max_wallclock_seconds:
         raise ValueError(f"GPTQ reserve {reserve:.1f}s ({source}) leaves no training time under MAX_WALLCLOCK_SECONDS="
