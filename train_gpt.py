@@ -1090,7 +1090,10 @@ class ByteCounter:
     source = property(lambda self: "sidecar" if self.sidecar is not None else "lut")
 
 
-def load_tokenizer(h: Hyperparameters):
+def load_byte_counter(h: Hyperparameters, n_tokens: int = 0) -> ByteCounter:
+    """The dataset's byte counter (n_tokens > 0: the sidecar cut to the val tokens kept). A CaseOps tokenizer
+    (the four operators at ids 4-7) needs the sidecar and the sidecar needs one: LUT bytes of transformed text
+    would count each operator as 3 bytes and never see the capitals."""
     import sentencepiece as spm
     if Path(h.tokenizer_path).is_dir():
         raise IsADirectoryError(f"TOKENIZER_PATH={h.tokenizer_path} is a directory, not a SentencePiece .model file")
@@ -1099,14 +1102,6 @@ def load_tokenizer(h: Hyperparameters):
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     if sp.vocab_size() != h.vocab_size:
         raise ValueError(f"VOCAB_SIZE={h.vocab_size} but {h.tokenizer_path} has {sp.vocab_size()} pieces")
-    return sp
-
-
-def load_byte_counter(h: Hyperparameters, n_tokens: int = 0) -> ByteCounter:
-    """The dataset's byte counter (n_tokens > 0: the sidecar cut to the val tokens kept). A CaseOps tokenizer
-    (the four operators at ids 4-7) needs the sidecar and the sidecar needs one: LUT bytes of transformed text
-    would count each operator as 3 bytes and never see the capitals."""
-    sp = load_tokenizer(h)
     caseops = sp.vocab_size() >= 8 and tuple(sp.id_to_piece(i) for i in range(4, 8)) == CASEOPS_OPERATORS
     sidecar = load_val_sidecar(h.val_files, n_tokens)
     if sidecar is not None and not caseops:
@@ -1492,14 +1487,12 @@ build_model = GPT  # the name the rest of the script, the tests and the tools bu
 # clip uses the averaged gradient's norm (the record clipped each rank's local one): 1, 2, 4 and 8 ranks step alike.
 
 
-
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
                                 coeffs: tuple = NS_COEFFS["quintic"]) -> Tensor:
     """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) by quintic Newton-Schulz iterations
-    X <- a X + (b A + c A^2) X, A = X X^T, with iteration k's (a, b, c) = coeffs[k] (past the table: its last tuple),
-    in bf16 on CUDA (as the record) and fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX or not),
-    which moved a 150-step CPU run's score by 1.4e-3 between kernel sets (1.4e-5 in fp32). The coefficients trade
-    exactness for speed: singular values land in roughly [0.7, 1.2], not exactly 1, which Muon tolerates."""
+    X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = coeffs[k] (past the table: its last), singular values landing
+    in ~[0.7, 1.2]. bf16 on CUDA (as the record), fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX
+    or not), which moved a 150-step CPU score by 1.4e-3 (1.4e-5 in fp32)."""
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     X = X.mT if transposed else X
@@ -1693,8 +1686,7 @@ def quantize_model(model: GPT | dict, hessians: dict | None = None, damp: float 
 
 def _sdclip_entry(name: str, t: Tensor, H: Tensor | None, damp: float, block_size: int) -> tuple:
     """Banks and the tied embedding on their group's SDClip grid (GPTQ with H, the embedding's from the head input;
-    else rounding); the sparse attention gates, and any other tensor over SMALL_TENSOR_NUMEL, int8 per row with
-    s = max|row| / 127; the rest fp16."""
+    else rounding); attention gates and other tensors over SMALL_TENSOR_NUMEL int8 (max|row| / 127); the rest fp16."""
     dtype = str(t.dtype).replace("torch.", "")
     t = t.detach().float().to(t.device if H is not None else "cpu")
     if name in BANK_NAMES or name == "tok_emb.weight":
@@ -1756,9 +1748,9 @@ def l1_chain(x: Tensor) -> Tensor:
 
 
 def sort_mlp_hidden(sd: dict, hessians: dict) -> tuple[dict, dict]:
-    """The same function with each layer's MLP hidden units in L1 nearest-neighbour order of their (row-normalised)
-    W_up rows and W_down columns: the codec sees similar rows side by side, and since the order of the hidden units
-    is free (W_up rows, W_down columns and the down Hessian permuted together), the artifact stores no permutation."""
+    """The same function, each layer's MLP hidden units in L1 nearest-neighbour order of their (row-normalised) W_up
+    rows and W_down columns: the codec sees similar rows side by side, and the order being free (W_up, W_down and the
+    down Hessian permuted together), the artifact stores no permutation."""
     up, down, Hd = sd["mlp_up_bank"].detach(), sd["mlp_down_bank"].detach(), hessians.get("mlp_down_bank")
     norm = lambda w: w / w.float().std(-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
     perms = [l1_chain(torch.cat((norm(up[i]), norm(down[i]).T), 1)).to(up.device) for i in range(up.size(0))]
@@ -1916,44 +1908,32 @@ def _pergroup_unpack(frame: bytes) -> bytes:
     if len(streams) != 1 + len(buckets) + len(sorted_):
         raise ValueError(f"pergroup frame: {len(streams)} streams, the header needs {1 + len(buckets) + len(sorted_)} "
                          f"(remainder, {len(buckets)} tensor buckets, {len(sorted_)} permutations)")
-    with ThreadPoolExecutor(max(1, len(buckets))) as ex:
-        dec = list(ex.map(lambda b: _try(zpaq.decompress, b), streams[1:1 + len(buckets)]))
+    with ThreadPoolExecutor(max(1, len(buckets))) as ex:  # each stream's error is reported with its name below
+        dec = [ex.submit(zpaq.decompress, b) for b in streams[1:1 + len(buckets)]]
     perm_streams = dict(zip([b[0] for b in sorted_], range(1 + len(buckets), len(streams))))
     parts, pos, removed = [], 0, 0
     for i, ((label, off, S, R, C), d) in enumerate(zip(buckets, dec)):
+        d = d.exception() or d.result()
         if isinstance(d, Exception) or len(d) != S * R * C:
             why = str(d) if isinstance(d, Exception) else f"{len(d)} bytes, expected {S * R * C}"
             raise ValueError(f"pergroup stream {1 + i} (tensor {label}): {why}")
         codes = torch.from_numpy(np.frombuffer(d, np.int8).reshape(S, C, R).copy()).transpose(1, 2)
-        if label in perm_streams:
-            order = _read_perm(streams[perm_streams[label]], f"stream {perm_streams[label]}", label, S, R)
+        if label in perm_streams:  # the (S, R) row orders, checked to be permutations
+            where = perm_streams[label]
+            try:
+                order = torch.from_numpy(_unpack_perm(streams[where], R, S * R)).view(S, R)
+                if (bad := order[order >= R]).numel():
+                    raise ValueError(f"row index {int(bad[0])} out of range [0, {R})")
+                if any(torch.bincount(o, minlength=R).max() > 1 for o in order):
+                    raise ValueError("not a permutation (a row appears twice)")
+            except ValueError as e:
+                raise ValueError(f"pergroup stream {where} (row permutation of tensor {label}): {e}") from None
             codes = torch.empty_like(codes).scatter_(1, order[:, :, None].expand(S, R, C), codes)
         cut = q0 + off - removed  # where the bucket's bytes were cut from the remainder
         parts += [rest[pos:cut], codes.contiguous().numpy().tobytes()]
         pos, removed = cut, removed + S * R * C
     f0 -= removed  # the fp16 sections start in the remainder
     return b"".join(parts) + rest[pos:f0] + _byte_planes(rest[f0:], inverse=True)
-
-
-def _read_perm(stream: bytes, where: str, label: str, S: int, R: int) -> Tensor:
-    """The (S, R) row orders of a bucket, checked to be permutations."""
-    try:
-        order = torch.from_numpy(_unpack_perm(stream, R, S * R)).view(S, R)
-        bad = order[order >= R]
-        if bad.numel():
-            raise ValueError(f"row index {int(bad[0])} out of range [0, {R})")
-        if any(torch.bincount(o, minlength=R).max() > 1 for o in order):
-            raise ValueError("not a permutation (a row appears twice)")
-    except ValueError as e:
-        raise ValueError(f"pergroup {where} (row permutation of tensor {label}): {e}") from None
-    return order
-
-
-def _try(fn, *args):
-    try:
-        return fn(*args)
-    except Exception as e:  # noqa: BLE001  (reported with the stream's name by the caller)
-        return e
 
 
 def _codec(name: str):
@@ -2176,11 +2156,11 @@ def int6_rel_error(q: dict, weights: dict[str, Tensor]) -> float:
 
 def fit_to_budget(q: dict, weights: dict[str, Tensor], choice: str, budget: int, max_fraction: float,
                   hessian_diag: dict[str, Tensor] | None = None) -> tuple[bytes, str, dict, dict]:
-    """Compress q with every requested codec; if the smallest blob is over `budget`, zero int6 values in prune_order,
-    their count found by a bracketing search (lo: the largest count over, hi: the smallest fit) of <= FIT_PROBES real
-    compressions with that codec, each at the first count that real(lo) + alpha (P(k) - P(lo)) (P the size proxy, alpha
-    the secant through the real sizes around the budget, else 1) puts FIT_AIM of the overshoot under it. Returns (blob,
-    codec, unpruned sizes, fit line stats); raises, before anything is written, if none fits."""
+    """Compress q with every requested codec; over `budget`, zero int6 values in prune_order, their count found by a
+    bracketing search (lo: the largest count over, hi: the smallest fit) of <= FIT_PROBES real compressions, each at
+    the first k where real(lo) + alpha (P(k) - P(lo)) (P: the size proxy, alpha: the secant through the real sizes
+    around the budget, else 1) puts FIT_AIM of the overshoot under it. -> (blob, codec, unpruned sizes, fit stats);
+    raises, before anything is written, if none fits."""
     t0, raw = time.perf_counter(), serialize(q)
     blob, codec, sizes = compress_payload(raw, choice)
     n_values, e0, before = sum(q[n][1].numel() for n in _int6_names(q)), int6_rel_error(q, weights), len(blob)
@@ -2225,9 +2205,8 @@ def fit_line(st: dict) -> str:
 
 
 def export_payload(h: Hyperparameters, model: GPT) -> tuple[dict, dict, dict]:
-    """(what the artifact stores, the float weights it approximates, the Hessian diagonals that rank pruning): the
-    MLP hidden units sorted (MLP_SORT, absorbed), quantized (QUANT_SCHEME, GPTQ where Hessians were collected), then
-    LQER on the worst matrices (LQER_TOP_K)."""
+    """(what the artifact stores, the float weights it approximates, the Hessian diagonals that rank pruning): MLP
+    units sorted (MLP_SORT), quantized (QUANT_SCHEME, GPTQ given Hessians), LQER on the worst matrices (LQER_TOP_K)."""
     sd, hessians = model.state_dict(), dict(model.hessians or {})
     if h.mlp_sort:
         sd, hessians = sort_mlp_hidden(sd, hessians)
@@ -2457,11 +2436,10 @@ def _ng_zeros(shape: tuple) -> np.ndarray:
 def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_order=Hyperparameters.ngram_max_order,
                      table_bits=Hyperparameters.ngram_table_bits, top_k=Hyperparameters.ngram_top_k,
                      min_count=Hyperparameters.ngram_min_count, debug=False):
-    """Rows by the header comment's rules: (cand_tok int32 [N, top_k], cand_logc float32 [N, top_k], stats), the same
-    on every rank. stats: "order" (int8 [N], the emitting order, 0 = none; prefix-only, usable as a gate),
-    "with_candidates", and {order: n} dicts "<hits|inserted|dropped|evicted_mass>_per_order"; debug=True adds
-    "slot_mass_per_order" (it reads every table page). Table memory: 2**table_bits * 8 * (1 + top_k) bytes per order.
-    Defaults: > 5M tokens/s, < 2 GB for ~30M tokens on 2 cores (stand-in corpus; bench/bench_ngram.py --sweep)."""
+    """Rows by the header comment's rules, the same on every rank: (cand_tok int32 [N, top_k], cand_logc float32
+    [N, top_k], stats: "order" (int8 [N], the emitting order, 0 = none; prefix-only), "with_candidates", {order: n}
+    dicts "<hits|inserted|dropped|evicted_mass>_per_order", debug: "slot_mass_per_order" (reads every table page)).
+    Memory: 2**table_bits * 8 * (1 + top_k) bytes per order; defaults: > 5M tokens/s, < 2 GB for ~30M tokens."""
     for name, v, lo, hi in (("min_order", min_order, 1, max_order), ("max_order", max_order, 1, 127),
                             ("table_bits", table_bits, 0, NG_MAX_TABLE_BITS), ("top_k", top_k, 1, NG_MAX_TOP_K),
                             ("min_count", min_count, 1, math.inf)):
@@ -2690,12 +2668,11 @@ class ScoredChunk:
 
 
 class Experts:
-    """Neural logits z -> the scored distributions, from inputs and logits (never targets), each normalized over the
-    vocabulary. Tracks: neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram = softmax(z + r + b_1 n)
-    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), <the track before>+tilt = its
-    closed-form tilt toward the prefix-only hint (tilt_log_probs), mixture = Hedge over the pool [neural, neural+bias,
-    softmax(z + r + b_j n) per beta, tilt]; neural in the pool mixes a harmful boost away (Hedge's bound).
-    hints: tilt_hints' rows, indexed like the candidates (row p + 1 for position p)."""
+    """Neural logits z -> the scored distributions, from inputs and logits (never targets), each normalized. Tracks:
+    neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram = softmax(z + r + b_1 n) (n: log-count boosts
+    of the prefix-only n-gram candidates, b_j: the betas), <the track before>+tilt (tilt_log_probs toward the hint,
+    tilt_hints' row p + 1 for position p), mixture = Hedge over [neural, neural+bias, softmax(z + r + b_j n) per
+    beta, tilt]; neural in the pool mixes a harmful boost away (Hedge's bound)."""
 
     def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None, hints=None):
         self.bias, self.cands, self.hedge, self.hints = bias, cands, hedge, hints
@@ -2859,14 +2836,8 @@ class EvalResult:
     bytes: int
     seconds: float
     budget_error: str = ""  # set when the eval budget guard found the pass cannot end inside the budget
-
-    @property
-    def val_loss(self) -> float:
-        return self.losses[self.final]
-
-    @property
-    def val_bpb(self) -> float:
-        return self.bpbs[self.final]
+    val_loss = property(lambda self: self.losses[self.final])
+    val_bpb = property(lambda self: self.bpbs[self.final])
 
 
 class EvalBudget:
@@ -2939,9 +2910,8 @@ def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkS
 
 
 def find_docs(val: Tensor) -> np.ndarray:
-    """Documents as scored-position ranges (start, end): one runs from its BOS to the next BOS, which is its last
-    target; the last runs to the stream's end (positions before the first BOS form one more). Position p: input
-    val[p], target val[p + 1]."""
+    """Documents as scored-position ranges (start, end) (position p: input val[p], target val[p + 1]): from a BOS to
+    the next BOS, its last target; the last to the stream's end; positions before the first BOS form one more."""
     n = val.numel() - 1
     bos = np.flatnonzero(val[:n].numpy() == BOS_ID)
     if bos.size == 0:
@@ -2955,9 +2925,8 @@ def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
     """The document-isolated plan (#1855): each document in chunks of TTT_CHUNK targets, each chunk's window the last
     <= EVAL_SEQ_LEN inputs of the same document ending at the chunk's end. Documents sorted by length go in batches of
     TTT_DOC_BATCH, side by side, chunk after chunk; batches longest first, each to the rank with the least work so far
-    (window tokens; ties: the lowest rank), statically. Span i = every rank's i-th step (a rank past its last: none).
-    A step's width is EVAL_SEQ_LEN / 8, / 4, / 2 or all of it, and run_pass pads its batches to EVAL_BATCH_SEQS rows:
-    few shapes for the compiled model."""
+    (window tokens; ties: the lowest rank). Span i = every rank's i-th step. Widths EVAL_SEQ_LEN / 8, / 4, / 2 or 1x
+    and run_pass's padding to EVAL_BATCH_SEQS rows keep the compiled model's shapes few."""
     h, (s, e) = ctx.h, find_docs(ctx.val).T
     order, C, T = np.argsort(e - s, kind="stable"), h.ttt_chunk, h.eval_seq_len
     batches = [order[i:i + h.ttt_doc_batch] for i in range(0, len(order), h.ttt_doc_batch)][::-1]
@@ -3147,12 +3116,8 @@ def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
     source, reserve = "set", h.gptq_reserve_seconds
     if reserve < 0:
         loader = DistributedTokenLoader(train_glob, rt)
-        for _ in range(2):  # the second batch is timed
-            sync(rt.device)
-            t0 = time.perf_counter()
-            collect_hessians(h, rt, model, loader, 1)
-            sync(rt.device)
-        per_batch = time.perf_counter() - t0
+        collect_hessians(h, rt, model, loader, 1)  # the second batch is timed
+        per_batch = time_ms(lambda: collect_hessians(h, rt, model, loader, 1), rt.device, 1) / 1000
         reserve = 2.0 * h.gptq_calib_batches * per_batch + 1.0  # the default: 2x the estimate (as the records) + 1 s
         reserve = slowest_rank([reserve], rt.device, torch.float64)[0]
         source = f"measured per_batch:{1000 * per_batch:.1f}ms"
