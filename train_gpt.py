@@ -198,8 +198,7 @@ class Hyperparameters:
     loop_activate_frac: float = 0.35  # the loop switches on at this fraction of the training clock (eval: always on)
     parallel_start_layer: int = 8  # two-lane parallel decoder from this physical layer; 0: off
     doc_mask: bool = True  # attention never crosses a BOS (training, scoring and TTT alike)
-    fused_kernels: str = "auto"  # auto: Triton MLP / CE where faster on CUDA (measured at start-up); 0: eager; 1: both
-    # (mlp / ce: that one only)
+    fused_kernels: str = "auto"  # auto: Triton MLP / CE where faster on CUDA (start-up); 0: eager; 1: both; mlp | ce
     # Optimizer
     matrix_lr: float = 0.026
     scalar_lr: float = 0.02
@@ -496,12 +495,11 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor
 
 
 def doc_layout(backend: str, starts: Tensor):
-    """What `attention_kernel(backend)` needs to keep attention inside documents, built once per forward from
-    starts (B, T) bool (True where a document begins; each row also begins one). Shapes depend on (B, T) only.
-    SDPA: a block-diagonal causal mask (B, 1, T, T). FlashAttention varlen: the rows flattened into one stream of
-    segments, cu_seqlens (int32, a fixed n + 1 entries) and max_seqlen T. Unused entries repeat B*T (empty
-    segments). n = B rows + a document every 64 tokens + 256: were there ever more document starts (a static shape
-    cannot grow), the last ones would be dropped, their documents joining the one before; never across a row."""
+    """What `attention_kernel(backend)` needs to keep attention inside documents, once per forward from starts (B, T)
+    bool (True where a document begins; each row also begins one); shapes depend on (B, T) only. SDPA: a block-
+    diagonal causal mask (B, 1, T, T). FlashAttention varlen: the rows as one stream of segments, cu_seqlens (int32,
+    n + 1 entries, unused ones B*T) and max_seqlen T; n = B + a document every 64 tokens + 256 (a static shape: any
+    further starts are dropped, their documents joining the one before; never across a row)."""
     B, T = starts.shape
     if backend not in FLASH_MODULES:
         seg = torch.cat((torch.zeros_like(starts[:, :1]), starts[:, 1:]), 1).cumsum(1)
@@ -1663,12 +1661,11 @@ def quantize_model(model: GPT | dict, hessians: dict | None = None, damp: float 
     a Hessian, else GPTQ-lite), tables int8, rest fp16. sdclip: see _sdclip_entry."""
     out, methods, t0 = {}, [], time.perf_counter()
     for name, t in (model if isinstance(model, dict) else model.state_dict()).items():
+        H = (hessians or {}).get(name) if scheme == "sdclip" or name in BANK_NAMES else None  # GPTQ: on the GPU
         if scheme == "sdclip":
-            H = (hessians or {}).get(name)
             out[name] = _sdclip_entry(name, t, H, damp, block_size)
             methods += [f"{name}:{'gptq' if H is not None else 'rtn'}"] if out[name][0].startswith("int") else []
             continue
-        H = (hessians or {}).get(name) if name in BANK_NAMES else None  # GPTQ runs where the weights are (the GPU)
         dtype, t = str(t.dtype).replace("torch.", ""), t.detach().float().to(t.device if H is not None else "cpu")
         if name in BANK_NAMES:
             s = int6_scales(t)
@@ -2562,15 +2559,12 @@ def tilt_log_probs(lp: Tensor, hint: Tensor, beta: float) -> Tensor:
 
 
 class OnlineBias:
-    """Per-document logit bias (Nacrith-style online SGD on cross-entropy), reset at every BOS. Sequential rule, for
-    position t with input x_t (= the previous target):
-        r_t = 0                                          if x_t is BOS
-        r_t = r_{t-1} + lr * (onehot(x_t) - p_{t-1})     otherwise
-    p: the neural distribution (no bias), so r_t reads only inputs up to t: a segmented prefix sum, computed per batch
-    in parallel. The carry between chunks advances with a chunk's last target only in update(), after its score is
-    recorded; in a chunk each rank starts from it (or 0 after a BOS): several ranks drop some in-chunk context.
-    Docs plan: a rank scores whole chunks of documents, so each continues exactly from its own document's state,
-    committed in update() after its previous chunk (the same rule, on every rank)."""
+    """Per-document logit bias (Nacrith-style online SGD on cross-entropy). For position t with input x_t:
+        r_t = 0 if x_t is BOS, else r_{t-1} + lr * (onehot(x_t) - p_{t-1})     (p: the neural distribution)
+    so r_t reads only inputs up to t: a segmented prefix sum, computed per batch in parallel. The carry between
+    chunks advances with a chunk's last target only in update(), after its score is recorded; in a chunk each rank
+    starts from it (or 0 after a BOS): several ranks drop some in-chunk context. Docs plan: a rank scores whole
+    chunks of documents, each continuing from its own document's state, committed in update()."""
 
     def __init__(self, h: Hyperparameters, vocab: int, device):
         self.lr, self.V, self.device = h.bias_lr, vocab, device
@@ -2633,9 +2627,8 @@ class OnlineBias:
 class HedgeMixer:
     """Online multiplicative weights over normalized experts: p_mix = sum_k w_k p_k is scored; after a chunk is scored,
     w_k <- w_k exp(-eta * mean loss_k over the chunk), renormalized (losses all-reduced: the same weights on every
-    rank). Bound: since p_mix >= w_k p_k, each token's loss is -log p_mix <= -log p_k + log(1/w_k), w_k the weight it
-    is scored with, so over the pass the mixture loses to any expert k (the plain neural one included) by at most
-    sum_chunks n_c log(1/w_k,c): log K per token in the first chunk, ~0 once Hedge has settled on k."""
+    rank). Bound: p_mix >= w_k p_k, so the mixture loses to any expert k (neural included) by at most log(1/w_k) per
+    token: log K in the first chunk, ~0 once Hedge has settled on k."""
 
     def __init__(self, n_experts: int, eta: float, device):
         self.eta, self.log_w = eta, torch.full((n_experts,), -math.log(n_experts), device=device, dtype=torch.float64)
@@ -2726,9 +2719,8 @@ class TestTimeTrainer(FixedScorer):
     """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last chunk), so
     chunk c is scored by weights adapted on chunks < c only. Frozen blocks' bank slices are zeroed before the clip
     (they neither move nor shrink the trained ones' clip); the per-slice LR multipliers apply after it (equivalent for
-    SGD+momentum without weight decay). With Polyak on, an averaged copy scores, bias-corrected as Adam's moments:
-    avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}), a_t = (1 - d) / (1 - d^t), the d-weighted mean of the trained
-    iterates alone; a plain EMA (a_t = 1 - d) would still hold ~94% of the start weights after ~30 updates."""
+    SGD+momentum without weight decay). Polyak: an averaged copy scores, avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}),
+    a_t = (1 - d) / (1 - d^t): bias-corrected, as a plain EMA would still hold ~94% of the start after ~30 updates."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, fwd, compile_fn):
         self.h, self.rt, self.model, self.train_fn = h, rt, model, fwd
@@ -2941,14 +2933,10 @@ def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
             width = next(w for w in (T >> 3, T >> 2, T >> 1, T) if w >= (wins[:, 2] - wins[:, 0]).max())  # 4 shapes
             steps[rank].append((b, wins, slots, width))
             work[rank] += len(wins) * width
-    n = max(map(len, steps))
-    none = (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0)
-    spans = []
-    for i in range(n):
-        b, mine, slots, width = steps[ctx.rt.rank][i] if i < len(steps[ctx.rt.rank]) else none
-        every = np.concatenate([st[i][1] for st in steps if i < len(st)])
-        spans.append(ChunkSpan(i, n, every, mine, width, b, slots))
-    return spans
+    n, none = max(map(len, steps)), (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0)
+    own = steps[ctx.rt.rank] + [none] * (n - len(steps[ctx.rt.rank]))  # a rank past its last step scores nothing
+    return [ChunkSpan(i, n, np.concatenate([st[i][1] for st in steps if i < len(st)]), mine, width, b, slots)
+            for i, (b, mine, slots, width) in enumerate(own)]
 
 
 def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
