@@ -80,10 +80,9 @@ _ALIASES = {"MAX_STEPS": "ITERATIONS", "NUM_ITERATIONS": "ITERATIONS", "STEPS": 
 
 
 def _looks_like_a_knob(name: str, knobs: list[str]) -> bool:
-    """A variable that is not a field but reads like one, so a typo never trains the default silently: a close
-    match of a field (VOCAB_SIZ); a field's own prefix, except the ones other tools share (TTT_EPOCH); a name made
-    only of our fields' words (SEQ_LEN, DATA_DIR, MAX_STEPS), or one word that starts a field (VOCAB, WARMDOWN).
-    The machine's variables (PATH, HOME, RANK, WORLD_SIZE, CUDA_*, TORCH_*, NCCL_*, PYTHON*) share no such form."""
+    """A non-field that reads like one, so a typo never trains the default silently: a close match (VOCAB_SIZ); a
+    field's own prefix, except ones other tools share (TTT_EPOCH); only our fields' words (SEQ_LEN, MAX_STEPS), or one
+    word starting a field (VOCAB). The machine's variables (PATH, RANK, CUDA_*, NCCL_*, ...) share no such form."""
     words, parts = {w for k in knobs for w in k.split("_")}, name.split("_")
     if name in _ALIASES or difflib.get_close_matches(name, knobs, n=1, cutoff=0.9):
         return True
@@ -578,9 +577,7 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
     dy = torch.randn_like(q)
     starts = torch.rand(B, T, device=device, generator=g) < 4 / T
 
-    def layout(b: str, s: Tensor):
-        return doc_layout(b, s) if doc_mask else None
-
+    layout = doc_layout if doc_mask else lambda b, s: None  # noqa: E731
     with torch.no_grad():  # the correctness check: the first sequence against this fp32 reference
         ref = _sdpa(q[:1].float(), *(t[:1].float().repeat_interleave(H // KV, dim=2) for t in (k, v)),
                     layout("sdpa", starts[:1]))
@@ -606,9 +603,8 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
 
 def resolve_attention(requested: str, device: torch.device, shape=None, notes: list | None = None,
                       compile_check: bool = False, doc_mask: bool = False) -> str:
-    """A forced backend must be importable here (and on CUDA, given a shape, run and match the fp32 reference).
-    "auto": on CUDA with a shape, the fastest match by the slowest rank's time (times in `notes`); else the first.
-    doc_mask: the kernels are judged in their document-masked form (FlashAttention: varlen)."""
+    """A forced backend must be importable (on CUDA with a shape: run and match the fp32 reference). "auto": on CUDA
+    with a shape, the fastest match by the slowest rank's time (in `notes`; doc_mask: masked forms); else the first."""
     available = attention_candidates(device, doc_mask)
     if requested != "auto" and requested not in available:
         raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
@@ -985,8 +981,7 @@ class TokenStream:
 
     def __init__(self, pattern: str, vocab_size: int = 0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
-        for f in self.files:  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
-            shard_num_tokens(f)
+        check_shards(pattern)  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
         self.file_idx, self.pos, self.tokens = 0, 0, load_shard(self.files[0], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
@@ -1183,11 +1178,10 @@ def fake_quant(w: Tensor, int6: bool) -> Tensor:
 
 def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int, qmax: int = INT6_MAX) -> Tensor:
     """GPTQ on a fixed grid: codes (S, R, C) of matrices w (S, R, C) with input Hessians H (S, C, C) and per-row
-    scales (S, R). Columns go in order of decreasing H diagonal (most active inputs first); each is rounded to the
-    grid and its error, scaled by the upper Cholesky factor U of H^-1, pushed onto the columns not yet rounded
-    (lazily, per block of block_size columns): a greedy minimization of ||(W - Q) X^T||; with H = I, plain rounding.
-    H is damped by damp x its mean diagonal; a zero diagonal (an input never active in calibration) gets the mean,
-    so that column is rounded alone; a factorization that fails (singular H, little damping) retries with 10x."""
+    scales (S, R). Columns go by decreasing H diagonal (most active inputs first); each is rounded and its error,
+    scaled by the upper Cholesky factor U of H^-1, pushed onto the columns not yet rounded (lazily, per block): a
+    greedy minimization of ||(W - Q) X^T||. H is damped by damp x its mean diagonal (a zero diagonal gets the mean:
+    that column is rounded alone); a failed factorization (singular H, little damping) retries with 10x."""
     w, s = w.detach().float(), scale.float().unsqueeze(-1)
     S, R, C = w.shape
     perm = H.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
@@ -1511,8 +1505,7 @@ def unit_rows(U: Tensor, eps: float = 1e-7) -> Tensor:
 class Optimizers:
     """Muon on the banks (Nesterov momentum, MuonEq-R if MUON_EQ_R, Newton-Schulz with MUON_NS's coefficients, update
     scaled by sqrt(max(1, rows/cols)), decoupled weight decay), AdamW on the rest; one LR multiplier. Each rank owns
-    ceil(slots/world) slots of each bank (zero-padded), with their momentum. overlap=False waits on each collective at
-    launch; both modes agree bit for bit."""
+    ceil(slots/world) slots of each bank (zero-padded). overlap=False waits on each collective (bit-identical)."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
         self.h, self.rt, self.overlap, self.muon_lr, self.momentum = h, rt, overlap, h.matrix_lr, 0.0
@@ -1538,10 +1531,9 @@ class Optimizers:
     @torch.no_grad()
     def step(self) -> None:
         """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads. Order: the
-        replicated gradients' one flat all-reduce (~4 MB), then the bank reduce-scatters, biggest first, all in flight
-        at once (NCCL runs one communicator's collectives in launch order: the small one first). While the banks fly,
-        the replicated gradients land and their norm is taken, then each bank shard's, under the later transfers. A clip
-        needs every reduced gradient: AdamW then runs under Muon's first all-gather, else under the reduce-scatters."""
+        replicated gradients' flat all-reduce (~4 MB), then the bank reduce-scatters, biggest first, all in flight at
+        once (NCCL runs them in launch order); norms are taken as each lands, under the later transfers. A clip needs
+        every reduced gradient: AdamW then runs under Muon's first all-gather, else under the reduce-scatters."""
         world, clip = self.rt.world_size, self.h.grad_clip_norm > 0
         for p in self.replicated:
             if p.grad is None:
@@ -2833,10 +2825,9 @@ class EvalResult:
 
 
 class EvalBudget:
-    """The deadline, EVAL_BUDGET_SECONDS - EVAL_MARGIN_SECONDS after `start`, and the guard that keeps the declared pass
-    inside it, from the clock and chunk index only: after chunk c is scored, the rest is projected from c's scoring
-    time and the last timed TTT epoch; the remaining updates get the most epochs (<= TTT_EPOCHS, down to 0) that end
-    inside the deadline. Chunk 0 (compilation) neither decides nor measures; ranks agree on the max of their times."""
+    """The guard that keeps the declared pass inside EVAL_BUDGET_SECONDS - EVAL_MARGIN_SECONDS after `start`: after
+    chunk c is scored, the rest is projected from c's scoring time and the last timed TTT epoch, and the remaining
+    updates get the most epochs (<= TTT_EPOCHS) that fit. Chunk 0 (compilation) neither decides nor measures."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, start: float, clock=time.perf_counter):
         self.h, self.rt, self.start, self.clock = h, rt, start, clock
@@ -2950,8 +2941,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
              recorder=None, label: str = "", budget: EvalBudget | None = None, plan: str = "stream") -> EvalResult:
     """The one scoring path, over the plan's chunks of windows (stream: left to right, plan_chunks; docs: plan_docs):
     score a chunk with scorer.current (inference_mode), record its NLL, then (only then) hand the record to bias, Hedge
-    and the scorer (TTT or fixed; the budget guard sets TTT's epochs just before). Without them: plain or sliding eval.
-    A non-finite score raises on every rank."""
+    and the scorer (TTT, its epochs set by the budget guard, or fixed: plain or sliding eval). Non-finite: raises."""
     h, rt, val, t0 = ctx.h, ctx.rt, ctx.val, time.perf_counter()
     experts = experts or Experts(h, None, None, None)
     tally = Tally.zeros(len(experts.tracks), rt.device, experts.n_experts)
@@ -3035,9 +3025,8 @@ def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
 
 
 def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
-    """Real steps so torch.compile builds every graph the timed loop needs (QAT on and off, looping off and on),
-    the variants in turn; weights, optimizer state, data order and `model.looping` are then restored. When
-    compiling, one step per graph even at WARMUP_STEPS=0: otherwise a graph would compile inside the timed window."""
+    """Real steps so torch.compile builds every graph the timed loop needs (QAT and looping off/on, in turn; one each
+    even at WARMUP_STEPS=0, else one compiles in the timed window); weights, optimizer, data and looping restored."""
     qats = (False, True) if not h.qat_enabled and h.late_qat_threshold > 0 else (h.qat_enabled,)
     loops = (False, True) if h.num_loops > 0 else (None,)
     variants = [(q, lp) for lp in loops for q in qats]  # without loops: QAT off, on, off, ... as the seed
