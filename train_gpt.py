@@ -528,8 +528,7 @@ def sdpa_pinned(kernel: str, expand: bool):
 
 def attention_kernel(backend: str):
     """Causal attention fn(q, k, v, docs=None): q (B, T, H, D); k, v (B, T, KV, D), consecutive query heads sharing
-    a KV head; docs = doc_layout(backend, starts) keeps it inside documents. An unresolved "auto" means SDPA:
-    start-up resolves the backend before any model is built."""
+    a KV head; docs = doc_layout(backend, starts) keeps it inside documents. An unresolved "auto" means SDPA."""
     if backend in ("auto", "sdpa"):
         return _sdpa
     if backend in SDPA_BACKENDS:
@@ -568,9 +567,8 @@ def slowest_rank(times: list, device, dtype=torch.float32) -> list[float]:
 
 def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3,
                       doc_mask: bool = False) -> dict:
-    """{backend: ms of a bf16 forward + backward at shape (B, T, H, KV, D)} or {backend: why it is out}: it raised,
-    missed the fp32 reference by more than ATTN_TOLERANCE, or (compile_check) failed to trace (FlashAttention).
-    doc_mask: each row holds ~4 documents, and every kernel runs its document-masked form (varlen for FA)."""
+    """{backend: ms of a bf16 fwd + bwd at shape (B, T, H, KV, D), or why it is out: raised, missed the fp32 reference
+    by > ATTN_TOLERANCE, or failed to trace (compile_check)}. doc_mask: ~4 documents a row, the masked forms."""
     B, T, H, KV, D = shape
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, n, D, device=device, generator=g).bfloat16().requires_grad_() for n in (H, KV, KV))
@@ -673,11 +671,10 @@ def softcapped_ce(logits: Tensor, targets: Tensor, cap: float, fused: bool = Fal
 
 
 def _fused_kernels():
-    """MLP: one GEMM C = A B over strided (M, K) x (K, N) views with two epilogues: FWD stores pre = C and
-    post = leaky_relu(pre, 0.5)^2 (D); else C phi'(pre = D), phi'(u) = 2u (u > 0) or u / 2, i.e. dpre =
-    (go W_down) phi'(pre). CE: z = 2 cap sigmoid(2x / cap) = softcap(x) + cap (the shift cancels in the softmax);
-    per-lane online max and sum-exp over vocabulary blocks give LSE(z) and loss = LSE - z_y; the gradient is
-    g (softmax(z) - onehot(y)) 4 s (1 - s), s = sigmoid(2x / cap). Compute in fp32; bf16 only in memory."""
+    """MLP: one GEMM C = A B over strided (M, K) x (K, N) views, two epilogues: FWD stores pre = C and post =
+    leaky_relu(pre, 0.5)^2 (D); else dpre = C phi'(pre = D), phi'(u) = 2u (u > 0) or u / 2. CE: z = 2 cap sigmoid(2x /
+    cap) = softcap(x) + cap (the shift cancels in the softmax); online max and sum-exp over vocabulary blocks give
+    LSE(z), loss = LSE - z_y, gradient g (softmax(z) - onehot(y)) 4 s (1 - s), s = sigmoid(2x / cap). fp32 math."""
     import triton
     import triton.language as tl
 
@@ -818,9 +815,8 @@ def _fwd_bwd(fn, args, dy: Tensor | None) -> list[Tensor]:
 
 
 def measure_fused(names, shape, device, compile_check: bool = False, reps: int = 3) -> dict:
-    """{kernel: {"eager": ms, "fused": ms or why it is out}} of a bf16 forward + backward at shape (tokens, dim,
-    hidden, vocab), both compiled when compile_check (as training runs them). The fused op is out if it raised or
-    missed the fp32 eager outputs and gradients by more than FUSED_TOLERANCE (relative to their largest value)."""
+    """{kernel: {"eager": ms, "fused": ms or why it is out (raised, or missed the fp32 eager outputs and gradients by
+    > FUSED_TOLERANCE)}} of a bf16 fwd + bwd at shape (tokens, dim, hidden, vocab); compile_check: both compiled."""
     n, d, hid, V = shape
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *s, std=1.0: (std * torch.randn(*s, device=device, generator=g)).bfloat16()  # noqa: E731
@@ -847,9 +843,8 @@ def measure_fused(names, shape, device, compile_check: bool = False, reps: int =
 
 def resolve_fused(requested: str, device: torch.device, shape=None, notes: list | None = None,
                   compile_check: bool = False) -> str:
-    """FUSED_KERNELS resolved to a FUSED_CHOICES key. "auto": off without CUDA or triton; on CUDA with a shape,
-    each kernel where it matches eager and is faster by the slowest rank's time (the table goes to `notes`). A
-    forced choice needs triton and, on CUDA, must match eager; on CPU only TRITON_INTERPRET=1 runs it (tests)."""
+    """FUSED_KERNELS as a FUSED_CHOICES key. "auto": off without CUDA or triton, else each kernel that matches eager and
+    is faster by the slowest rank's time (in `notes`). Forced: needs triton, a match on CUDA; CPU: TRITON_INTERPRET."""
     if requested == "0" or (requested == "auto" and device.type != "cuda"):
         return "0"
     try:
@@ -1297,9 +1292,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """One forward for training, scoring and TTT. The layers run in a virtual order (the depth recurrence, when
-    `looping`); its first half is the U-Net encoder, whose outputs feed the second half's skips in reverse order.
-    From physical layer PARALLEL_START_LAYER the decoder runs two lanes (attention, MLP) side by side."""
+    """One forward for training, scoring and TTT. Layers run in a virtual order (looped when `looping`), its first half
+    the U-Net encoder feeding the second half's skips; from PARALLEL_START_LAYER two lanes (attention, MLP)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1618,9 +1612,8 @@ def budget_frac(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """No LR warmup. WARMDOWN_FRAC > 0 (the record): 1, then linear over the budget's last WARMDOWN_FRAC down to the
-    MIN_LR floor. Else (the seed) linear to 0 over the last WARMDOWN_ITERS steps' worth of remaining wallclock
-    (estimated from the mean step time so far), or over the last WARMDOWN_ITERS iterations without a cap."""
+    """No warmup. WARMDOWN_FRAC > 0 (the record): linear to MIN_LR over the budget's last WARMDOWN_FRAC. Else (the
+    seed) linear to 0 over the last WARMDOWN_ITERS steps (their wallclock from the mean step time, under a cap)."""
     if h.warmdown_frac > 0:
         frac = budget_frac(h, step, elapsed_ms)
         return 1.0 if frac < 1 - h.warmdown_frac else max((1 - frac) / h.warmdown_frac, h.min_lr)
@@ -2041,9 +2034,8 @@ def unpack_source(packed: bytes) -> bytes:
 
 
 def pack_source(src: bytes, search: bool = True) -> bytes:
-    """The file that ships (tools/pack.py writes it; counted in process, so the model budget is exact): one exec line,
-    the shortest LZMA ("alone" container: xz and raw LZMA2 never won) over lc x pb (3, 0 without search) in base85.
-    compile(..., __file__) keeps file names and line numbers in tracebacks, and lets Numba cache. Deterministic."""
+    """The file that ships (tools/pack.py; counted in process: an exact model budget): one exec line, the shortest
+    LZMA-alone over lc x pb (3, 0 without search) in base85; compile(..., __file__) keeps tracebacks, Numba's cache."""
     dict_size = 1 << max(12, (len(src) - 1).bit_length())
     filters = [dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=lc, lp=0, pb=pb, dict_size=dict_size)
                for lc, pb in ([(lc, pb) for lc in range(5) for pb in range(3)] if search else [(3, 0)])]
@@ -2077,9 +2069,8 @@ def _int6_names(q: dict) -> list[str]:
 
 
 def prune_order(q: dict, limit: int, hessian_diag: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Up to `limit` int6 values in pruning order: |q| = 1 first, then 2, ...; within a level by the squared error
-    that zeroing adds, (|q| s_row)^2, times the input Hessian's diagonal H[col] where given (hessian_diag[name]:
-    shape codes.shape[:-2] + (C,)); ties by position. Returns (tensor index into _int6_names(q), flat index)."""
+    """(tensor index into _int6_names(q), flat index) of up to `limit` int6 values in pruning order: |q| = 1, then 2,
+    ...; in a level by the error zeroing adds, (|q| s_row)^2 x hessian_diag[name][..., col] if given; ties: position."""
     names, costs, empty = _int6_names(q), [], torch.zeros(0, dtype=torch.int64)
     for n in names:
         codes, s = q[n][1], q[n][2].float()
@@ -2239,9 +2230,8 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
 
 
 def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
-    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi). Every score slides windows
-    of EVAL_SEQ_LEN inputs by a stride: the first window scores all its positions, later ones their last `stride` (each
-    target once; stride = window: the plain eval). Position i: input val[i], target val[i+1]."""
+    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi) (input val[i], target
+    val[i+1]). The first window scores all its positions, later ones their last `stride`: each target once."""
     starts = [ws for ws in range(0, n_targets, stride) if ws == 0 or ws + window - stride < n_targets]
     return np.array([(ws, ws if ws == 0 else ws + window - stride, min(ws + window, n_targets)) for ws in starts],
                     dtype=np.int64).reshape(-1, 3)
@@ -3053,9 +3043,8 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
 
 @torch.no_grad()
 def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tensor]:
-    """H = mean x^T x (fp32) of every bank matrix's inputs (the eager model's taps) over `batches` training batches
-    (never validation data) on each rank, averaged across ranks; {bank: (slots, C, C)} in BANK_INPUTS order. The
-    model runs as it is evaluated: looped where it loops. QUANT_SCHEME=sdclip adds the tied embedding's (1, d, d)."""
+    """{bank: (slots, C, C)} in BANK_INPUTS order: H = mean x^T x (fp32) of its inputs over `batches` training batches,
+    averaged across ranks, the model looped as evaluated; QUANT_SCHEME=sdclip adds the tied embedding's (1, d, d)."""
     inputs = {**BANK_INPUTS, **(HEAD_INPUT if h.quant_scheme == "sdclip" else {})}
     sizes = {site: model.tok_emb.weight.size(-1) if site == "head_in" else getattr(model, bank).size(-1)
              for bank, sites in inputs.items() for site in sites}
