@@ -65,8 +65,8 @@ FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAtt
 ATTN_BACKENDS = (*FLASH_MODULES, "sdpa", *SDPA_BACKENDS)  # every ATTN_BACKEND but "auto"
 # The fused Triton training kernels (section 2) each FUSED_KERNELS value turns on; "auto" resolves to one of them.
 FUSED_CHOICES = {"0": (), "1": ("mlp", "ce"), "mlp": ("mlp",), "ce": ("ce",)}
-# Muon's Newton-Schulz coefficients (a, b, c) per iteration (section 6): the seed's one quintic tuple, or Polar Express's
-# five tuples (iterations past the fifth reuse the last).
+# Muon's Newton-Schulz coefficients (a, b, c) per iteration (section 6): the seed's one quintic tuple, or Polar
+# Express's five tuples (iterations past the fifth reuse the last).
 NS_COEFFS = {"quintic": ((3.4445, -4.7750, 2.0315),),
              "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                                (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -80,10 +80,9 @@ _ALIASES = {"MAX_STEPS": "ITERATIONS", "NUM_ITERATIONS": "ITERATIONS", "STEPS": 
 
 
 def _looks_like_a_knob(name: str, knobs: list[str]) -> bool:
-    """A variable that is not a field but reads like one, so a typo never trains the default silently: a close
-    match of a field (VOCAB_SIZ); a field's own prefix, except the ones other tools share (TTT_EPOCH); a name made
-    only of our fields' words (SEQ_LEN, DATA_DIR, MAX_STEPS), or one word that starts a field (VOCAB, WARMDOWN).
-    The machine's variables (PATH, HOME, RANK, WORLD_SIZE, CUDA_*, TORCH_*, NCCL_*, PYTHON*) share no such form."""
+    """A non-field that reads like one, so a typo never trains the default silently: a close match (VOCAB_SIZ); a
+    field's own prefix, except ones other tools share (TTT_EPOCH); only our fields' words (SEQ_LEN, MAX_STEPS), or one
+    word starting a field (VOCAB). The machine's variables (PATH, RANK, CUDA_*, NCCL_*, ...) share no such form."""
     words, parts = {w for k in knobs for w in k.split("_")}, name.split("_")
     if name in _ALIASES or difflib.get_close_matches(name, knobs, n=1, cutoff=0.9):
         return True
@@ -115,7 +114,8 @@ def _parse_list(text: str, typ, name: str) -> tuple:
 # a fixed step count (the same score on every machine): 450 steps x ~640 ms, the ~150 s eval, pip and the corpus build
 # fit 10 min. Its eval knobs (last line) were tuned on held-out training documents.
 PR549 = dict(
-    preset="pr549", data_path="./data/datasets/fineweb10B_sp1024", tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
+    preset="pr549", data_path="./data/datasets/fineweb10B_sp1024",
+    tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
     vocab_size=1024, mlp_mult=3.0, qk_gain_init=1.5, bigram_vocab_size=1536, xsa_last_n=4, ve_layers="9,10",
     smear_gate="fixed", attn_gate=False, skip_gates=False, num_loops=0, parallel_start_layer=0, rope_ntk_len=1024,
     doc_mask=False, matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_momentum=0.99, muon_wd=0.04,
@@ -185,7 +185,7 @@ class Hyperparameters:
     xsa_last_n: int = 11
     ve_dim: int = 128
     ve_layers: str = ""  # value embeddings on these layers; "": off
-    smear_gate: str = "gated"  # gated: x_t += lambda sigmoid(w . e_t[:gate_dims]) e_{t-1}; fixed: the seed's per-dim mix
+    smear_gate: str = "gated"  # gated: x_t += lambda sigmoid(w . e_t[:gate_dims]) e_{t-1}; fixed: seed's per-dim mix
     smear_bos_mask: bool = True  # the gated smear never mixes across a BOS (the maintainers' rule)
     attn_gate: bool = True  # sparse head gate sigmoid(attn_gate_scale W_g n[:gate_dims]) on each head's output
     attn_gate_scale: float = 0.5
@@ -197,8 +197,7 @@ class Hyperparameters:
     loop_activate_frac: float = 0.35  # the loop switches on at this fraction of the training clock (eval: always on)
     parallel_start_layer: int = 8  # two-lane parallel decoder from this physical layer; 0: off
     doc_mask: bool = True  # attention never crosses a BOS (training, scoring and TTT alike)
-    fused_kernels: str = "auto"  # auto: Triton MLP / CE where faster on CUDA (measured at start-up); 0: eager; 1: both
-    # (mlp / ce: that one only)
+    fused_kernels: str = "auto"  # auto: Triton MLP / CE where faster on CUDA (start-up); 0: eager; 1: both; mlp | ce
     # Optimizer
     matrix_lr: float = 0.026
     scalar_lr: float = 0.02
@@ -322,7 +321,8 @@ class Hyperparameters:
                f"0 (off) or >= {lo} (past the encoder's NUM_LAYERS // 2 layers and LOOP_END)")
         yield ("loop_end", self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < L,
                f">= LOOP_START={self.loop_start} >= 0 and < NUM_LAYERS={L} (or NUM_LOOPS=0)")
-        yield "warmdown_frac", self.warmdown_frac == 0 or self.warmdown_iters == 0, "0 when WARMDOWN_ITERS > 0 (one schedule)"
+        yield ("warmdown_frac", self.warmdown_frac == 0 or self.warmdown_iters == 0,
+               "0 when WARMDOWN_ITERS > 0 (one schedule)")
         yield "ngram_max_order", self.ngram_min_order <= self.ngram_max_order <= 127, "in [NGRAM_MIN_ORDER, 127]"
         yield "ngram_table_bits", 0 <= self.ngram_table_bits <= NG_MAX_TABLE_BITS, f"in [0, {NG_MAX_TABLE_BITS}]"
         yield "ngram_top_k", 1 <= self.ngram_top_k <= NG_MAX_TOP_K, f"in [1, {NG_MAX_TOP_K}]"
@@ -494,12 +494,11 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor
 
 
 def doc_layout(backend: str, starts: Tensor):
-    """What `attention_kernel(backend)` needs to keep attention inside documents, built once per forward from
-    starts (B, T) bool (True where a document begins; each row also begins one). Shapes depend on (B, T) only.
-    SDPA: a block-diagonal causal mask (B, 1, T, T). FlashAttention varlen: the rows flattened into one stream of
-    segments, cu_seqlens (int32, a fixed n + 1 entries) and max_seqlen T. Unused entries repeat B*T (empty
-    segments). n = B rows + a document every 64 tokens + 256: were there ever more document starts (a static shape
-    cannot grow), the last ones would be dropped, their documents joining the one before; never across a row."""
+    """What `attention_kernel(backend)` needs to keep attention inside documents, once per forward from starts (B, T)
+    bool (True where a document begins; each row also begins one); shapes depend on (B, T) only. SDPA: a block-
+    diagonal causal mask (B, 1, T, T). FlashAttention varlen: the rows as one stream of segments, cu_seqlens (int32,
+    n + 1 entries, unused ones B*T) and max_seqlen T; n = B + a document every 64 tokens + 256 (a static shape: any
+    further starts are dropped, their documents joining the one before; never across a row)."""
     B, T = starts.shape
     if backend not in FLASH_MODULES:
         seg = torch.cat((torch.zeros_like(starts[:, :1]), starts[:, 1:]), 1).cumsum(1)
@@ -529,8 +528,7 @@ def sdpa_pinned(kernel: str, expand: bool):
 
 def attention_kernel(backend: str):
     """Causal attention fn(q, k, v, docs=None): q (B, T, H, D); k, v (B, T, KV, D), consecutive query heads sharing
-    a KV head; docs = doc_layout(backend, starts) keeps it inside documents. An unresolved "auto" means SDPA:
-    start-up resolves the backend before any model is built."""
+    a KV head; docs = doc_layout(backend, starts) keeps it inside documents. An unresolved "auto" means SDPA."""
     if backend in ("auto", "sdpa"):
         return _sdpa
     if backend in SDPA_BACKENDS:
@@ -551,20 +549,33 @@ def attention_kernel(backend: str):
     return flash
 
 
+def time_ms(step, device, reps: int) -> float:
+    """ms per call of step() over reps calls; the caller has run it once (compile, autotune, warm caches)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sync(device)
+    return 1000 * (time.perf_counter() - t0) / reps
+
+
+def slowest_rank(times: list, device, dtype=torch.float32) -> list[float]:
+    """Each entry's max over the ranks (a string, a reason a candidate is out, counts as inf): ranks decide alike."""
+    ms = torch.tensor([math.inf if isinstance(v, str) else v for v in times], dtype=dtype, device=device)
+    return all_reduce_(ms, dist.ReduceOp.MAX).tolist()
+
+
 def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3,
                       doc_mask: bool = False) -> dict:
-    """{backend: ms of a bf16 forward + backward at shape (B, T, H, KV, D)} or {backend: why it is out}: it raised,
-    missed the fp32 reference by more than ATTN_TOLERANCE, or (compile_check) failed to trace (FlashAttention).
-    doc_mask: each row holds ~4 documents, and every kernel runs its document-masked form (varlen for FA)."""
+    """{backend: ms of a bf16 fwd + bwd at shape (B, T, H, KV, D), or why it is out: raised, missed the fp32 reference
+    by > ATTN_TOLERANCE, or failed to trace (compile_check)}. doc_mask: ~4 documents a row, the masked forms."""
     B, T, H, KV, D = shape
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, n, D, device=device, generator=g).bfloat16().requires_grad_() for n in (H, KV, KV))
     dy = torch.randn_like(q)
     starts = torch.rand(B, T, device=device, generator=g) < 4 / T
 
-    def layout(b: str, s: Tensor):
-        return doc_layout(b, s) if doc_mask else None
-
+    layout = doc_layout if doc_mask else lambda b, s: None  # noqa: E731
     with torch.no_grad():  # the correctness check: the first sequence against this fp32 reference
         ref = _sdpa(q[:1].float(), *(t[:1].float().repeat_interleave(H // KV, dim=2) for t in (k, v)),
                     layout("sdpa", starts[:1]))
@@ -581,13 +592,8 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
                 traced = torch.compile(lambda q, k, v, s: fn(q, k, v, layout(b, s)), fullgraph=True, dynamic=False)
                 traced(q[:1], k[:1], v[:1], starts[:1]).sum().backward()
             docs = layout(b, starts)
-            for i in range(reps + 1):
-                if i == 1:
-                    sync(device)
-                    t0 = time.perf_counter()
-                fn(q, k, v, docs).backward(dy)
-            sync(device)
-            out[b] = 1000 * (time.perf_counter() - t0) / reps
+            fn(q, k, v, docs).backward(dy)  # the warm-up
+            out[b] = time_ms(lambda: fn(q, k, v, docs).backward(dy), device, reps)
         except Exception as e:  # a kernel that cannot run these shapes is simply not a candidate
             out[b] = f"failed({type(e).__name__})"
     return out
@@ -595,9 +601,8 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
 
 def resolve_attention(requested: str, device: torch.device, shape=None, notes: list | None = None,
                       compile_check: bool = False, doc_mask: bool = False) -> str:
-    """A forced backend must be importable here (and on CUDA, given a shape, run and match the fp32 reference).
-    "auto": on CUDA with a shape, the fastest match by the slowest rank's time (times in `notes`); else the first.
-    doc_mask: the kernels are judged in their document-masked form (FlashAttention: varlen)."""
+    """A forced backend must be importable (on CUDA with a shape: run and match the fp32 reference). "auto": on CUDA
+    with a shape, the fastest match by the slowest rank's time (in `notes`; doc_mask: masked forms); else the first."""
     available = attention_candidates(device, doc_mask)
     if requested != "auto" and requested not in available:
         raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
@@ -609,8 +614,7 @@ def resolve_attention(requested: str, device: torch.device, shape=None, notes: l
             raise ValueError(f"ATTN_BACKEND={requested} does not work on this device at shape {shape}: {why}")
         return requested
     table = measure_attention(available, shape, device, compile_check, doc_mask=doc_mask)
-    ms = torch.tensor([v if isinstance(v, float) else math.inf for v in table.values()], device=device)
-    ms = all_reduce_(ms, dist.ReduceOp.MAX).tolist()
+    ms = slowest_rank(list(table.values()), device)
     if not math.isfinite(min(ms)):
         raise RuntimeError(f"no attention kernel works at shape {shape}: {table}")
     choice = available[min(range(len(ms)), key=lambda i: ms[i])]
@@ -667,11 +671,10 @@ def softcapped_ce(logits: Tensor, targets: Tensor, cap: float, fused: bool = Fal
 
 
 def _fused_kernels():
-    """MLP: one GEMM C = A B over strided (M, K) x (K, N) views with two epilogues: FWD stores pre = C and
-    post = leaky_relu(pre, 0.5)^2 (D); else C phi'(pre = D), phi'(u) = 2u (u > 0) or u / 2, i.e. dpre =
-    (go W_down) phi'(pre). CE: z = 2 cap sigmoid(2x / cap) = softcap(x) + cap (the shift cancels in the softmax);
-    per-lane online max and sum-exp over vocabulary blocks give LSE(z) and loss = LSE - z_y; the gradient is
-    g (softmax(z) - onehot(y)) 4 s (1 - s), s = sigmoid(2x / cap). Compute in fp32; bf16 only in memory."""
+    """MLP: one GEMM C = A B over strided (M, K) x (K, N) views, two epilogues: FWD stores pre = C and post =
+    leaky_relu(pre, 0.5)^2 (D); else dpre = C phi'(pre = D), phi'(u) = 2u (u > 0) or u / 2. CE: z = 2 cap sigmoid(2x /
+    cap) = softcap(x) + cap (the shift cancels in the softmax); online max and sum-exp over vocabulary blocks give
+    LSE(z), loss = LSE - z_y, gradient g (softmax(z) - onehot(y)) 4 s (1 - s), s = sigmoid(2x / cap). fp32 math."""
     import triton
     import triton.language as tl
 
@@ -812,9 +815,8 @@ def _fwd_bwd(fn, args, dy: Tensor | None) -> list[Tensor]:
 
 
 def measure_fused(names, shape, device, compile_check: bool = False, reps: int = 3) -> dict:
-    """{kernel: {"eager": ms, "fused": ms or why it is out}} of a bf16 forward + backward at shape (tokens, dim,
-    hidden, vocab), both compiled when compile_check (as training runs them). The fused op is out if it raised or
-    missed the fp32 eager outputs and gradients by more than FUSED_TOLERANCE (relative to their largest value)."""
+    """{kernel: {"eager": ms, "fused": ms or why it is out (raised, or missed the fp32 eager outputs and gradients by
+    > FUSED_TOLERANCE)}} of a bf16 fwd + bwd at shape (tokens, dim, hidden, vocab); compile_check: both compiled."""
     n, d, hid, V = shape
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *s, std=1.0: (std * torch.randn(*s, device=device, generator=g)).bfloat16()  # noqa: E731
@@ -832,15 +834,8 @@ def measure_fused(names, shape, device, compile_check: bool = False, reps: int =
                 step = torch.compile(step, fullgraph=True, dynamic=False) if compile_check else step
                 outs = _fwd_bwd(step, args, dy)  # also the warm-up (and the compile)
                 err = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(outs, ref))
-                if label == "fused" and not err <= FUSED_TOLERANCE:
-                    row[label] = f"mismatch({err:.3g})"
-                    continue
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    _fwd_bwd(step, args, dy)
-                sync(device)
-                row[label] = 1000 * (time.perf_counter() - t0) / reps
+                ok = label == "eager" or err <= FUSED_TOLERANCE
+                row[label] = time_ms(lambda: _fwd_bwd(step, args, dy), device, reps) if ok else f"mismatch({err:.3g})"
             except Exception as e:  # a kernel that cannot run here is simply not chosen
                 row[label] = f"failed({type(e).__name__})"
     return table
@@ -848,9 +843,8 @@ def measure_fused(names, shape, device, compile_check: bool = False, reps: int =
 
 def resolve_fused(requested: str, device: torch.device, shape=None, notes: list | None = None,
                   compile_check: bool = False) -> str:
-    """FUSED_KERNELS resolved to a FUSED_CHOICES key. "auto": off without CUDA or triton; on CUDA with a shape,
-    each kernel where it matches eager and is faster by the slowest rank's time (the table goes to `notes`). A
-    forced choice needs triton and, on CUDA, must match eager; on CPU only TRITON_INTERPRET=1 runs it (tests)."""
+    """FUSED_KERNELS as a FUSED_CHOICES key. "auto": off without CUDA or triton, else each kernel that matches eager and
+    is faster by the slowest rank's time (in `notes`). Forced: needs triton, a match on CUDA; CPU: TRITON_INTERPRET."""
     if requested == "0" or (requested == "auto" and device.type != "cuda"):
         return "0"
     try:
@@ -867,8 +861,7 @@ def resolve_fused(requested: str, device: torch.device, shape=None, notes: list 
     if shape is None:
         return requested if requested != "auto" else "0"
     table = measure_fused(names, shape, device, compile_check)
-    ms = [table[n][k] if isinstance(table[n][k], float) else math.inf for n in names for k in ("eager", "fused")]
-    ms = all_reduce_(torch.tensor(ms, device=device), dist.ReduceOp.MAX).tolist()
+    ms = slowest_rank([table[n][k] for n in names for k in ("eager", "fused")], device)
     chosen = tuple(n for i, n in enumerate(names) if ms[2 * i + 1] < ms[2 * i] or requested != "auto")
     if requested != "auto" and any(not isinstance(table[n]["fused"], float) for n in names):
         raise ValueError(f"FUSED_KERNELS={requested} does not work on this device at shape {shape}: {table}")
@@ -983,8 +976,7 @@ class TokenStream:
 
     def __init__(self, pattern: str, vocab_size: int = 0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
-        for f in self.files:  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
-            shard_num_tokens(f)
+        check_shards(pattern)  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
         self.file_idx, self.pos, self.tokens = 0, 0, load_shard(self.files[0], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
@@ -1086,7 +1078,10 @@ class ByteCounter:
     source = property(lambda self: "sidecar" if self.sidecar is not None else "lut")
 
 
-def load_tokenizer(h: Hyperparameters):
+def load_byte_counter(h: Hyperparameters, n_tokens: int = 0) -> ByteCounter:
+    """The dataset's byte counter (n_tokens > 0: the sidecar cut to the val tokens kept). A CaseOps tokenizer
+    (the four operators at ids 4-7) needs the sidecar and the sidecar needs one: LUT bytes of transformed text
+    would count each operator as 3 bytes and never see the capitals."""
     import sentencepiece as spm
     if Path(h.tokenizer_path).is_dir():
         raise IsADirectoryError(f"TOKENIZER_PATH={h.tokenizer_path} is a directory, not a SentencePiece .model file")
@@ -1095,14 +1090,6 @@ def load_tokenizer(h: Hyperparameters):
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     if sp.vocab_size() != h.vocab_size:
         raise ValueError(f"VOCAB_SIZE={h.vocab_size} but {h.tokenizer_path} has {sp.vocab_size()} pieces")
-    return sp
-
-
-def load_byte_counter(h: Hyperparameters, n_tokens: int = 0) -> ByteCounter:
-    """The dataset's byte counter (n_tokens > 0: the sidecar cut to the val tokens kept). A CaseOps tokenizer
-    (the four operators at ids 4-7) needs the sidecar and the sidecar needs one: LUT bytes of transformed text
-    would count each operator as 3 bytes and never see the capitals."""
-    sp = load_tokenizer(h)
     caseops = sp.vocab_size() >= 8 and tuple(sp.id_to_piece(i) for i in range(4, 8)) == CASEOPS_OPERATORS
     sidecar = load_val_sidecar(h.val_files, n_tokens)
     if sidecar is not None and not caseops:
@@ -1186,11 +1173,10 @@ def fake_quant(w: Tensor, int6: bool) -> Tensor:
 
 def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int, qmax: int = INT6_MAX) -> Tensor:
     """GPTQ on a fixed grid: codes (S, R, C) of matrices w (S, R, C) with input Hessians H (S, C, C) and per-row
-    scales (S, R). Columns go in order of decreasing H diagonal (most active inputs first); each is rounded to the
-    grid and its error, scaled by the upper Cholesky factor U of H^-1, pushed onto the columns not yet rounded
-    (lazily, per block of block_size columns): a greedy minimization of ||(W - Q) X^T||; with H = I, plain rounding.
-    H is damped by damp x its mean diagonal; a zero diagonal (an input never active in calibration) gets the mean,
-    so that column is rounded alone; a factorization that fails (singular H, little damping) retries with 10x."""
+    scales (S, R). Columns go by decreasing H diagonal (most active inputs first); each is rounded and its error,
+    scaled by the upper Cholesky factor U of H^-1, pushed onto the columns not yet rounded (lazily, per block): a
+    greedy minimization of ||(W - Q) X^T||. H is damped by damp x its mean diagonal (a zero diagonal gets the mean:
+    that column is rounded alone); a failed factorization (singular H, little damping) retries with 10x."""
     w, s = w.detach().float(), scale.float().unsqueeze(-1)
     S, R, C = w.shape
     perm = H.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
@@ -1306,9 +1292,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """One forward for training, scoring and TTT. The layers run in a virtual order (the depth recurrence, when
-    `looping`); its first half is the U-Net encoder, whose outputs feed the second half's skips in reverse order.
-    From physical layer PARALLEL_START_LAYER the decoder runs two lanes (attention, MLP) side by side."""
+    """One forward for training, scoring and TTT. Layers run in a virtual order (looped when `looping`), its first half
+    the U-Net encoder feeding the second half's skips; from PARALLEL_START_LAYER two lanes (attention, MLP)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1488,14 +1473,12 @@ build_model = GPT  # the name the rest of the script, the tests and the tools bu
 # clip uses the averaged gradient's norm (the record clipped each rank's local one): 1, 2, 4 and 8 ranks step alike.
 
 
-
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
                                 coeffs: tuple = NS_COEFFS["quintic"]) -> Tensor:
     """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) by quintic Newton-Schulz iterations
-    X <- a X + (b A + c A^2) X, A = X X^T, with iteration k's (a, b, c) = coeffs[k] (past the table: its last tuple),
-    in bf16 on CUDA (as the record) and fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX or not),
-    which moved a 150-step CPU run's score by 1.4e-3 between kernel sets (1.4e-5 in fp32). The coefficients trade
-    exactness for speed: singular values land in roughly [0.7, 1.2], not exactly 1, which Muon tolerates."""
+    X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = coeffs[k] (past the table: its last), singular values landing
+    in ~[0.7, 1.2]. bf16 on CUDA (as the record), fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX
+    or not), which moved a 150-step CPU score by 1.4e-3 (1.4e-5 in fp32)."""
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     X = X.mT if transposed else X
@@ -1516,8 +1499,7 @@ def unit_rows(U: Tensor, eps: float = 1e-7) -> Tensor:
 class Optimizers:
     """Muon on the banks (Nesterov momentum, MuonEq-R if MUON_EQ_R, Newton-Schulz with MUON_NS's coefficients, update
     scaled by sqrt(max(1, rows/cols)), decoupled weight decay), AdamW on the rest; one LR multiplier. Each rank owns
-    ceil(slots/world) slots of each bank (zero-padded), with their momentum. overlap=False waits on each collective at
-    launch; both modes agree bit for bit."""
+    ceil(slots/world) slots of each bank (zero-padded). overlap=False waits on each collective (bit-identical)."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
         self.h, self.rt, self.overlap, self.muon_lr, self.momentum = h, rt, overlap, h.matrix_lr, 0.0
@@ -1543,10 +1525,9 @@ class Optimizers:
     @torch.no_grad()
     def step(self) -> None:
         """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads. Order: the
-        replicated gradients' one flat all-reduce (~4 MB), then the bank reduce-scatters, biggest first, all in flight
-        at once (NCCL runs one communicator's collectives in launch order: the small one first). While the banks fly,
-        the replicated gradients land and their norm is taken, then each bank shard's, under the later transfers. A clip
-        needs every reduced gradient: AdamW then runs under Muon's first all-gather, else under the reduce-scatters."""
+        replicated gradients' flat all-reduce (~4 MB), then the bank reduce-scatters, biggest first, all in flight at
+        once (NCCL runs them in launch order); norms are taken as each lands, under the later transfers. A clip needs
+        every reduced gradient: AdamW then runs under Muon's first all-gather, else under the reduce-scatters."""
         world, clip = self.rt.world_size, self.h.grad_clip_norm > 0
         for p in self.replicated:
             if p.grad is None:
@@ -1631,9 +1612,8 @@ def budget_frac(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """No LR warmup. WARMDOWN_FRAC > 0 (the record): 1, then linear over the budget's last WARMDOWN_FRAC down to the
-    MIN_LR floor. Else (the seed) linear to 0 over the last WARMDOWN_ITERS steps' worth of remaining wallclock
-    (estimated from the mean step time so far), or over the last WARMDOWN_ITERS iterations without a cap."""
+    """No warmup. WARMDOWN_FRAC > 0 (the record): linear to MIN_LR over the budget's last WARMDOWN_FRAC. Else (the
+    seed) linear to 0 over the last WARMDOWN_ITERS steps (their wallclock from the mean step time, under a cap)."""
     if h.warmdown_frac > 0:
         frac = budget_frac(h, step, elapsed_ms)
         return 1.0 if frac < 1 - h.warmdown_frac else max((1 - frac) / h.warmdown_frac, h.min_lr)
@@ -1666,12 +1646,11 @@ def quantize_model(model: GPT | dict, hessians: dict | None = None, damp: float 
     a Hessian, else GPTQ-lite), tables int8, rest fp16. sdclip: see _sdclip_entry."""
     out, methods, t0 = {}, [], time.perf_counter()
     for name, t in (model if isinstance(model, dict) else model.state_dict()).items():
+        H = (hessians or {}).get(name) if scheme == "sdclip" or name in BANK_NAMES else None  # GPTQ: on the GPU
         if scheme == "sdclip":
-            H = (hessians or {}).get(name)
             out[name] = _sdclip_entry(name, t, H, damp, block_size)
             methods += [f"{name}:{'gptq' if H is not None else 'rtn'}"] if out[name][0].startswith("int") else []
             continue
-        H = (hessians or {}).get(name) if name in BANK_NAMES else None  # GPTQ runs where the weights are (the GPU)
         dtype, t = str(t.dtype).replace("torch.", ""), t.detach().float().to(t.device if H is not None else "cpu")
         if name in BANK_NAMES:
             s = int6_scales(t)
@@ -1689,8 +1668,7 @@ def quantize_model(model: GPT | dict, hessians: dict | None = None, damp: float 
 
 def _sdclip_entry(name: str, t: Tensor, H: Tensor | None, damp: float, block_size: int) -> tuple:
     """Banks and the tied embedding on their group's SDClip grid (GPTQ with H, the embedding's from the head input;
-    else rounding); the sparse attention gates, and any other tensor over SMALL_TENSOR_NUMEL, int8 per row with
-    s = max|row| / 127; the rest fp16."""
+    else rounding); attention gates and other tensors over SMALL_TENSOR_NUMEL int8 (max|row| / 127); the rest fp16."""
     dtype = str(t.dtype).replace("torch.", "")
     t = t.detach().float().to(t.device if H is not None else "cpu")
     if name in BANK_NAMES or name == "tok_emb.weight":
@@ -1752,9 +1730,9 @@ def l1_chain(x: Tensor) -> Tensor:
 
 
 def sort_mlp_hidden(sd: dict, hessians: dict) -> tuple[dict, dict]:
-    """The same function with each layer's MLP hidden units in L1 nearest-neighbour order of their (row-normalised)
-    W_up rows and W_down columns: the codec sees similar rows side by side, and since the order of the hidden units
-    is free (W_up rows, W_down columns and the down Hessian permuted together), the artifact stores no permutation."""
+    """The same function, each layer's MLP hidden units in L1 nearest-neighbour order of their (row-normalised) W_up
+    rows and W_down columns: the codec sees similar rows side by side, and the order being free (W_up, W_down and the
+    down Hessian permuted together), the artifact stores no permutation."""
     up, down, Hd = sd["mlp_up_bank"].detach(), sd["mlp_down_bank"].detach(), hessians.get("mlp_down_bank")
     norm = lambda w: w / w.float().std(-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
     perms = [l1_chain(torch.cat((norm(up[i]), norm(down[i]).T), 1)).to(up.device) for i in range(up.size(0))]
@@ -1778,12 +1756,18 @@ def serialize(q: dict) -> bytes:
     return PAYLOAD_MAGIC + struct.pack("<I", len(header)) + header + b"".join(body.values())
 
 
+def _payload_meta(raw: bytes) -> tuple[int, int, dict]:
+    """(start of the int8 code section, start of the fp16 sections, header JSON) of a serialized payload."""
+    (hlen,) = struct.unpack("<I", raw[4:8])
+    meta = json.loads(raw[8:8 + hlen])
+    return 8 + hlen, 8 + hlen + meta["sizes"]["q"], meta
+
+
 def deserialize(raw: bytes) -> dict:
     if raw[:4] != PAYLOAD_MAGIC:
         raise ValueError("artifact payload has a bad magic number")
-    (hlen,) = struct.unpack("<I", raw[4:8])
-    meta = json.loads(raw[8:8 + hlen])
-    pos = dict(zip("qsf", np.cumsum([8 + hlen, meta["sizes"]["q"], meta["sizes"]["s"]]).tolist()))  # section starts
+    q0, f0, meta = _payload_meta(raw)
+    pos = dict(q=q0, s=f0, f=f0 + meta["sizes"]["s"])  # section starts
 
     def take(sec, shape):
         arr = np.frombuffer(raw, np.int8 if sec == "q" else np.float16, math.prod(shape), pos[sec])
@@ -1801,9 +1785,8 @@ def _byte_planes(b: bytes, inverse: bool) -> bytes:
 
 def _shuffle_payload(raw: bytes, inverse: bool) -> bytes:
     """Split the fp16 sections (scales, passthrough) into low/high byte planes, or join them back (inverse)."""
-    (hlen,) = struct.unpack("<I", raw[4:8])
-    start = 8 + hlen + json.loads(raw[8:8 + hlen])["sizes"]["q"]
-    return raw[:start] + _byte_planes(raw[start:], inverse)
+    f0 = _payload_meta(raw)[1]
+    return raw[:f0] + _byte_planes(raw[f0:], inverse)
 
 
 # Per-group codec: the quantized banks and embedding leave the payload in role buckets (Q | O, K | V, MLP up, MLP down,
@@ -1817,9 +1800,9 @@ PERGROUP_CHUNK = 1 << 21  # a bucket holds whole matrices up to ~2 MiB: ZPAQ (~3
 
 def _pergroup_layout(raw: bytes) -> tuple[int, list[tuple[str, int, int, int, int]]]:
     """(start of the payload's code section, buckets [(label, byte offset in that section, matrices, rows, cols)])."""
-    (hlen,) = struct.unpack("<I", raw[4:8])
+    q0, _, meta = _payload_meta(raw)
     off, buckets = 0, []
-    for e in json.loads(raw[8:8 + hlen])["entries"]:
+    for e in meta["entries"]:
         if e["kind"] == "fp16":
             continue
         shape, n = e["shape"], math.prod(e["shape"])
@@ -1831,7 +1814,7 @@ def _pergroup_layout(raw: bytes) -> tuple[int, list[tuple[str, int, int, int, in
                 b = min(a + step, (a // half + 1) * half)
                 buckets.append((f"{e['name']}[{a}:{b}]", off + a * R * C, b - a, R, C))
         off += n
-    return 8 + hlen, buckets
+    return q0, buckets
 
 
 def _pack_perm(p: np.ndarray, n: int) -> bytes:
@@ -1867,8 +1850,7 @@ def _pergroup_pack(raw: bytes) -> bytes:
             codes = codes.gather(1, order[:, :, None].expand(S, R, C))
             perms.append(_pack_perm(order.reshape(-1).numpy(), R))
         streams.append(codes.transpose(1, 2).contiguous().numpy().tobytes())
-    (hlen,) = struct.unpack("<I", raw[4:8])
-    f0 = 8 + hlen + json.loads(raw[8:8 + hlen])["sizes"]["q"]  # the fp16 sections start
+    f0 = _payload_meta(raw)[1]
     rest.append(raw[pos:f0])
     rest = b"".join(rest) + _byte_planes(raw[f0:], inverse=False)
     with ThreadPoolExecutor(max(1, len(streams))) as ex:
@@ -1900,52 +1882,40 @@ def _pergroup_unpack(frame: bytes) -> bytes:
     streams = _pergroup_streams(frame)
     try:
         rest = brotli.decompress(streams[0])
-        (hlen,) = struct.unpack("<I", rest[4:8])
         q0, buckets = _pergroup_layout(rest)
+        f0 = _payload_meta(rest)[1]
     except Exception as e:
         raise ValueError(f"pergroup stream 0 (remainder: header, small tensors, scales): {e}") from None
     sorted_ = [b for b in buckets if b[0].split("[")[0] in PERGROUP_SORTED]
     if len(streams) != 1 + len(buckets) + len(sorted_):
         raise ValueError(f"pergroup frame: {len(streams)} streams, the header needs {1 + len(buckets) + len(sorted_)} "
                          f"(remainder, {len(buckets)} tensor buckets, {len(sorted_)} permutations)")
-    with ThreadPoolExecutor(max(1, len(buckets))) as ex:
-        dec = list(ex.map(lambda b: _try(zpaq.decompress, b), streams[1:1 + len(buckets)]))
+    with ThreadPoolExecutor(max(1, len(buckets))) as ex:  # each stream's error is reported with its name below
+        dec = [ex.submit(zpaq.decompress, b) for b in streams[1:1 + len(buckets)]]
     perm_streams = dict(zip([b[0] for b in sorted_], range(1 + len(buckets), len(streams))))
     parts, pos, removed = [], 0, 0
     for i, ((label, off, S, R, C), d) in enumerate(zip(buckets, dec)):
+        d = d.exception() or d.result()
         if isinstance(d, Exception) or len(d) != S * R * C:
             why = str(d) if isinstance(d, Exception) else f"{len(d)} bytes, expected {S * R * C}"
             raise ValueError(f"pergroup stream {1 + i} (tensor {label}): {why}")
         codes = torch.from_numpy(np.frombuffer(d, np.int8).reshape(S, C, R).copy()).transpose(1, 2)
-        if label in perm_streams:
-            order = _read_perm(streams[perm_streams[label]], f"stream {perm_streams[label]}", label, S, R)
+        if label in perm_streams:  # the (S, R) row orders, checked to be permutations
+            where = perm_streams[label]
+            try:
+                order = torch.from_numpy(_unpack_perm(streams[where], R, S * R)).view(S, R)
+                if (bad := order[order >= R]).numel():
+                    raise ValueError(f"row index {int(bad[0])} out of range [0, {R})")
+                if any(torch.bincount(o, minlength=R).max() > 1 for o in order):
+                    raise ValueError("not a permutation (a row appears twice)")
+            except ValueError as e:
+                raise ValueError(f"pergroup stream {where} (row permutation of tensor {label}): {e}") from None
             codes = torch.empty_like(codes).scatter_(1, order[:, :, None].expand(S, R, C), codes)
         cut = q0 + off - removed  # where the bucket's bytes were cut from the remainder
         parts += [rest[pos:cut], codes.contiguous().numpy().tobytes()]
         pos, removed = cut, removed + S * R * C
-    f0 = 8 + hlen + json.loads(rest[8:8 + hlen])["sizes"]["q"] - removed  # the fp16 sections start
+    f0 -= removed  # the fp16 sections start in the remainder
     return b"".join(parts) + rest[pos:f0] + _byte_planes(rest[f0:], inverse=True)
-
-
-def _read_perm(stream: bytes, where: str, label: str, S: int, R: int) -> Tensor:
-    """The (S, R) row orders of a bucket, checked to be permutations."""
-    try:
-        order = torch.from_numpy(_unpack_perm(stream, R, S * R)).view(S, R)
-        bad = order[order >= R]
-        if bad.numel():
-            raise ValueError(f"row index {int(bad[0])} out of range [0, {R})")
-        if any(torch.bincount(o, minlength=R).max() > 1 for o in order):
-            raise ValueError("not a permutation (a row appears twice)")
-    except ValueError as e:
-        raise ValueError(f"pergroup {where} (row permutation of tensor {label}): {e}") from None
-    return order
-
-
-def _try(fn, *args):
-    try:
-        return fn(*args)
-    except Exception as e:  # noqa: BLE001  (reported with the stream's name by the caller)
-        return e
 
 
 def _codec(name: str):
@@ -2064,9 +2034,8 @@ def unpack_source(packed: bytes) -> bytes:
 
 
 def pack_source(src: bytes, search: bool = True) -> bytes:
-    """The file that ships (tools/pack.py writes it; counted in process, so the model budget is exact): one exec line,
-    the shortest LZMA ("alone" container: xz and raw LZMA2 never won) over lc x pb (3, 0 without search) in base85.
-    compile(..., __file__) keeps file names and line numbers in tracebacks, and lets Numba cache. Deterministic."""
+    """The file that ships (tools/pack.py; counted in process: an exact model budget): one exec line, the shortest
+    LZMA-alone over lc x pb (3, 0 without search) in base85; compile(..., __file__) keeps tracebacks, Numba's cache."""
     dict_size = 1 << max(12, (len(src) - 1).bit_length())
     filters = [dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=lc, lp=0, pb=pb, dict_size=dict_size)
                for lc, pb in ([(lc, pb) for lc in range(5) for pb in range(3)] if search else [(3, 0)])]
@@ -2100,9 +2069,8 @@ def _int6_names(q: dict) -> list[str]:
 
 
 def prune_order(q: dict, limit: int, hessian_diag: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Up to `limit` int6 values in pruning order: |q| = 1 first, then 2, ...; within a level by the squared error
-    that zeroing adds, (|q| s_row)^2, times the input Hessian's diagonal H[col] where given (hessian_diag[name]:
-    shape codes.shape[:-2] + (C,)); ties by position. Returns (tensor index into _int6_names(q), flat index)."""
+    """(tensor index into _int6_names(q), flat index) of up to `limit` int6 values in pruning order: |q| = 1, then 2,
+    ...; in a level by the error zeroing adds, (|q| s_row)^2 x hessian_diag[name][..., col] if given; ties: position."""
     names, costs, empty = _int6_names(q), [], torch.zeros(0, dtype=torch.int64)
     for n in names:
         codes, s = q[n][1], q[n][2].float()
@@ -2168,11 +2136,11 @@ def int6_rel_error(q: dict, weights: dict[str, Tensor]) -> float:
 
 def fit_to_budget(q: dict, weights: dict[str, Tensor], choice: str, budget: int, max_fraction: float,
                   hessian_diag: dict[str, Tensor] | None = None) -> tuple[bytes, str, dict, dict]:
-    """Compress q with every requested codec; if the smallest blob is over `budget`, zero int6 values in prune_order,
-    their count found by a bracketing search (lo: the largest count over, hi: the smallest fit) of <= FIT_PROBES real
-    compressions with that codec, each at the first count that real(lo) + alpha (P(k) - P(lo)) (P the size proxy, alpha
-    the secant through the real sizes around the budget, else 1) puts FIT_AIM of the overshoot under it. Returns (blob,
-    codec, unpruned sizes, fit line stats); raises, before anything is written, if none fits."""
+    """Compress q with every requested codec; over `budget`, zero int6 values in prune_order, their count found by a
+    bracketing search (lo: the largest count over, hi: the smallest fit) of <= FIT_PROBES real compressions, each at
+    the first k where real(lo) + alpha (P(k) - P(lo)) (P: the size proxy, alpha: the secant through the real sizes
+    around the budget, else 1) puts FIT_AIM of the overshoot under it. -> (blob, codec, unpruned sizes, fit stats);
+    raises, before anything is written, if none fits."""
     t0, raw = time.perf_counter(), serialize(q)
     blob, codec, sizes = compress_payload(raw, choice)
     n_values, e0, before = sum(q[n][1].numel() for n in _int6_names(q)), int6_rel_error(q, weights), len(blob)
@@ -2217,9 +2185,8 @@ def fit_line(st: dict) -> str:
 
 
 def export_payload(h: Hyperparameters, model: GPT) -> tuple[dict, dict, dict]:
-    """(what the artifact stores, the float weights it approximates, the Hessian diagonals that rank pruning): the
-    MLP hidden units sorted (MLP_SORT, absorbed), quantized (QUANT_SCHEME, GPTQ where Hessians were collected), then
-    LQER on the worst matrices (LQER_TOP_K)."""
+    """(what the artifact stores, the float weights it approximates, the Hessian diagonals that rank pruning): MLP
+    units sorted (MLP_SORT), quantized (QUANT_SCHEME, GPTQ given Hessians), LQER on the worst matrices (LQER_TOP_K)."""
     sd, hessians = model.state_dict(), dict(model.hessians or {})
     if h.mlp_sort:
         sd, hessians = sort_mlp_hidden(sd, hessians)
@@ -2263,9 +2230,8 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
 
 
 def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
-    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi). Every score slides windows
-    of EVAL_SEQ_LEN inputs by a stride: the first window scores all its positions, later ones their last `stride` (each
-    target once; stride = window: the plain eval). Position i: input val[i], target val[i+1]."""
+    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi) (input val[i], target
+    val[i+1]). The first window scores all its positions, later ones their last `stride`: each target once."""
     starts = [ws for ws in range(0, n_targets, stride) if ws == 0 or ws + window - stride < n_targets]
     return np.array([(ws, ws if ws == 0 else ws + window - stride, min(ws + window, n_targets)) for ws in starts],
                     dtype=np.int64).reshape(-1, 3)
@@ -2449,11 +2415,10 @@ def _ng_zeros(shape: tuple) -> np.ndarray:
 def ngram_candidates(tokens, min_order=Hyperparameters.ngram_min_order, max_order=Hyperparameters.ngram_max_order,
                      table_bits=Hyperparameters.ngram_table_bits, top_k=Hyperparameters.ngram_top_k,
                      min_count=Hyperparameters.ngram_min_count, debug=False):
-    """Rows by the header comment's rules: (cand_tok int32 [N, top_k], cand_logc float32 [N, top_k], stats), the same
-    on every rank. stats: "order" (int8 [N], the emitting order, 0 = none; prefix-only, usable as a gate),
-    "with_candidates", and {order: n} dicts "<hits|inserted|dropped|evicted_mass>_per_order"; debug=True adds
-    "slot_mass_per_order" (it reads every table page). Table memory: 2**table_bits * 8 * (1 + top_k) bytes per order.
-    Defaults: > 5M tokens/s, < 2 GB for ~30M tokens on 2 cores (stand-in corpus; bench/bench_ngram.py --sweep)."""
+    """Rows by the header comment's rules, the same on every rank: (cand_tok int32 [N, top_k], cand_logc float32
+    [N, top_k], stats: "order" (int8 [N], the emitting order, 0 = none; prefix-only), "with_candidates", {order: n}
+    dicts "<hits|inserted|dropped|evicted_mass>_per_order", debug: "slot_mass_per_order" (reads every table page)).
+    Memory: 2**table_bits * 8 * (1 + top_k) bytes per order; defaults: > 5M tokens/s, < 2 GB for ~30M tokens."""
     for name, v, lo, hi in (("min_order", min_order, 1, max_order), ("max_order", max_order, 1, 127),
                             ("table_bits", table_bits, 0, NG_MAX_TABLE_BITS), ("top_k", top_k, 1, NG_MAX_TOP_K),
                             ("min_count", min_count, 1, math.inf)):
@@ -2576,15 +2541,12 @@ def tilt_log_probs(lp: Tensor, hint: Tensor, beta: float) -> Tensor:
 
 
 class OnlineBias:
-    """Per-document logit bias (Nacrith-style online SGD on cross-entropy), reset at every BOS. Sequential rule, for
-    position t with input x_t (= the previous target):
-        r_t = 0                                          if x_t is BOS
-        r_t = r_{t-1} + lr * (onehot(x_t) - p_{t-1})     otherwise
-    p: the neural distribution (no bias), so r_t reads only inputs up to t: a segmented prefix sum, computed per batch
-    in parallel. The carry between chunks advances with a chunk's last target only in update(), after its score is
-    recorded; in a chunk each rank starts from it (or 0 after a BOS): several ranks drop some in-chunk context.
-    Docs plan: a rank scores whole chunks of documents, so each continues exactly from its own document's state,
-    committed in update() after its previous chunk (the same rule, on every rank)."""
+    """Per-document logit bias (Nacrith-style online SGD on cross-entropy). For position t with input x_t:
+        r_t = 0 if x_t is BOS, else r_{t-1} + lr * (onehot(x_t) - p_{t-1})     (p: the neural distribution)
+    so r_t reads only inputs up to t: a segmented prefix sum, computed per batch in parallel. The carry between
+    chunks advances with a chunk's last target only in update(), after its score is recorded; in a chunk each rank
+    starts from it (or 0 after a BOS): several ranks drop some in-chunk context. Docs plan: a rank scores whole
+    chunks of documents, each continuing from its own document's state, committed in update()."""
 
     def __init__(self, h: Hyperparameters, vocab: int, device):
         self.lr, self.V, self.device = h.bias_lr, vocab, device
@@ -2647,9 +2609,8 @@ class OnlineBias:
 class HedgeMixer:
     """Online multiplicative weights over normalized experts: p_mix = sum_k w_k p_k is scored; after a chunk is scored,
     w_k <- w_k exp(-eta * mean loss_k over the chunk), renormalized (losses all-reduced: the same weights on every
-    rank). Bound: since p_mix >= w_k p_k, each token's loss is -log p_mix <= -log p_k + log(1/w_k), w_k the weight it
-    is scored with, so over the pass the mixture loses to any expert k (the plain neural one included) by at most
-    sum_chunks n_c log(1/w_k,c): log K per token in the first chunk, ~0 once Hedge has settled on k."""
+    rank). Bound: p_mix >= w_k p_k, so the mixture loses to any expert k (neural included) by at most log(1/w_k) per
+    token: log K in the first chunk, ~0 once Hedge has settled on k."""
 
     def __init__(self, n_experts: int, eta: float, device):
         self.eta, self.log_w = eta, torch.full((n_experts,), -math.log(n_experts), device=device, dtype=torch.float64)
@@ -2682,12 +2643,11 @@ class ScoredChunk:
 
 
 class Experts:
-    """Neural logits z -> the scored distributions, from inputs and logits (never targets), each normalized over the
-    vocabulary. Tracks: neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram = softmax(z + r + b_1 n)
-    (n: log-count boosts of the prefix-only n-gram candidates, b_j: the betas), <the track before>+tilt = its
-    closed-form tilt toward the prefix-only hint (tilt_log_probs), mixture = Hedge over the pool [neural, neural+bias,
-    softmax(z + r + b_j n) per beta, tilt]; neural in the pool mixes a harmful boost away (Hedge's bound).
-    hints: tilt_hints' rows, indexed like the candidates (row p + 1 for position p)."""
+    """Neural logits z -> the scored distributions, from inputs and logits (never targets), each normalized. Tracks:
+    neural = softmax(z), neural+bias = softmax(z + r), neural+bias+ngram = softmax(z + r + b_1 n) (n: log-count boosts
+    of the prefix-only n-gram candidates, b_j: the betas), <the track before>+tilt (tilt_log_probs toward the hint,
+    tilt_hints' row p + 1 for position p), mixture = Hedge over [neural, neural+bias, softmax(z + r + b_j n) per
+    beta, tilt]; neural in the pool mixes a harmful boost away (Hedge's bound)."""
 
     def __init__(self, h: Hyperparameters, bias: OnlineBias | None, cands, hedge: HedgeMixer | None, hints=None):
         self.bias, self.cands, self.hedge, self.hints = bias, cands, hedge, hints
@@ -2741,9 +2701,8 @@ class TestTimeTrainer(FixedScorer):
     """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last chunk), so
     chunk c is scored by weights adapted on chunks < c only. Frozen blocks' bank slices are zeroed before the clip
     (they neither move nor shrink the trained ones' clip); the per-slice LR multipliers apply after it (equivalent for
-    SGD+momentum without weight decay). With Polyak on, an averaged copy scores, bias-corrected as Adam's moments:
-    avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}), a_t = (1 - d) / (1 - d^t), the d-weighted mean of the trained
-    iterates alone; a plain EMA (a_t = 1 - d) would still hold ~94% of the start weights after ~30 updates."""
+    SGD+momentum without weight decay). Polyak: an averaged copy scores, avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}),
+    a_t = (1 - d) / (1 - d^t): bias-corrected, as a plain EMA would still hold ~94% of the start after ~30 updates."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, fwd, compile_fn):
         self.h, self.rt, self.model, self.train_fn = h, rt, model, fwd
@@ -2851,21 +2810,14 @@ class EvalResult:
     bytes: int
     seconds: float
     budget_error: str = ""  # set when the eval budget guard found the pass cannot end inside the budget
-
-    @property
-    def val_loss(self) -> float:
-        return self.losses[self.final]
-
-    @property
-    def val_bpb(self) -> float:
-        return self.bpbs[self.final]
+    val_loss = property(lambda self: self.losses[self.final])
+    val_bpb = property(lambda self: self.bpbs[self.final])
 
 
 class EvalBudget:
-    """The deadline, EVAL_BUDGET_SECONDS - EVAL_MARGIN_SECONDS after `start`, and the guard that keeps the declared pass
-    inside it, from the clock and chunk index only: after chunk c is scored, the rest is projected from c's scoring
-    time and the last timed TTT epoch; the remaining updates get the most epochs (<= TTT_EPOCHS, down to 0) that end
-    inside the deadline. Chunk 0 (compilation) neither decides nor measures; ranks agree on the max of their times."""
+    """The guard that keeps the declared pass inside EVAL_BUDGET_SECONDS - EVAL_MARGIN_SECONDS after `start`: after
+    chunk c is scored, the rest is projected from c's scoring time and the last timed TTT epoch, and the remaining
+    updates get the most epochs (<= TTT_EPOCHS) that fit. Chunk 0 (compilation) neither decides nor measures."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, start: float, clock=time.perf_counter):
         self.h, self.rt, self.start, self.clock = h, rt, start, clock
@@ -2876,9 +2828,6 @@ class EvalBudget:
     def _now(self) -> float:
         sync(self.rt.device)
         return self.clock()
-
-    def _agree(self, *values: float) -> list[float]:
-        return all_reduce_(torch.tensor(values, dtype=torch.float64, device=self.rt.device), dist.ReduceOp.MAX).tolist()
 
     def begin(self, span: ChunkSpan, scorer) -> None:
         """Chunk `span`'s scoring starts: the update just done (unless chunk 0's) times an epoch for plan()."""
@@ -2891,7 +2840,8 @@ class EvalBudget:
         now, c, n = self._now(), span.index, span.n_chunks
         if c > 0 or n == 1:
             self.score_s, self.score_windows = self.score_s + now - self._mark, self.score_windows + len(span.windows)
-        elapsed, score_s, epoch_s = self._agree(now - self.start, now - self._mark, self.epoch_s or 0.0)
+        elapsed, score_s, epoch_s = slowest_rank([now - self.start, now - self._mark, self.epoch_s or 0.0],
+                                                    self.rt.device, torch.float64)
         self._t_update, left, todo = now, self.deadline - elapsed, n - 1 - c  # todo: chunks to score = updates to run
         if c == 0 or todo == 0:
             return
@@ -2908,7 +2858,8 @@ class EvalBudget:
             self.changes.append((c, old, e))
 
     def end_pass(self, label: str) -> None:
-        elapsed, budget = self._agree(self._now() - self.start)[0], self.h.eval_budget_seconds
+        elapsed = slowest_rank([self._now() - self.start], self.rt.device, torch.float64)[0]
+        budget = self.h.eval_budget_seconds
         log0(f"budget {label}_end elapsed:{elapsed:.1f}s deadline:{self.deadline:.1f}s budget:{budget:.1f}s")
         if elapsed > budget and not self.error:
             self.error = (f"ERROR: eval budget: the declared pass ended {elapsed:.1f}s after the evaluation began, "
@@ -2917,7 +2868,8 @@ class EvalBudget:
 
     def room_for(self, n_windows: int) -> tuple[bool, float, float]:
         """(fits, estimated seconds, seconds left) for a plain scoring of n_windows windows, from the pass's rate."""
-        elapsed, rate = self._agree(self._now() - self.start, self.score_s / max(self.score_windows, 1))
+        times = [self._now() - self.start, self.score_s / max(self.score_windows, 1)]
+        elapsed, rate = slowest_rank(times, self.rt.device, torch.float64)
         need, left = rate * n_windows, self.deadline - elapsed
         return need <= left, need, left
 
@@ -2931,9 +2883,8 @@ def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkS
 
 
 def find_docs(val: Tensor) -> np.ndarray:
-    """Documents as scored-position ranges (start, end): one runs from its BOS to the next BOS, which is its last
-    target; the last runs to the stream's end (positions before the first BOS form one more). Position p: input
-    val[p], target val[p + 1]."""
+    """Documents as scored-position ranges (start, end) (position p: input val[p], target val[p + 1]): from a BOS to
+    the next BOS, its last target; the last to the stream's end; positions before the first BOS form one more."""
     n = val.numel() - 1
     bos = np.flatnonzero(val[:n].numpy() == BOS_ID)
     if bos.size == 0:
@@ -2947,9 +2898,8 @@ def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
     """The document-isolated plan (#1855): each document in chunks of TTT_CHUNK targets, each chunk's window the last
     <= EVAL_SEQ_LEN inputs of the same document ending at the chunk's end. Documents sorted by length go in batches of
     TTT_DOC_BATCH, side by side, chunk after chunk; batches longest first, each to the rank with the least work so far
-    (window tokens; ties: the lowest rank), statically. Span i = every rank's i-th step (a rank past its last: none).
-    A step's width is EVAL_SEQ_LEN / 8, / 4, / 2 or all of it, and run_pass pads its batches to EVAL_BATCH_SEQS rows:
-    few shapes for the compiled model."""
+    (window tokens; ties: the lowest rank). Span i = every rank's i-th step. Widths EVAL_SEQ_LEN / 8, / 4, / 2 or 1x
+    and run_pass's padding to EVAL_BATCH_SEQS rows keep the compiled model's shapes few."""
     h, (s, e) = ctx.h, find_docs(ctx.val).T
     order, C, T = np.argsort(e - s, kind="stable"), h.ttt_chunk, h.eval_seq_len
     batches = [order[i:i + h.ttt_doc_batch] for i in range(0, len(order), h.ttt_doc_batch)][::-1]
@@ -2964,14 +2914,10 @@ def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
             width = next(w for w in (T >> 3, T >> 2, T >> 1, T) if w >= (wins[:, 2] - wins[:, 0]).max())  # 4 shapes
             steps[rank].append((b, wins, slots, width))
             work[rank] += len(wins) * width
-    n = max(map(len, steps))
-    none = (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0)
-    spans = []
-    for i in range(n):
-        b, mine, slots, width = steps[ctx.rt.rank][i] if i < len(steps[ctx.rt.rank]) else none
-        every = np.concatenate([st[i][1] for st in steps if i < len(st)])
-        spans.append(ChunkSpan(i, n, every, mine, width, b, slots))
-    return spans
+    n, none = max(map(len, steps)), (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0)
+    own = steps[ctx.rt.rank] + [none] * (n - len(steps[ctx.rt.rank]))  # a rank past its last step scores nothing
+    return [ChunkSpan(i, n, np.concatenate([st[i][1] for st in steps if i < len(st)]), mine, width, b, slots)
+            for i, (b, mine, slots, width) in enumerate(own)]
 
 
 def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
@@ -2985,8 +2931,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
              recorder=None, label: str = "", budget: EvalBudget | None = None, plan: str = "stream") -> EvalResult:
     """The one scoring path, over the plan's chunks of windows (stream: left to right, plan_chunks; docs: plan_docs):
     score a chunk with scorer.current (inference_mode), record its NLL, then (only then) hand the record to bias, Hedge
-    and the scorer (TTT or fixed; the budget guard sets TTT's epochs just before). Without them: plain or sliding eval.
-    A non-finite score raises on every rank."""
+    and the scorer (TTT, its epochs set by the budget guard, or fixed: plain or sliding eval). Non-finite: raises."""
     h, rt, val, t0 = ctx.h, ctx.rt, ctx.val, time.perf_counter()
     experts = experts or Experts(h, None, None, None)
     tally = Tally.zeros(len(experts.tracks), rt.device, experts.n_experts)
@@ -3070,9 +3015,8 @@ def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
 
 
 def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
-    """Real steps so torch.compile builds every graph the timed loop needs (QAT on and off, looping off and on),
-    the variants in turn; weights, optimizer state, data order and `model.looping` are then restored. When
-    compiling, one step per graph even at WARMUP_STEPS=0: otherwise a graph would compile inside the timed window."""
+    """Real steps so torch.compile builds every graph the timed loop needs (QAT and looping off/on, in turn; one each
+    even at WARMUP_STEPS=0, else one compiles in the timed window); weights, optimizer, data and looping restored."""
     qats = (False, True) if not h.qat_enabled and h.late_qat_threshold > 0 else (h.qat_enabled,)
     loops = (False, True) if h.num_loops > 0 else (None,)
     variants = [(q, lp) for lp in loops for q in qats]  # without loops: QAT off, on, off, ... as the seed
@@ -3099,9 +3043,8 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
 
 @torch.no_grad()
 def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tensor]:
-    """H = mean x^T x (fp32) of every bank matrix's inputs (the eager model's taps) over `batches` training batches
-    (never validation data) on each rank, averaged across ranks; {bank: (slots, C, C)} in BANK_INPUTS order. The
-    model runs as it is evaluated: looped where it loops. QUANT_SCHEME=sdclip adds the tied embedding's (1, d, d)."""
+    """{bank: (slots, C, C)} in BANK_INPUTS order: H = mean x^T x (fp32) of its inputs over `batches` training batches,
+    averaged across ranks, the model looped as evaluated; QUANT_SCHEME=sdclip adds the tied embedding's (1, d, d)."""
     inputs = {**BANK_INPUTS, **(HEAD_INPUT if h.quant_scheme == "sdclip" else {})}
     sizes = {site: model.tok_emb.weight.size(-1) if site == "head_in" else getattr(model, bank).size(-1)
              for bank, sites in inputs.items() for site in sites}
@@ -3139,14 +3082,10 @@ def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
     source, reserve = "set", h.gptq_reserve_seconds
     if reserve < 0:
         loader = DistributedTokenLoader(train_glob, rt)
-        for _ in range(2):  # the second batch is timed
-            sync(rt.device)
-            t0 = time.perf_counter()
-            collect_hessians(h, rt, model, loader, 1)
-            sync(rt.device)
-        per_batch = time.perf_counter() - t0
+        collect_hessians(h, rt, model, loader, 1)  # the second batch is timed
+        per_batch = time_ms(lambda: collect_hessians(h, rt, model, loader, 1), rt.device, 1) / 1000
         reserve = 2.0 * h.gptq_calib_batches * per_batch + 1.0  # the default: 2x the estimate (as the records) + 1 s
-        reserve = all_reduce_(torch.tensor(reserve, device=rt.device, dtype=torch.float64), dist.ReduceOp.MAX).item()
+        reserve = slowest_rank([reserve], rt.device, torch.float64)[0]
         source = f"measured per_batch:{1000 * per_batch:.1f}ms"
     if reserve >= h.max_wallclock_seconds:
         raise ValueError(f"GPTQ reserve {reserve:.1f}s ({source}) leaves no training time under MAX_WALLCLOCK_SECONDS="
