@@ -3330,8 +3330,8 @@ def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec
     hardware = (f"{rt.world_size}x{torch.cuda.get_device_name(rt.device)}" if rt.device.type == "cuda"
                 else f"cpu x{rt.world_size} ({os.cpu_count()} cores)")
     sub = dict(author=h.author, github_id=h.github_id, name=f"{h.preset or 'record'}-{h.run_id}",
-               blurb="PR #549 GPT + int6 QAT; one legal pass: sliding windows, n-gram experts, per-document bias, "
-                     "Hedge mixer, score-first TTT",
+               blurb=("PR #549 GPT + int6 QAT" if h.quant_scheme == "percentile" else "04-27 record GPT + SDClip GPTQ")
+               + "; one legal pass: windows, n-gram experts, per-document bias, Hedge mixer, score-first TTT",
                date=time.strftime("%Y-%m-%d"), val_bpb=round(final.val_bpb, 8), val_loss=round(final.val_loss, 8),
                bytes_total=total, bytes_model=model_bytes, bytes_code=code_bytes, steps=steps,
                train_seconds=round(train_ms / 1000, 3), eval_seconds=round(eval_s, 3), compressor=codec,
