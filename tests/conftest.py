@@ -65,6 +65,15 @@ def dataset(tmp_path_factory, sp):
     return dict(data_path=str(root), tokenizer_path=str(REAL_SP))
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is much faster and keeps reductions stable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def perturbed_model(h, seed=0, scale=0.05):
     """A tiny model with every parameter nudged off its init, so that no score is a symmetric special case."""
     torch.manual_seed(seed)

@@ -20,13 +20,7 @@ CPU = tg.Runtime.local()
 BOS = tg.BOS_ID
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is much faster and keeps reductions stable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ----------------------------------------------------------------------------- TTT freeze

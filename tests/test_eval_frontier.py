@@ -17,13 +17,7 @@ from conftest import perturbed_model, tiny
 CPU = tg.Runtime.local()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is much faster and keeps reductions stable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _free_port():

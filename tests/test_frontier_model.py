@@ -16,12 +16,7 @@ FRONTIER = dict(vocab_size=V, num_layers=6, model_dim=32, num_heads=4, num_kv_he
                 eval_stride=16, torch_compile="0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def frontier(**kw) -> tg.Hyperparameters:
