@@ -400,27 +400,26 @@ EXTRACTORS = {
 # ----------------------------------------------------------------------------------------- pipeline
 
 
-def parse_sources(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Validate a source list ('a,b' or a sequence) and return it deduplicated in canonical order."""
-    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
-    names = [s for s in names if s]
+def _parse_choices(spec, choices, flag: str) -> list[str]:
+    """Validate a list ('a,b' or a sequence) against `choices`; returned deduplicated in the choices' order."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not names:
-        raise ValueError(f"--sources is empty (choose from {', '.join(SOURCES)})")
+        raise ValueError(f"{flag} is empty (choose from {', '.join(choices)})")
     for name in names:
-        if name not in SOURCES:
-            raise ValueError(f"unknown source {name!r} in --sources (choose from {', '.join(SOURCES)})")
-    return [s for s in SOURCES if s in names]
+        if name not in choices:
+            raise ValueError(f"unknown {flag.removeprefix('--')[:-1]} {name!r} in {flag} "
+                             f"(choose from {', '.join(choices)})")
+    return [c for c in choices if c in names]
+
+
+def parse_sources(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The source list in canonical order."""
+    return _parse_choices(spec, SOURCES, "--sources")
 
 
 def parse_variants(spec) -> list[str]:
-    """Validate a variant list ('a,b' or a sequence); returned deduplicated in VARIANTS order (sp1024 first)."""
-    names = [v.strip() for v in (spec.split(",") if isinstance(spec, str) else spec) if v.strip()]
-    if not names:
-        raise ValueError(f"--variants is empty (choose from {', '.join(VARIANTS)})")
-    for name in names:
-        if name not in VARIANTS:
-            raise ValueError(f"unknown variant {name!r} in --variants (choose from {', '.join(VARIANTS)})")
-    return [v for v in VARIANTS if v in names]
+    """The variant list in VARIANTS order (sp1024 first)."""
+    return _parse_choices(spec, VARIANTS, "--variants")
 
 
 def validate_args(val_docs: int, shard_tokens: int, seed: int, max_doc_bytes: int) -> None:

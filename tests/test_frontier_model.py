@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import perturbed_model
 
 V, BOS = 64, tg.BOS_ID
 # Every lever on: loop layers 1-2 run 3 times (10 virtual layers: encoder 5, decoder 5), lanes from layer 4, gated
@@ -23,14 +24,9 @@ def frontier(**kw) -> tg.Hyperparameters:
     return tg.Hyperparameters(**{**FRONTIER, **kw})
 
 
-def perturbed(h, seed=0, scale=0.1):
+def perturbed(h):
     """Every parameter nudged off its init (zero projections and gates would hide most paths)."""
-    torch.manual_seed(seed)
-    model = tg.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
+    return perturbed_model(h, scale=0.1)
 
 
 def docs_row(lengths, seed=0) -> torch.Tensor:
