@@ -51,6 +51,10 @@ GRID = {
     "ttt_polyak_decay": ["0", "0.9", "0.998"],
     "ttt_epochs": ["1", "2"],
     "ttt_chunk_tokens": ["16384", "32768"],
+    "tilt_enabled": ["0", "1"],
+    "tilt_order": ["8", "12", "16"],
+    "tilt_threshold": ["0.6", "0.8", "0.9"],
+    "tilt_beta": ["1.5", "2.625", "4.0"],
 }
 
 
@@ -123,12 +127,17 @@ def report(label: str, r: tg.EvalResult) -> None:
     print(f"RESULT {label} | {tracks} | declared:{r.val_bpb:.5f} pass_s:{r.seconds:.1f}", flush=True)
 
 
+def env_text(value) -> str:
+    """A field's value as its env var reads it (bools are 0/1)."""
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
 def tune(artifact: Path, base_env: dict[str, str], tokens, luts, grid=GRID, min_gain: float = 1e-4) -> dict[str, str]:
     """Coordinate descent over grid (one sweep); returns the chosen env overrides. A value replaces the best so far
     only if it lowers the held-out bpb by at least min_gain (below that the difference is noise, and the default
     is kept: e.g. TTT_EPOCHS=2 buys 1e-5 for 1.5x the pass time)."""
     h0 = hparams(base_env)
-    best = {k.upper(): str(getattr(h0, k)) for k in grid}
+    best = {k.upper(): env_text(getattr(h0, k)) for k in grid}
     best_bpb = None
     cache: dict[tuple, float] = {}
     for knob, values in grid.items():

@@ -1,6 +1,6 @@
 """The pr549 fingerprint: a tiny pr549 config trained for a few steps (warmdown, late QAT and EMA all reached), its
 exact per-step losses and the sha256 of its int6 payload. `python3 tests/fingerprint.py SCRIPT OUT.json` writes one
-for any version of train_gpt.py; tests/test_presets.py checks today's script against the committed one."""
+for any version of train_gpt.py; tests/test_presets.py checks today's script against the seed's, both on one machine."""
 import hashlib
 import importlib.util
 import json
@@ -32,6 +32,7 @@ def synthetic_shards(root: Path, tg) -> None:
 
 def fingerprint(tg, root: Path, preset: dict | None = None) -> dict:
     """Train TINY_PR549 (over `preset`, e.g. tg.PRESETS["pr549"]) and return {losses (float hex), payload sha256}."""
+    root.mkdir(parents=True, exist_ok=True)
     synthetic_shards(root, tg)
     base = {k: v for k, v in (preset or {}).items() if k not in ("data_path", "tokenizer_path", "preset")}
     h = tg.Hyperparameters(**{**base, **TINY_PR549, "data_path": str(root), "out_dir": str(root)})
