@@ -111,9 +111,10 @@ def _parse_list(text: str, typ, name: str) -> tuple:
 
 # Named presets, each a dict of overrides over the defaults (the 04-27 record, PR #1855). "pr549": the seed's stack,
 # exactly the PR #549 record config this script trained before the frontier. The CPU presets train 4 layers at d 128 on
-# the sp1024 stand-in for a fixed step count (the same score on every machine), levers and eval knobs chosen on held-out
-# training documents (bench/results/). "cpu-pr549": the seed's stack at that size, the CPU reference before the
-# frontier. "cpu": the frontier levers that pay at that size added to it, and the time TTT took spent on training.
+# the sp1024 stand-in for a fixed step count (the same score on every machine), eval knobs tuned on held-out training
+# documents (bench/results/). "cpu": the seed's stack at that size, the quick start. "cpu-frontier": the frontier
+# levers that paid at that size (bench/results/tune_cpu_preset_cpu.jsonl) and TTT's time spent on 200 more steps; it
+# needs ~11 min on a 2-core machine, so it is not the quick start.
 PR549 = dict(
     preset="pr549", data_path="./data/datasets/fineweb10B_sp1024",
     tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
@@ -131,15 +132,15 @@ CPU_SIZE = dict(max_wallclock_seconds=0.0, warmup_steps=0, train_batch_tokens=81
                 data_path="./data/standin/datasets/fineweb10B_sp1024",
                 tokenizer_path="./data/standin/tokenizers/fineweb_1024_bpe.model")
 CPU_PR549 = dict(
-    PR549, **CPU_SIZE, preset="cpu-pr549", iterations=450, warmdown_iters=150, muon_momentum_warmup_steps=100,
+    PR549, **CPU_SIZE, preset="cpu", iterations=450, warmdown_iters=150, muon_momentum_warmup_steps=100,
     bigram_vocab_size=512, bigram_dim=32, xsa_last_n=2, ve_dim=32, ve_layers="2,3", matrix_lr=0.03, scalar_lr=0.03,
     tied_embed_lr=0.05, ngram_min_count=2, ngram_betas="2.0,4.0,8.0", bias_lr=0.08, hedge_eta=0.125)
 PRESETS = {
     "pr549": PR549,
-    "cpu-pr549": CPU_PR549,
-    "cpu": dict(CPU_PR549, preset="cpu", iterations=490, warmdown_iters=163, muon_momentum_warmup_steps=109,
-                muon_ns="polar_express", muon_eq_r=True, doc_mask=True, ttt_enabled=False, eval_stride=192,
-                ngram_betas="2.0,4.0", hedge_eta=0.25),
+    "cpu": CPU_PR549,
+    "cpu-frontier": dict(CPU_PR549, preset="cpu-frontier", iterations=650, warmdown_iters=220,
+                         muon_momentum_warmup_steps=145, muon_ns="polar_express", muon_eq_r=True, doc_mask=True,
+                         xsa_last_n=4, ttt_enabled=False, hedge_eta=0.25),
     # One GPU, record model: the warmdown and the loop switch follow the clock; momentum warms up over fewer steps.
     "1gpu": dict(preset="1gpu", muon_momentum_warmup_steps=200),
     # One-GPU pipeline check, ~3 min: the record model (full artifact size), 30 s of training, a val subset; no score.

@@ -2,7 +2,7 @@
 """Choose the CPU preset's training levers on held-out TRAINING documents (never val); CPU only.
 
     python3 bench/tune_cpu_preset.py --steps 200 --trial "base=" --trial "gates=SMEAR_GATE=gated,ATTN_GATE=1" \
-        [--base cpu-pr549] [--threads 1] [--log bench/results/tune_cpu_preset.jsonl]
+        [--base cpu] [--threads 1] [--log bench/results/tune_cpu_preset_cpu.jsonl]
 
 Each --trial "NAME=K=V,K=V" trains PRESET=--base with those env overrides (read exactly as train_gpt.py reads its
 environment) for --steps steps, the schedule scaled to the steps as the CPU presets do (warmdown over the last third,
@@ -46,13 +46,13 @@ def trial_config(base: str, env: dict[str, str], steps: int) -> tuple[str, dict]
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="cpu-pr549")
+    ap.add_argument("--base", default="cpu")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--trial", action="append", required=True, help='"NAME=K=V,K=V" ("NAME=" for the base alone)')
     ap.add_argument("--heldout-docs", type=int, default=300)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--log", default=str(ROOT / "bench" / "results" / "tune_cpu_preset.jsonl"))
+    ap.add_argument("--log", default=str(ROOT / "bench" / "results" / "tune_cpu_preset_cpu.jsonl"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     trials = []

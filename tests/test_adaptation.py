@@ -185,9 +185,9 @@ def test_tune_cpu_preset_scales_the_schedule_and_keeps_the_env():
     """A lever trial: the base preset, its schedule scaled to the steps, the trial's env on top; no TTT or GPTQ
     (the trial scores the float model), and an env typo is the same error train_gpt.py would give."""
     import tune_cpu_preset as tcp
-    variant, o = tcp.trial_config("cpu-pr549", {"DOC_MASK": "1", "XSA_LAST_N": "3"}, 120)
+    variant, o = tcp.trial_config("cpu", {"DOC_MASK": "1", "XSA_LAST_N": "3"}, 120)
     assert variant == "sp1024" and o["iterations"] == 120 and o["warmdown_iters"] == 40
     assert o["muon_momentum_warmup_steps"] == 30 and o["doc_mask"] and o["xsa_last_n"] == 3
     assert not o["ttt_enabled"] and not o["gptq_enabled"] and o["bigram_vocab_size"] == 512
     with pytest.raises(ValueError, match="DOC_MAKS"):
-        tcp.trial_config("cpu-pr549", {"DOC_MAKS": "1"}, 120)
+        tcp.trial_config("cpu", {"DOC_MAKS": "1"}, 120)

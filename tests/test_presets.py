@@ -1,5 +1,5 @@
-"""Presets: pr549 reproduces the seed's script bit for bit; cpu-pr549 is the pr549 stack at CPU size (the CPU reference
-before the frontier); cpu is that stack with the frontier levers that pay at CPU size."""
+"""Presets: pr549 reproduces the seed's script bit for bit; cpu is the pr549 stack at CPU size (the quick start);
+cpu-frontier is that stack with the frontier levers that paid at CPU size."""
 from pathlib import Path
 
 import train_gpt as tg
@@ -17,19 +17,20 @@ def test_pr549_preset_reproduces_the_seed_script(tmp_path):
     assert fingerprint(tg, tmp_path / "today", tg.PRESETS["pr549"]) == want
 
 
-def test_cpu_pr549_preset_is_the_pr549_stack():
-    pr, cpu = tg.Hyperparameters(**tg.PRESETS["pr549"]), tg.Hyperparameters(**tg.PRESETS["cpu-pr549"])
+def test_cpu_preset_is_the_pr549_stack():
+    pr, cpu = tg.Hyperparameters(**tg.PRESETS["pr549"]), tg.Hyperparameters(**tg.PRESETS["cpu"])
     for name in tg.PR549:
-        if name not in ("preset", "data_path", "tokenizer_path") and name not in tg.PRESETS["cpu-pr549"] or name in (
+        if name not in ("preset", "data_path", "tokenizer_path") and name not in tg.PRESETS["cpu"] or name in (
                 "smear_gate", "num_loops", "doc_mask", "muon_ns", "muon_eq_r", "warmdown_frac"):
             assert getattr(cpu, name) == getattr(pr, name), name
 
 
-def test_cpu_presets_share_the_cpu_size_and_data():
-    """The two CPU rows of the README differ only in the stack: same dims, sequence, batch and stand-in data."""
-    cpu, old = tg.Hyperparameters(**tg.PRESETS["cpu"]), tg.Hyperparameters(**tg.PRESETS["cpu-pr549"])
-    for name in (*tg.CPU_SIZE, "data_path", "tokenizer_path", "vocab_size"):
-        assert getattr(cpu, name) == getattr(old, name), name
+def test_cpu_frontier_shares_the_cpu_size_and_data():
+    """The README's two CPU rows differ in the stack and the steps only: same dims, sequence, batch and stand-in data."""
+    new, cpu = tg.Hyperparameters(**tg.PRESETS["cpu-frontier"]), tg.Hyperparameters(**tg.PRESETS["cpu"])
+    for name in (*tg.CPU_SIZE, "vocab_size", "bigram_vocab_size", "ve_layers", "matrix_lr"):
+        assert getattr(new, name) == getattr(cpu, name), name
+    assert new.iterations > cpu.iterations and new.doc_mask and new.muon_eq_r and not new.ttt_enabled
 
 
 def test_every_preset_builds():
