@@ -1170,10 +1170,19 @@ def sdclip_scales(w: Tensor, group: str) -> tuple[Tensor, int]:
     return _grid_scale(k * w.detach().float().std(dim=-1), qmax), qmax
 
 
-def fake_quant(w: Tensor, int6: bool) -> Tensor:
-    """Straight-through estimator on the int6 (banks) or int8 (tables) grid: forward dequantized, gradient identity."""
-    scale, qmax = (int6_scales(w), INT6_MAX) if int6 else (int8_scales(w), INT8_MAX)
-    wq = _quant(w.float(), scale, qmax) * scale.unsqueeze(-1)
+def sdclip_grid(name: str, w: Tensor) -> tuple[Tensor, int] | None:
+    """(per-row scales, qmax) of `name` on the sdclip export's grid (see _sdclip_entry); None: stored fp16."""
+    if quant_group(name) != "other":
+        return sdclip_scales(w, quant_group(name))
+    big = "attn_gate" in name or w.numel() > SMALL_TENSOR_NUMEL
+    return (_grid_scale(w.detach().float().abs().amax(-1), INT8_MAX), INT8_MAX) if big else None
+
+
+def fake_quant(w: Tensor, name: str, sdclip: bool = False) -> Tensor:
+    """Straight-through estimator on the export's rounding grid (sdclip_grid, else the seed's int6 banks / int8)."""
+    grid = (sdclip_grid(name, w) if sdclip else (int6_scales(w), INT6_MAX) if quant_group(name) in ("mlp", "attn")
+            else (int8_scales(w), INT8_MAX))
+    wq = _quant(w.float(), grid[0], grid[1]) * grid[0].unsqueeze(-1) if grid else w.float().half().float()
     return w + (wq.to(w.dtype) - w).detach()
 
 
@@ -1313,7 +1322,7 @@ class GPT(nn.Module):
         if self.fused_mlp or self.fused_ce:  # an unresolved "auto" means eager, as it means SDPA for attention
             load_fused()
         self.smear_mode, self.smear_bos_mask, self.gate_dims = h.smear_gate, h.smear_bos_mask, h.gate_dims
-        self.attn_gate_scale, self.skip_gated = h.attn_gate_scale, h.skip_gates
+        self.attn_gate_scale, self.skip_gated, self.sdclip = h.attn_gate_scale, h.skip_gates, h.quant_scheme == "sdclip"
         self.par_start = h.parallel_start_layer or L  # the first physical layer of the two lanes (L: none)
         self.orders = {flag: virtual_layers(h, flag) for flag in (False, True)}
         self.looping = True  # eval, calibration and TTT run looped; training switches it (both graphs compile)
@@ -1360,7 +1369,7 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, qat: bool = False) -> Tensor:
         """Logits (B, T, V) in fp32 after the softcap, or the mean cross-entropy when targets are given."""
-        w = {n: fake_quant(t, int6=n in BANK_NAMES) if qat else t for n, t in self.qat_tensors().items()}
+        w = {n: fake_quant(t, n, self.sdclip) if qat else t for n, t in self.qat_tensors().items()}
         x = self._embed(ids, w)
         ve = self.ve(ids, w["ve.embed.weight"]) if self.ve is not None else None
         cos, sin = rotary_cos_sin(ids.size(1), self.rope_dims, self.rope_base, ids.device, self.rope_ntk_len)
@@ -1674,19 +1683,15 @@ def quantize_model(model: GPT | dict, hessians: dict | None = None, damp: float 
 
 def _sdclip_entry(name: str, t: Tensor, H: Tensor | None, damp: float, block_size: int) -> tuple:
     """Banks and the tied embedding on their group's SDClip grid (GPTQ with H, the embedding's from the head input;
-    else rounding); attention gates and other tensors over SMALL_TENSOR_NUMEL int8 (max|row| / 127); the rest fp16."""
+    else rounding, like QAT); gates and other tensors over SMALL_TENSOR_NUMEL int8 (max|row|/127); rest fp16."""
     dtype = str(t.dtype).replace("torch.", "")
     t = t.detach().float().to(t.device if H is not None else "cpu")
-    if name in BANK_NAMES or name == "tok_emb.weight":
-        group, w = quant_group(name), (t if t.dim() == 3 else t[None])
-        s, qmax = sdclip_scales(w, group)
-        codes = gptq_codes(w, H.to(w.device), s, damp, block_size, qmax) if H is not None else _quant(w, s, qmax)
-        codes, s = codes.view(t.shape).to(torch.int8).cpu(), s.view(t.shape[:-1]).half().cpu()
-        return f"int{QUANT_GROUPS[group][0]}", codes, s
-    if "attn_gate" in name or t.numel() > SMALL_TENSOR_NUMEL:
-        s = _grid_scale(t.abs().amax(-1), INT8_MAX)
-        return "int8", _quant(t, s, INT8_MAX).to(torch.int8), s.half()
-    return "fp16", t.half(), dtype
+    if (grid := sdclip_grid(name, t)) is None:
+        return "fp16", t.half(), dtype
+    (s, qmax), w = grid, t.reshape(-1, *t.shape[-2:])  # GPTQ takes (S, R, C)
+    codes = (gptq_codes(w, H.to(w.device), s.view(w.shape[:-1]), damp, block_size, qmax) if H is not None
+             else _quant(t, s, qmax))
+    return f"int{qmax.bit_length() + 1}", codes.view(t.shape).to(torch.int8).cpu(), s.half().cpu()
 
 
 def dequantize(q: dict) -> dict[str, Tensor]:

@@ -558,12 +558,13 @@ def test_train_turns_qat_on_over_banks_and_tables(dataset, capsys, fresh_log, mo
     assert int(fields["step"]) == (0 if mode == "from_step_0" else 3)
 
 
-@pytest.mark.parametrize("int6, qmax", [(True, tg.INT6_MAX), (False, tg.INT8_MAX)])
-def test_fake_quant_straight_through_gradient(int6, qmax):
+@pytest.mark.parametrize("name, qmax", [("mlp_up_bank", tg.INT6_MAX), ("qo_bank", tg.INT6_MAX),
+                                        ("tok_emb.weight", tg.INT8_MAX), ("bigram.embed.weight", tg.INT8_MAX)])
+def test_fake_quant_straight_through_gradient(name, qmax):
     gen = torch.Generator().manual_seed(3)
     w = (torch.randn(3, 16, 64, generator=gen) * 0.05).requires_grad_(True)
     g = torch.randn(w.shape, generator=gen)
-    out = tg.fake_quant(w, int6)
+    out = tg.fake_quant(w, name)  # the seed's grid: int6 banks, int8 tables
     (out * g).sum().backward()
     assert torch.equal(w.grad, g)
     # the forward is really the grid value, not the identity

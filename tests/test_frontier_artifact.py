@@ -64,6 +64,38 @@ def test_sdclip_scales_are_k_std_over_r_by_group():
     assert tg._sdclip_entry("big.weight", torch.randn(257, 256), None, 0.01, 128)[0] == "int8"
 
 
+@pytest.mark.parametrize("name, shape, kind", [("mlp_down_bank", (3, 16, 64), "int6"), ("kv_bank", (4, 8, 64), "int6"),
+                                              ("tok_emb.weight", (96, 64), "int7"), ("big.weight", (300, 256), "int8"),
+                                              ("ve.embed.weight", (96, 8), "fp16")])
+def test_sdclip_fake_quant_is_the_exports_rounding_with_straight_through_gradients(name, shape, kind):
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(shape, generator=gen) * 0.05).requires_grad_(True)
+    g = torch.randn(shape, generator=gen)
+    out = tg.fake_quant(w, name, sdclip=True)
+    (out * g).sum().backward()
+    assert torch.equal(w.grad, g)
+    entry = tg._sdclip_entry(name, w.detach(), None, 0.01, 128)
+    assert entry[0] == kind
+    assert torch.equal(out.detach(), tg.dequantize({name: entry})[name])  # bit for bit what the export's RTN reloads
+    assert not torch.equal(out.detach(), w.detach())
+    if kind != "fp16":  # not the seed's percentile grid
+        assert not torch.equal(out.detach(), tg.fake_quant(w, name).detach())
+
+
+@pytest.mark.parametrize("scheme", ["sdclip", "percentile"])
+def test_qat_forward_is_the_model_on_its_schemes_rounded_weights(shards, scheme):
+    h = frontier(shards, quant_scheme=scheme)
+    model = trained_like(h)
+    ids = torch.randint(0, h.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    sd = model.state_dict()
+    q = tg.quantize_model({n: sd[n] for n in model.qat_tensors()}, None, scheme=scheme)
+    rounded = tg.build_model(h)
+    rounded.load_state_dict({**sd, **tg.dequantize(q)})
+    with torch.no_grad():
+        assert torch.equal(model(ids, qat=True), rounded.eval()(ids))
+        assert not torch.equal(model(ids, qat=True), model(ids))
+
+
 def test_collection_covers_the_head_input_and_runs_looped(shards):
     h = frontier(shards)
     model, seen = tg.build_model(h), []

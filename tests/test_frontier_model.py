@@ -212,6 +212,7 @@ def test_forward_traces_as_one_graph_in_both_loop_states():
         for flag in (True, False):
             model.looping = flag
             assert torch.equal(compiled(ids), model(ids))
+        assert torch.equal(compiled(ids, qat=True), model(ids, qat=True))  # fake quantization on the SDClip grid
         layout = torch.compile(lambda s: tg.doc_layout("fa3", s), backend="eager", fullgraph=True)(ids == BOS)
     torch._dynamo.reset()
     assert torch.equal(layout[0], tg.doc_layout("fa3", ids == BOS)[0])
