@@ -114,7 +114,7 @@ def _parse_list(text: str, typ, name: str) -> tuple:
 # the sp1024 stand-in for a fixed step count (the same score on every machine), eval knobs tuned on held-out training
 # documents (bench/results/). "cpu": the seed's stack at that size, the quick start. "cpu-frontier": the frontier
 # levers that paid at that size (bench/results/tune_cpu_preset_cpu.jsonl) and TTT's time spent on 200 more steps; it
-# trains ~530 s on a 2-core machine (measured ms/step), past the quick start's time, so it is not the quick start.
+# took 649 s on a 2-core machine (bench/results/cpu_frontier_reference.log), so it is not the quick start.
 PR549 = dict(
     preset="pr549", data_path="./data/datasets/fineweb10B_sp1024",
     tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
