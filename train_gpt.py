@@ -1154,7 +1154,7 @@ def int8_scales(w: Tensor) -> Tensor:
 
 # SDClip (QUANT_SCHEME=sdclip): (bits, k) per tensor group. A row's scale is k std(row) / R, R = 2^(bits-1) - 1, fixed
 # before GPTQ's sweep: k sets the codes' entropy (about bits - log2 k + const), so no clip search is needed.
-QUANT_GROUPS = {"mlp": (6, 11.5), "attn": (6, 13.0), "emb": (7, 14.0), "other": (6, 12.85)}
+QUANT_GROUPS = {"mlp": (6, 11.5), "attn": (6, 13.0), "emb": (7, 14.0)}  # the rest ("other"): int8 or fp16
 SMALL_TENSOR_NUMEL = 65536  # sdclip: tensors up to this size are stored fp16
 
 

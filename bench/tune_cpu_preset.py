@@ -30,8 +30,7 @@ import bench_frontier_cpu as side  # noqa: E402
 import tune_eval  # noqa: E402  (its "K=V,K=V" parser: a value may hold commas)
 import train_gpt as tg  # noqa: E402
 
-VARIANT_OF = {"fineweb10B_sp1024": "sp1024", "fineweb10B_sp8192": "sp8192",
-              "fineweb10B_sp8192_caseops": "sp8192-caseops"}
+VARIANT_OF = {folder: variant for variant, (folder, _, _) in side.VARIANTS.items()}  # dataset folder -> variant
 
 
 def trial_config(base: str, env: dict[str, str], steps: int) -> tuple[str, dict]:
