@@ -3375,7 +3375,10 @@ def main() -> int:
     # torchrun stops the other ranks with SIGTERM: exit (SystemExit 128 + signum) and log it like any error
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        return run(h, rt)
+        code = run(h, rt)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears its process group down while a peer is still inside a collective
+        return code
     except BaseException as e:
         log_failure(e, rt.rank)
         raise

@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: test_kernels runs it on CPU tensors
 
+import socket
 import sys
 from pathlib import Path
 
@@ -89,3 +90,26 @@ def env(dataset):
     """(tiny config, its validation tokens, its byte counter) for the evaluation tests."""
     h = tiny(**dataset)
     return h, tg.load_val_tokens(h.val_files, h.eval_seq_len), tg.load_byte_counter(h)
+
+
+def _rank_main(rank, world, port, worker, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    rt = tg.init_runtime()
+    try:
+        worker(rank, rt, *args)
+        # Every rank reaches here before any tears gloo down: a rank that closed its pairs while a peer was still
+        # mid-collective aborted that peer ("terminate called without an active exception") in one CI run.
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn_ranks(world: int, worker, *args) -> None:
+    """Runs worker(rank, rt, *args) on `world` gloo ranks through train_gpt's own init_runtime (env://)."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(world, port, worker, args), nprocs=world, join=True)

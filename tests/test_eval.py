@@ -2,17 +2,14 @@
 import dataclasses
 import re
 import math
-import os
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import perturbed_model, tiny
+from conftest import perturbed_model, spawn_ranks, tiny
 
 CPU = tg.Runtime.local()
 
@@ -235,22 +232,11 @@ def test_one_bucket_collision_stays_honest(env):
     assert r.bpbs["mixture"] > 0.5 * r.bpbs["neural"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_worker(rank, world, port, h, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    rt = tg.init_runtime()
+def _rank_worker(rank, rt, h, out):
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     r, _, _ = adaptive(h, perturbed_model(h), val, tg.load_byte_counter(h), rt=rt)
     if rank == 0:
         torch.save({"losses": r.losses, "tokens": r.tokens, "bytes": r.bytes}, out)
-    torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_match_one_rank(env, tmp_path):
@@ -262,7 +248,7 @@ def test_two_ranks_match_one_rank(env, tmp_path):
     h = dataclasses.replace(h, bias_enabled=False, ttt_lr=0.02)
     one, _, _ = adaptive(h, perturbed_model(h), val, luts)
     out = str(tmp_path / "r2.pt")
-    mp.spawn(_rank_worker, args=(2, _free_port(), h, out), nprocs=2, join=True)
+    spawn_ranks(2, _rank_worker, h, out)
     two = torch.load(out)
     assert two["tokens"] == one.tokens and two["bytes"] == one.bytes
     for k, v in one.losses.items():

@@ -3,18 +3,15 @@ out of the clip norm), the online bias's parallel form against its sequential ru
 across chunks and ranks."""
 import copy
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import train_gpt as tg
-from conftest import perturbed_model, tiny
+from conftest import perturbed_model, spawn_ranks, tiny
 
 CPU = tg.Runtime.local()
 BOS = tg.BOS_ID
@@ -198,12 +195,6 @@ def test_a_later_rank_starts_from_the_carry_or_zero_after_a_bos(seed, n, bos_rat
 # ----------------------------------------------------------------------------- the committed carry on 2 ranks
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CARRY_H = dict(eval_stride=16, eval_batch_seqs=3, ngram_enabled=False, hedge_enabled=False, ttt_enabled=False)
 CHUNK_TOKENS = 80
 
@@ -224,13 +215,8 @@ def carry_pass(h, val, luts, rt):
     return dict(pos=torch.cat(seen["pos"]), p=torch.cat(seen["p"]), carry=seen["carry"], final=bias.carry.clone())
 
 
-def _carry_worker(rank, world, port, h, val, luts, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    rt = tg.init_runtime()
+def _carry_worker(rank, rt, h, val, luts, out):
     torch.save(carry_pass(h, val, luts, rt), f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
 
 
 def carry_stream(h, n_targets: int) -> tuple[torch.Tensor, list]:
@@ -278,7 +264,7 @@ def test_committed_carry_is_the_sequential_rule_on_two_ranks_as_on_one(dataset, 
     one = carry_pass(h, val, luts, CPU)
     _check_carries([one], val, spans, h.vocab_size)
     out = str(tmp_path / "carry")
-    mp.spawn(_carry_worker, args=(2, _free_port(), h, val, luts, out), nprocs=2, join=True)
+    spawn_ranks(2, _carry_worker, h, val, luts, out)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     assert torch.equal(ranks[0]["final"], ranks[1]["final"])  # all-gathered: the same carry on both ranks
     assert 6 not in ranks[0]["carry"] and 6 in ranks[1]["carry"]  # rank 0 has no windows in the last chunk

@@ -3,27 +3,19 @@ prefix-only hints, the closed form's normalization) and the pass's legality with
 import dataclasses
 import math
 import os
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import perturbed_model, tiny
+from conftest import perturbed_model, spawn_ranks, tiny
 
 CPU = tg.Runtime.local()
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- the tilt's hints
@@ -380,17 +372,12 @@ def test_docs_answer_flip_with_every_expert_on(env, experts):
     assert not h.hedge_enabled or any(base.nll[final][p] != flipped.nll[final][p] for p in base.nll[final] if not a <= p < b)
 
 
-def _docs_rank_worker(rank, world, port, h, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    rt = tg.init_runtime()
+def _docs_rank_worker(rank, rt, h, out):
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     rec = Recorder()
     ctx = tg.EvalContext(h, rt, val, tg.load_byte_counter(h, val.numel()))
     r, _, _ = tg.adaptive_pass(ctx, perturbed_model(h), perturbed_model(h), time.perf_counter(), recorder=rec)
     torch.save({"losses": r.losses, "tokens": r.tokens, "bytes": r.bytes, "nll": rec.nll}, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
 
 
 def test_docs_pass_on_two_ranks_scores_each_target_once_as_on_one(env, tmp_path):
@@ -399,7 +386,7 @@ def test_docs_pass_on_two_ranks_scores_each_target_once_as_on_one(env, tmp_path)
     one = Recorder()
     r1, _, _ = adaptive(h, val, luts, one)
     out = str(tmp_path / "docs")
-    mp.spawn(_docs_rank_worker, args=(2, _free_port(), h, out), nprocs=2, join=True)
+    spawn_ranks(2, _docs_rank_worker, h, out)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     assert all(rk["tokens"] == r1.tokens and rk["bytes"] == r1.bytes for rk in ranks)
     for track, nll in one.nll.items():
