@@ -2543,12 +2543,11 @@ def tilt_hints(tokens, order: int = Hyperparameters.tilt_order, threshold: float
     return hint, conf
 
 
-def tilt_log_probs(lp: Tensor, hint: Tensor, beta: float) -> Tensor:
-    """The tilt of the distribution exp(lp) (rows) toward each row's hint (< 0: none), in closed form:
-    log p'(a) = log p(a) + beta [a = h] - log(1 + q (e^beta - 1)), q = p(h): normalized by construction."""
-    on, h = (hint >= 0)[:, None], hint.clamp(min=0).long()[:, None]
-    log_z = torch.log1p(lp.gather(1, h).exp() * math.expm1(beta)) * on
-    return (lp - log_z).scatter_add_(1, h, on.to(lp.dtype) * beta)
+def tilt_log_probs(lp: Tensor, cols: Tensor, hint: Tensor, lp_hint: Tensor, beta: float) -> Tensor:
+    """The tilt toward each row's hint h (< 0: none) of log-probabilities lp at columns cols (n, m), given
+    lp_hint = log p(h) (n, 1), in closed form: log p'(a) = log p(a) + beta [a = h] - log(1 + p(h) (e^beta - 1))."""
+    on = (hint >= 0)[:, None]
+    return lp + beta * (on & (cols == hint[:, None])) - torch.log1p(lp_hint.exp() * math.expm1(beta)) * on
 
 
 class OnlineBias:
@@ -2678,20 +2677,32 @@ class Experts:
     def pool_size(has_bias: bool, n_betas: int, has_tilt: bool = False) -> int:
         return 1 + int(has_bias) + n_betas + int(has_tilt)
 
-    def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
-        experts, z = [logits.log_softmax(-1)], logits
-        if self.bias is not None:
-            z = logits + self.bias.biases(x, experts[0].exp(), pos)
-            experts.append(z.log_softmax(-1))
+    def log_probs(self, logits: Tensor, x: Tensor, pos: Tensor, cols: Tensor | None = None):
+        """Every track's and expert's log-probabilities at columns cols (n, m) of each row (None: all V). Only the
+        neural and bias normalizers are dense: a boost or the tilt moves at most top_k (+1) columns of its base, so its
+        normalizer is the base's times 1 + sum over those columns of p(c) (e^{boost(c)} - 1), in closed form."""
+        cols = torch.arange(logits.size(1), device=logits.device).expand(len(logits), -1) if cols is None else cols
+        lse = logits.logsumexp(-1, keepdim=True)
+        z = logits if self.bias is None else logits + self.bias.biases(x, (logits - lse).exp(), pos)
+        lse_z = lse if self.bias is None else z.logsumexp(-1, keepdim=True)
+        base = (logits.gather(1, cols) - lse, z.gather(1, cols) - lse_z)
+        experts = [base[0]] + [base[1]] * (self.bias is not None)
         if self.betas:
             tok, logc = (torch.from_numpy(a[(pos + 1).cpu().numpy()]).to(logits.device) for a in self.cands)
-            boost = torch.zeros_like(logits).scatter_add_(1, tok.long().clamp(min=0), logc * (tok >= 0))
-            experts += [(z + beta * boost).log_softmax(-1) for beta in self.betas]
+            once = (tok >= 0) & ~(tok[:, :, None] == tok[:, None, :]).tril(-1).any(2)  # each real candidate once
+            tok, logc = tok.long().clamp(min=0), logc * (tok >= 0)
+            boost_at = lambda c: (logc[:, :, None] * (tok[:, :, None] == c[:, None, :])).sum(1)  # noqa: E731
+            boost, b_cand, p_cand = boost_at(cols), boost_at(tok), (z.gather(1, tok) - lse_z).exp() * once
+            ngram = lambda c, b, beta: z.gather(1, c) - lse_z + beta * b - torch.log1p(  # noqa: E731
+                (p_cand * torch.expm1(beta * b_cand)).sum(1, keepdim=True))
+            experts += [ngram(cols, boost, beta) for beta in self.betas]
         out = dict(zip([t for t in self.tracks if t not in ("mixture", self.tilt_track)], experts))  # ngram: beta 1
-        if self.hints is not None:
+        if self.hints is not None:  # on the last plain track: the first beta's boost, else z
             hint = torch.from_numpy(self.hints[(pos + 1).cpu().numpy()]).to(logits.device)
-            base = out[self.tracks[self.tracks.index(self.tilt_track) - 1]]
-            experts.append(tilt_log_probs(base, hint, self.tilt_beta))
+            hc = hint.clamp(min=0).long()[:, None]
+            lp_h = ngram(hc, boost_at(hc), self.betas[0]) if self.betas else z.gather(1, hc) - lse_z
+            prev = out[self.tracks[self.tracks.index(self.tilt_track) - 1]]
+            experts.append(tilt_log_probs(prev, cols, hint, lp_h, self.tilt_beta))
             out[self.tilt_track] = experts[-1]
         if self.hedge is not None:
             out["mixture"] = self.hedge.mix(experts)
@@ -2959,12 +2970,14 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
                 logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], span.width or h.eval_seq_len,
                                             rt.device, h.eval_batch_seqs if span.width else 0)  # docs: fixed shapes
                 x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
-                lps, ex = experts.log_probs(logits, x, pos)
-                nll = {k: -lp.gather(1, y[:, None]).squeeze(1).double() for k, lp in lps.items()}
+                cols = None if recorder is not None else y[:, None]  # whole rows only for a recorder (tests)
+                lps, ex = experts.log_probs(logits, x, pos, cols)
+                at_y = (lambda lp: lp.gather(1, y[:, None])) if cols is None else (lambda lp: lp)  # noqa: E731
+                nll = {k: -at_y(lp).squeeze(1).double() for k, lp in lps.items()}
                 tally.nll += torch.stack([nll[k].sum() for k in experts.tracks])
                 tally.tokens += y.numel()
                 tally.bytes += ctx.count_bytes(pos, x, y).sum()
-                expert_nll += torch.stack([-e.gather(1, y[:, None]).double().sum() for e in ex])
+                expert_nll += torch.stack([-at_y(e).double().sum() for e in ex])
                 targets.append(y)
                 if recorder is not None:
                     recorder(dict(chunk=span.index, pos=pos, x=x, y=y, nll=nll, log_probs=lps, experts=ex))

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """CPU cost of the pass's experts per scored position: Experts.log_probs (online bias, n-gram boosts, Hedge mixture)
-on one eval batch of random logits, the CPU preset's pool (PRESET=cpu: neural, neural+bias, one expert per beta).
+on one eval batch of random logits, the CPU preset's pool (PRESET=cpu: neural, neural+bias, one expert per beta),
+at the targets only (as the pass scores) and as whole rows (what a recorder gets; --script's older versions: rows).
 
     python3 bench/bench_experts.py [--rows 8192] [--reps 3] [--script PATH] [--betas 2.0,4.0,8.0]
 
@@ -49,16 +50,19 @@ def main(argv=None) -> int:
     bias = tg.OnlineBias(h, V, cpu)
     betas = h.ngram_beta_list
     experts = tg.Experts(h, bias, cands, tg.HedgeMixer(tg.Experts.pool_size(True, len(betas)), h.hedge_eta, cpu))
-    times = []
-    for i in range(a.reps + 1):
-        bias.begin_chunk(None)
-        t0 = time.perf_counter()
-        experts.log_probs(logits, x, torch.arange(n))
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - t0)
-    us = 1e6 * statistics.median(times) / n
-    print(f"script:{a.script} rows:{n} experts:{experts.n_experts} betas:{h.ngram_betas} threads:{torch.get_num_threads()} "
-          f"us_per_row:{us:.1f} (CPU)")
+    y = torch.randint(0, V, (n, 1), generator=g)
+    sparse = "cols" in experts.log_probs.__code__.co_varnames  # older scripts score whole rows only
+    for what, cols in [("targets", y), ("rows", None)] if sparse else [("rows", None)]:
+        times = []
+        for i in range(a.reps + 1):
+            bias.begin_chunk(None)
+            t0 = time.perf_counter()
+            experts.log_probs(logits, x, torch.arange(n), *([cols] if sparse else []))
+            if i:  # the first call warms up
+                times.append(time.perf_counter() - t0)
+        us = 1e6 * statistics.median(times) / n
+        print(f"script:{a.script} rows:{n} experts:{experts.n_experts} betas:{h.ngram_betas} "
+              f"threads:{torch.get_num_threads()} at:{what} us_per_row:{us:.1f} (CPU)")
     return 0
 
 

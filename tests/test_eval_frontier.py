@@ -121,7 +121,8 @@ def test_closed_form_is_the_normalized_tilt():
     hint = torch.randint(-1, 97, (50,))
     hint[:5] = -1
     beta = 2.625
-    got = tg.tilt_log_probs(lp, hint, beta)
+    cols = torch.arange(97).expand(50, -1)
+    got = tg.tilt_log_probs(lp, cols, hint, lp.gather(1, hint.clamp(min=0)[:, None]), beta)
     want = (lp + beta * torch.nn.functional.one_hot(hint.clamp(min=0), 97) * (hint >= 0)[:, None]).log_softmax(-1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert torch.equal(got[:5], lp[:5])  # no hint: untouched
@@ -129,6 +130,39 @@ def test_closed_form_is_the_normalized_tilt():
     q = lp.gather(1, hint.clamp(min=0)[:, None]).squeeze(1).exp()
     nll = -lp.gather(1, y[:, None]).squeeze(1) - beta * (y == hint) + torch.log1p(q * math.expm1(beta)) * (hint >= 0)
     torch.testing.assert_close(-got.gather(1, y[:, None]).squeeze(1), nll, rtol=0, atol=1e-12)
+
+
+def _experts(h, V, n, bias, betas, tilt, seed=0):
+    g = np.random.default_rng(seed)
+    tok = g.integers(-1, V, (n + 1, 3)).astype(np.int32)
+    tok[::4, 1] = tok[::4, 0]  # a candidate repeated in a row
+    cands = (tok, g.random((n + 1, 3)).astype(np.float32) * 2) if betas else None
+    hints = np.where(g.random(n + 1) < 0.5, g.integers(0, V, n + 1), -1) if tilt else None
+    b = tg.OnlineBias(h, V, CPU.device) if bias else None
+    if b is not None:
+        b.begin_chunk(None)
+    hedge = tg.HedgeMixer(tg.Experts.pool_size(bias, len(betas), tilt), 0.1, CPU.device)
+    hedge.log_w = torch.tensor(g.random(hedge.log_w.numel())).log_softmax(0)
+    return tg.Experts(h, b, cands, hedge, hints)
+
+
+@pytest.mark.parametrize("bias, betas, tilt", [(True, (2.0, 4.0), True), (False, (2.0,), True), (True, (), True),
+                                               (True, (2.0, 8.0), False), (False, (), False)])
+def test_scoring_at_the_targets_equals_the_whole_rows(bias, betas, tilt):
+    """The pass scores with cols = the targets (sparse normalizers); every track and expert there equals the whole
+    normalized row at the target, with repeated and missing candidates and hints on some rows."""
+    V, n = 50, 40
+    h = tiny(ngram_betas=",".join(map(str, betas or (2.0,))))
+    logits, x = 3 * torch.randn(n, V, generator=torch.Generator().manual_seed(1)), torch.randint(0, V, (n,))
+    y, pos = torch.randint(0, V, (n,)), torch.arange(n)
+    full, full_ex = _experts(h, V, n, bias, betas, tilt).log_probs(logits, x, pos)
+    at, at_ex = _experts(h, V, n, bias, betas, tilt).log_probs(logits, x, pos, y[:, None])
+    assert list(full) == list(at) and len(full_ex) == len(at_ex) == 1 + bias + len(betas) + tilt
+    for k in full:
+        torch.testing.assert_close(full[k].logsumexp(1), torch.zeros(n), rtol=0, atol=2e-5)  # normalized
+        torch.testing.assert_close(at[k], full[k].gather(1, y[:, None]), rtol=0, atol=2e-5)
+    for e, ea in zip(full_ex, at_ex):
+        torch.testing.assert_close(ea, e.gather(1, y[:, None]), rtol=0, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------- the pass with the tilt on
