@@ -2968,7 +2968,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
         with torch.inference_mode():
             for i in range(0, len(mine), h.eval_batch_seqs):
                 logits, pos = score_windows(model, val, mine[i:i + h.eval_batch_seqs], span.width or h.eval_seq_len,
-                                            rt.device, h.eval_batch_seqs if span.width else 0)  # docs: fixed shapes
+                                            rt.device, h.eval_batch_seqs)  # one shape: no recompiles
                 x, y = val[pos.cpu()].to(rt.device).long(), val[pos.cpu() + 1].to(rt.device).long()
                 cols = None if recorder is not None else y[:, None]  # whole rows only for a recorder (tests)
                 lps, ex = experts.log_probs(logits, x, pos, cols)
