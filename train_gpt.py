@@ -268,6 +268,13 @@ class Hyperparameters:
     eval_plan: str = "stream"  # stream: sliding windows across documents; docs: each document alone, in TTT_CHUNKs
     ttt_chunk: int = 48  # docs plan: targets per chunk; each window is the last <= EVAL_SEQ_LEN tokens of its document
     ttt_doc_batch: int = 64  # docs plan: documents scored side by side (sorted by length, longest batches first)
+    ttt_mode: str = "full"  # full: chunk SGD of all weights (stream plan); lora: per-document LoRA (docs plan, #1855)
+    lora_rank: int = 80  # adapters on Q, K, V, O, MLP of every virtual layer and the head; scale LORA_ALPHA / rank
+    lora_alpha: float = 144.0
+    lora_lr: float = 1e-4  # AdamW, betas (0, 0.99), eps 1e-10; a new batch resets B and the state, A carries over
+    lora_wd: float = 0.5
+    ttt_phases: str = "833,1666,2500"  # lora: global SGD of all weights on the first N finished documents; "": none
+    ttt_phase_lr: float = 1e-3  # one epoch, cosine, momentum 0.9, clip TTT_GRAD_CLIP
 
     def __post_init__(self):
         for name, ok, rule in self._rules():
@@ -282,7 +289,7 @@ class Hyperparameters:
                        + ("pergroup",), quant_scheme=("sdclip", "percentile"),
                        preset=("",) + tuple(PRESETS), smear_gate=("off", "fixed", "gated"),
                        muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", *FUSED_CHOICES),
-                       eval_plan=("stream", "docs"))
+                       eval_plan=("stream", "docs"), ttt_mode=("full", "lora"))
         yield from ((f.name, math.isfinite(v), "a finite number") for f in fields(self)
                     if isinstance(v := getattr(self, f.name), float))
         yield from ((n, get(n) >= 1, ">= 1") for n in (
@@ -295,12 +302,14 @@ class Hyperparameters:
             "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps", "muon_wd",
             "embed_wd", "scalar_wd", "rope_ntk_len", "num_loops", "grad_clip_norm", "ema_min_steps", "gptq_damp",
             "artifact_margin_bytes", "lqer_top_k", "eval_margin_seconds",
-            "val_max_tokens", "ttt_epochs", "ttt_lr", "ttt_proj_lr_mult", "ttt_fc_lr_mult", "bias_lr", "hedge_eta"))
+            "val_max_tokens", "ttt_epochs", "ttt_lr", "ttt_proj_lr_mult", "ttt_fc_lr_mult", "bias_lr", "hedge_eta",
+            "lora_lr", "lora_wd", "ttt_phase_lr"))
         yield from ((n, 0 <= get(n) < 1, "in [0, 1)") for n in (
             "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum",
             "ttt_polyak_decay", "warmdown_frac"))
         yield from ((n, get(n) > 0, "> 0") for n in (
-            "mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip", "eval_budget_seconds"))
+            "mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip", "eval_budget_seconds",
+            "lora_alpha"))
         yield from ((n, 0 <= get(n) <= 1, "in [0, 1]") for n in (
             "late_qat_threshold", "fit_max_prune_fraction", "min_lr", "loop_activate_frac"))
         yield from ((n, get(n) in c, f"one of {', '.join(map(repr, c))}") for n, c in choices.items())
@@ -325,8 +334,12 @@ class Hyperparameters:
         yield "tilt_beta", 0 < self.tilt_beta <= 20, "in (0, 20]"
         yield ("ttt_chunk", 1 <= self.ttt_chunk and (self.eval_plan != "docs" or self.ttt_chunk <= self.eval_seq_len),
                f">= 1 and, with EVAL_PLAN=docs, <= EVAL_SEQ_LEN={self.eval_seq_len} (a window holds its whole chunk)")
-        yield ("eval_plan", self.eval_plan == "stream" or not self.ttt_enabled,
-               "stream while TTT_ENABLED=1 (the docs plan's per-document LoRA scorer is not in yet)")
+        yield ("ttt_mode", not self.ttt_enabled or (self.ttt_mode == "lora") == (self.eval_plan == "docs"),
+               "lora exactly when EVAL_PLAN=docs (full-weight TTT trains on stream chunks, LoRA per document)")
+        yield ("lora_rank", 1 <= self.lora_rank and (self.ttt_mode != "lora" or self.lora_rank <= self.model_dim),
+               f">= 1 and, with TTT_MODE=lora, <= MODEL_DIM={self.model_dim}")
+        yield "ttt_phases", list(ph := self.ttt_phase_list) == sorted(set(ph)) and min(ph, default=1) >= 1, \
+            "increasing document counts >= 1 (comma-separated)"
         yield ("eval_plan", self.eval_plan == "stream" or not (self.hedge_enabled and (self.ngram_enabled or
                                                                                       self.tilt_enabled)),
                "stream while HEDGE_ENABLED=1 with NGRAM_ENABLED or TILT_ENABLED: docs run longest first, so Hedge's "
@@ -344,6 +357,7 @@ class Hyperparameters:
     val_files = property(lambda self: os.path.join(self.data_path, SHARD_GLOB.format(split="val")))
     ve_layer_list = property(lambda self: _parse_list(self.ve_layers, int, "VE_LAYERS"))
     ngram_beta_list = property(lambda self: _parse_list(self.ngram_betas, float, "NGRAM_BETAS"))
+    ttt_phase_list = property(lambda self: _parse_list(self.ttt_phases, int, "TTT_PHASES"))
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -377,7 +391,6 @@ class Runtime:
 
 
 def init_runtime() -> Runtime:
-    """Plain python3 (1 process) or torchrun; NCCL on CUDA, gloo on CPU. World size must divide 8."""
     rank, local_rank, world = (_parse_value(k, d, os.environ.get(k, str(d)))
                                for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     if world < 1 or 8 % world != 0:
@@ -409,7 +422,6 @@ def init_logging(path: Path | None, is_main: bool) -> None:
 
 
 def log_failure(exc: BaseException, rank: int) -> None:
-    """An uncaught error ends the run log (traceback tail + one FAILED line), so the record says why."""
     import traceback
     path = _LOG["path"]
     if path is None or not path.exists():
@@ -484,8 +496,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor
 
 
 def doc_layout(backend: str, starts: Tensor):
-    """What attention_kernel(backend) needs to stay inside documents (starts: (B, T) bool): SDPA a block-diagonal
-    causal mask; FlashAttention cu_seqlens of a static length B + T*B/64 + 256 (further starts are dropped)."""
+    """What attention_kernel(backend) needs to keep attention inside documents (starts: (B, T) bool)."""
     B, T = starts.shape
     if backend not in FLASH_MODULES:
         seg = torch.cat((torch.zeros_like(starts[:, :1]), starts[:, 1:]), 1).cumsum(1)
@@ -643,7 +654,6 @@ def mlp_forward(x: Tensor, w_up: Tensor, w_down: Tensor, fused: bool = False, ac
 
 
 def softcapped_ce(logits: Tensor, targets: Tensor, cap: float, fused: bool = False) -> Tensor:
-    """Mean cross-entropy of softcap(logits, cap); the fused op never materialises the fp32 capped logits."""
     if fused:
         return torch.ops.pgolf.softcapped_ce(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), cap)[0].mean()
     z = softcap(logits, cap)
@@ -651,8 +661,7 @@ def softcapped_ce(logits: Tensor, targets: Tensor, cap: float, fused: bool = Fal
 
 
 def _fused_kernels():
-    """MLP: one GEMM with two epilogues (pre and leaky_relu(pre, 0.5)^2; or dpre). CE over z = 2 cap sigmoid(2x/cap)
-    (softcap + cap, the shift cancels): online LSE over vocabulary blocks; fp32 math."""
+    """MLP: one GEMM, two epilogues (pre, leaky_relu(pre)^2; or dpre). CE: online LSE over vocab blocks."""
     import triton
     import triton.language as tl
 
@@ -867,7 +876,6 @@ CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # ids 4-7 of a Cas
 
 
 def shard_num_tokens(path) -> int:
-    """Header and file size only (fast on 80 shards): the token count of a well-formed, non-empty shard."""
     size, header_bytes = os.path.getsize(path), SHARD_HEADER_INTS * 4
     if size < header_bytes:
         raise ValueError(f"shard {path}: {size} bytes is shorter than the {header_bytes}-byte header")
@@ -882,7 +890,6 @@ def shard_num_tokens(path) -> int:
 
 
 def load_shard(path, vocab_size: int = 0) -> np.ndarray:
-    """The shard's tokens; an id >= vocab_size (if given) fails here, not as a device assert mid-run."""
     tokens = np.fromfile(path, dtype="<u2", count=shard_num_tokens(path), offset=SHARD_HEADER_INTS * 4)
     if vocab_size and (top := int(tokens.max())) >= vocab_size:
         at = int(np.argmax(tokens >= vocab_size))
@@ -940,8 +947,6 @@ def check_shards(pattern: str) -> int:
 
 
 class TokenStream:
-    """The sorted train shards as one endless stream (no shuffling, as in the record)."""
-
     def __init__(self, pattern: str, vocab_size: int = 0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
         check_shards(pattern)  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
@@ -1005,7 +1010,6 @@ def token_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
 
 
 def load_val_sidecar(val_pattern: str, n_tokens: int = 0) -> Tensor | None:
-    """The val byte sidecar (None if absent), checked shard by shard and cut to n_tokens (> 0)."""
     shards = shard_files(val_pattern)
     pairs = [(f, os.path.join(os.path.dirname(f), SIDECAR_PREFIX + os.path.basename(f).rpartition("_")[2]))
              for f in shards]
@@ -1042,8 +1046,7 @@ class ByteCounter:
 
 
 def load_byte_counter(h: Hyperparameters, n_tokens: int = 0) -> ByteCounter:
-    """The dataset's byte counter. A CaseOps tokenizer and a sidecar need each other: LUT bytes of
-    transformed text would miscount the operators and the capitals."""
+    """The dataset's byte counter; a CaseOps tokenizer and a val byte sidecar need each other."""
     import sentencepiece as spm
     if Path(h.tokenizer_path).is_dir():
         raise IsADirectoryError(f"TOKENIZER_PATH={h.tokenizer_path} is a directory, not a SentencePiece .model file")
@@ -1075,7 +1078,6 @@ SCALE_FLOOR = 2.0 ** -24
 
 
 def row_quantiles(absw: Tensor, ps) -> list[Tensor]:
-    """Exact linear-interpolation quantiles of each row (last dim), via topk of the few largest entries."""
     n = absw.size(-1)
     top = absw.topk(min(n, n - math.floor(min(ps) * (n - 1))), dim=-1).values  # descending: rank r at index n-1-r
     out = []
@@ -1119,7 +1121,6 @@ def quant_group(name: str) -> str:
 
 
 def sdclip_scales(w: Tensor, group: str) -> tuple[Tensor, int]:
-    """(per-row scales (..., R) of matrices (..., R, C), qmax) on `group`'s SDClip grid."""
     bits, k = QUANT_GROUPS[group]
     qmax = 2 ** (bits - 1) - 1
     return _grid_scale(k * w.detach().float().std(dim=-1), qmax), qmax
@@ -1142,8 +1143,7 @@ def fake_quant(w: Tensor, name: str, sdclip: bool = False) -> Tensor:
 
 
 def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int, qmax: int = INT6_MAX) -> Tensor:
-    """GPTQ on a fixed grid: codes of w (S, R, C) given Hessians H (S, C, C) and row scales (S, R); columns by
-    decreasing H diagonal, errors pushed on through chol(H^-1) per block; damped, retried with 10x damping."""
+    """GPTQ on a fixed grid: codes of w (S, R, C) given Hessians H (S, C, C) and row scales (S, R)."""
     w, s = w.detach().float(), scale.float().unsqueeze(-1)
     S, R, C = w.shape
     perm = H.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
@@ -1210,7 +1210,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def virtual_layers(h: Hyperparameters, looping: bool) -> tuple[int, ...]:
-    """The physical layer of each virtual position: looping runs LOOP_START..LOOP_END 1 + NUM_LOOPS times."""
     L, a, b = h.num_layers, h.loop_start, h.loop_end + 1
     if not (looping and h.num_loops > 0):
         return tuple(range(L))
@@ -1218,8 +1217,6 @@ def virtual_layers(h: Hyperparameters, looping: bool) -> tuple[int, ...]:
 
 
 class ProjectedEmbedding(nn.Module):
-    """A projected, scaled table: value embeddings, or (hashed) the zero-init bigram hash of token pairs."""
-
     def __init__(self, rows: int, dim: int, out_dim: int, scale: float, hashed: bool = False):
         super().__init__()
         self.hashed = hashed
@@ -1240,8 +1237,6 @@ class ProjectedEmbedding(nn.Module):
 
 
 class Block(nn.Module):
-    """Per-layer control tensors; the matrices come from the banks. Shared by every virtual instance of the layer."""
-
     def __init__(self, h: Hyperparameters, i: int):
         super().__init__()
         d = h.model_dim
@@ -1256,8 +1251,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """One forward for training, scoring and TTT: virtual layers (looped when `looping`), U-Net skips, two lanes from
-    PARALLEL_START_LAYER, and an optional per-document LoRA (`lora`, eval only)."""
+    """One forward for training, scoring and TTT (looped virtual layers, U-Net skips, lanes, per-document LoRA)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1292,6 +1286,7 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
         self._frontier_params(h)
         self.tap = None  # fn(site, layer, x), set only while GPTQ collects the bank inputs (BANK_INPUTS sites)
+        self.lora = None  # DocLoRA: per-document adapters, set only by the LoRA TTT scorer
         self.hessians = None  # {bank: (slots, C, C)} from that collection; the export quantizes with them
         with torch.no_grad():
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
@@ -1323,12 +1318,12 @@ class GPT(nn.Module):
         cos, sin = rotary_cos_sin(ids.size(1), self.rope_dims, self.rope_base, ids.device, self.rope_ntk_len)
         docs = doc_layout(self.backend, ids == BOS_ID) if self.doc_mask else None
         x = self._layers(x, w, (ve, cos, sin, docs))
-        logits = F.linear(self._tap("head_in", 0, rms_norm(x)), w["tok_emb.weight"].to(x.dtype))
+        n = self._tap("head_in", 0, rms_norm(x))
+        logits = self._lora("head", 0, n, F.linear(n, w["tok_emb.weight"].to(x.dtype)))
         return (softcap(logits, self.softcap) if targets is None
                 else softcapped_ce(logits, targets, self.softcap, self.fused_ce))
 
     def _embed(self, ids: Tensor, w: dict) -> Tensor:
-        """Token (+ bigram) embedding, the SmearGate (gated: before the norm, never into a BOS), the input RMSNorm."""
         x = F.embedding(ids, w["tok_emb.weight"])
         if self.bigram is not None:
             x = x + self.bigram(ids, w["bigram.embed.weight"])
@@ -1345,10 +1340,10 @@ class GPT(nn.Module):
         return x
 
     def _layers(self, x: Tensor, w: dict, ctx: tuple) -> Tensor:
-        """The virtual layers in order: encoder outputs feed the decoder's skips; two lanes from the parallel layer."""
         order = self.orders[self.looping]
         n_enc, x0, skips, lanes = len(order) // 2, x, [], None
         for pos, j in enumerate(order):
+            vctx = (*ctx[:4], pos)  # the virtual position: LoRA adapters are per virtual layer
             if lanes is None and j >= self.par_start:
                 lanes = [x, x]
             if pos >= n_enc and skips:  # U-Net skips: encoder outputs in reverse order
@@ -1357,9 +1352,9 @@ class GPT(nn.Module):
                 else:
                     lanes[0] = self._skip(pos - n_enc, lanes[0], skips.pop())
             if lanes is None:
-                x = self._block(j, x, x0, w, ctx)
+                x = self._block(j, x, x0, w, vctx)
             else:
-                lanes = self._lanes(j, lanes, x0, w, ctx)
+                lanes = self._lanes(j, lanes, x0, w, vctx)
             if pos < n_enc:
                 skips.append(x)
         return x if lanes is None else 0.5 * (lanes[0] + lanes[1])
@@ -1375,7 +1370,7 @@ class GPT(nn.Module):
         mix = blk.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + blk.attn_scale.to(x.dtype) * self._attn(j, blk, rms_norm(x) * blk.ln_factor, w, ctx)
-        return x + blk.mlp_scale.to(x.dtype) * self._mlp(j, blk, x, w)
+        return x + blk.mlp_scale.to(x.dtype) * self._mlp(j, blk, x, w, ctx[4])
 
     def _lanes(self, j: int, lanes: list[Tensor], x0: Tensor, w: dict, ctx: tuple) -> list[Tensor]:
         """Parallel layer: attention reads lane 0, the MLP lane 1; lane = r lane + P[attn, lane] a + P[mlp, lane] f."""
@@ -1383,14 +1378,18 @@ class GPT(nn.Module):
         mix = blk.resid_mix.to(l0.dtype)
         a = blk.attn_scale.to(l0.dtype) * self._attn(j, blk, rms_norm(mix[0] * l0 + mix[1] * x0) * blk.ln_factor,
                                                      w, ctx)
-        f = blk.mlp_scale.to(l1.dtype) * self._mlp(j, blk, l1, w)
+        f = blk.mlp_scale.to(l1.dtype) * self._mlp(j, blk, l1, w, ctx[4])
         r, P = self.parallel_resid_lambdas[j].to(l0.dtype), self.parallel_post_lambdas[j].to(l0.dtype)
         return [r[0] * l0 + P[0, 0] * a + P[1, 0] * f, r[1] * l1 + P[0, 1] * a + P[1, 1] * f]
 
-    def _mlp(self, j: int, blk: Block, x: Tensor, w: dict) -> Tensor:
+    def _mlp(self, j: int, blk: Block, x: Tensor, w: dict, vi: int = 0) -> Tensor:
         tap = None if self.tap is None else (lambda act: self.tap("mlp_act", j, act))
         n = self._tap("mlp_in", j, rms_norm(x) * blk.ln_factor)
-        return mlp_forward(n, w["mlp_up_bank"][j].to(x.dtype), w["mlp_down_bank"][j].to(x.dtype), self.fused_mlp, tap)
+        up, down = w["mlp_up_bank"][j].to(x.dtype), w["mlp_down_bank"][j].to(x.dtype)
+        return self._lora("mlp", vi, n, mlp_forward(n, up, down, self.fused_mlp, tap))
+
+    def _lora(self, site: str, vi: int, n: Tensor, y: Tensor) -> Tensor:
+        return y if self.lora is None else y + self.lora(site, vi, n).to(y.dtype)
 
     def _tap(self, site: str, i: int, x: Tensor) -> Tensor:
         if self.tap is not None:
@@ -1398,13 +1397,12 @@ class GPT(nn.Module):
         return x
 
     def _attn(self, i: int, blk: Block, x: Tensor, w: dict, ctx: tuple) -> Tensor:
-        """Attention of physical layer i on its normalized input x: q/k norm, partial RoPE, q gain, XSA, head gate."""
-        (ve, cos, sin, docs), (B, T, _) = ctx, x.shape
+        (ve, cos, sin, docs, vi), (B, T, _) = ctx, x.shape
         L, H, KV, hd = self.L, self.H, self.KV, self.hd
         x = self._tap("attn_in", i, x)
-        q = F.linear(x, w["qo_bank"][i].to(x.dtype)).view(B, T, H, hd)
-        k = F.linear(x, w["kv_bank"][i].to(x.dtype)).view(B, T, KV, hd)
-        v = F.linear(x, w["kv_bank"][L + i].to(x.dtype))
+        q = self._lora("q", vi, x, F.linear(x, w["qo_bank"][i].to(x.dtype))).view(B, T, H, hd)
+        k = self._lora("k", vi, x, F.linear(x, w["kv_bank"][i].to(x.dtype))).view(B, T, KV, hd)
+        v = self._lora("v", vi, x, F.linear(x, w["kv_bank"][L + i].to(x.dtype)))
         if ve is not None and i in self.ve_layers:
             v = v + ve.to(x.dtype) * self.ve_layer_scales[self.ve_layers[i]].to(x.dtype)
         v = v.view(B, T, KV, hd)
@@ -1418,7 +1416,8 @@ class GPT(nn.Module):
         if blk.attn_gate is not None:  # each head scaled by sigmoid(scale * W_g x[:gate_dims])
             g = torch.sigmoid(self.attn_gate_scale * F.linear(x[..., :self.gate_dims], blk.attn_gate.to(x.dtype)))
             y = y * g.unsqueeze(-1)
-        return F.linear(self._tap("attn_out", i, y.reshape(B, T, H * hd)), w["qo_bank"][L + i].to(x.dtype))
+        out = F.linear(self._tap("attn_out", i, y.reshape(B, T, H * hd)), w["qo_bank"][L + i].to(x.dtype))
+        return self._lora("o", vi, x, out)  # the O adapter reads the block's normalized input, as #1855's
 
 
 build_model = GPT  # the name the rest of the script, the tests and the tools build the model by
@@ -1432,8 +1431,7 @@ build_model = GPT  # the name the rest of the script, the tests and the tools bu
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
                                 coeffs: tuple = NS_COEFFS["quintic"]) -> Tensor:
-    """Newton-Schulz orthogonalization X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = coeffs[k].
-    bf16 on CUDA; fp32 on CPU, where bf16 matmuls round differently by CPU type."""
+    """Newton-Schulz orthogonalization (coeffs per iteration); bf16 on CUDA, fp32 on CPU."""
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     X = X.mT if transposed else X
@@ -1450,8 +1448,7 @@ def unit_rows(U: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 class Optimizers:
-    """Muon on the banks (Nesterov, MuonEq-R, scaled, decoupled WD; each rank owns ceil(slots/world) slots),
-    AdamW on the rest; one LR multiplier. overlap=False waits on each collective (bit-identical)."""
+    """Muon on the banks (each rank owns ceil(slots/world) slots), AdamW on the rest; one LR multiplier."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
         self.h, self.rt, self.overlap, self.muon_lr, self.momentum = h, rt, overlap, h.matrix_lr, 0.0
@@ -1623,7 +1620,6 @@ def _sdclip_entry(name: str, t: Tensor, H: Tensor | None, damp: float, block_siz
 
 
 def dequantize(q: dict) -> dict[str, Tensor]:
-    """The model's tensors; each LQER pair adds its low-rank product A B to its matrix."""
     out = {name: a.to(getattr(torch, b)) if kind == "fp16" else a.float() * b.float().unsqueeze(-1)
            for name, (kind, a, b) in q.items() if kind not in LQER_KINDS}
     for name, (kind, a, b) in q.items():
@@ -1637,8 +1633,7 @@ def dequantize(q: dict) -> dict[str, Tensor]:
 
 
 def lqer_correct(q: dict, weights: dict[str, Tensor], top_k: int, rank: int = LQER_RANK) -> dict:
-    """LQER: the top_k worst-quantized matrices get a rank-`rank` A B ~ W - W_hat (A int2, B int4 in groups of
-    LQER_GROUP); dequantize applies them."""
+    """LQER: the top_k worst-quantized matrices get a low-rank A B ~ W - W_hat (A int2, B int4 in groups)."""
     deq, errs, out = dequantize(q), [], dict(q)
     for name in [n for n in q if n in BANK_NAMES or n == "tok_emb.weight"]:
         E = weights[name].detach().float().cpu() - deq[name]
@@ -1860,7 +1855,6 @@ def _codec(name: str):
 
 
 def compress_payload(raw: bytes, choice: str) -> tuple[bytes, str, dict]:
-    """Every requested codec x shuffle option in threads, smallest kept: (artifact, option, {option: bytes})."""
     codec, _, shuffle = choice.partition("+")
     if codec != "auto" and _codec(codec) is None:
         raise ValueError(f"COMPRESSOR={choice}: module for {codec} is not installed")
@@ -1956,7 +1950,6 @@ def unpack_source(packed: bytes) -> bytes:
 
 
 def pack_source(src: bytes, search: bool = True) -> bytes:
-    """The shipped file: one exec line of base85 LZMA-alone, the shortest over lc x pb (tools/pack.py)."""
     dict_size = 1 << max(12, (len(src) - 1).bit_length())
     filters = [dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=lc, lp=0, pb=pb, dict_size=dict_size)
                for lc, pb in ([(lc, pb) for lc in range(5) for pb in range(3)] if search else [(3, 0)])]
@@ -1989,8 +1982,7 @@ def _int6_names(q: dict) -> list[str]:
 
 
 def prune_order(q: dict, limit: int, hessian_diag: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """(tensor index, flat index) of up to `limit` int6 values in pruning order: |q| = 1, 2, ...; within a level
-    by the error added, (|q| s_row)^2 x hessian_diag[..., col] if given; ties: position."""
+    """(tensor index, flat index) of up to `limit` int6 values: |q| = 1, 2, ...; in a level by error added."""
     names, costs, empty = _int6_names(q), [], torch.zeros(0, dtype=torch.int64)
     for n in names:
         codes, s = q[n][1], q[n][2].float()
@@ -2053,8 +2045,7 @@ def int6_rel_error(q: dict, weights: dict[str, Tensor]) -> float:
 
 def fit_to_budget(q: dict, weights: dict[str, Tensor], choice: str, budget: int, max_fraction: float,
                   hessian_diag: dict[str, Tensor] | None = None) -> tuple[bytes, str, dict, dict]:
-    """Compress q; over `budget`, zero int6 values in prune_order, the count found by <= FIT_PROBES real
-    compressions guided by the size proxy. -> (blob, codec, unpruned sizes, stats); raises if none fits."""
+    """Compress q; over `budget`, zero int6 values in prune_order, <= FIT_PROBES compressions to find how many."""
     t0, raw = time.perf_counter(), serialize(q)
     blob, codec, sizes = compress_payload(raw, choice)
     n_values, e0, before = sum(q[n][1].numel() for n in _int6_names(q)), int6_rel_error(q, weights), len(blob)
@@ -2109,7 +2100,6 @@ def export_payload(h: Hyperparameters, model: GPT) -> tuple[dict, dict, dict]:
 
 
 def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> tuple[int, str]:
-    """Rank 0 quantizes, fits the model budget and writes atomically; a model that cannot fit fails every rank first."""
     err = None
     if rt.is_main:
         code = shipped_code_bytes(Path(__file__))
@@ -2142,8 +2132,7 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
 
 
 def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
-    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi); the first window
-    scores all its positions, later ones their last `stride`: each target once."""
+    """(start, lo, hi) per window: the first scores all its positions, the rest their last `stride`."""
     starts = [ws for ws in range(0, n_targets, stride) if ws == 0 or ws + window - stride < n_targets]
     return np.array([(ws, ws if ws == 0 else ws + window - stride, min(ws + window, n_targets)) for ws in starts],
                     dtype=np.int64).reshape(-1, 3)
@@ -2602,7 +2591,10 @@ class Experts:
 class FixedScorer:
     """A scorer whose model never changes: plain and sliding evaluation, or the pass with TTT off."""
     current: object  # the model that scores the next chunk
-    epochs = 0
+    epochs = max_epochs = 0
+
+    def begin(self, span) -> None:  # the span about to be scored
+        pass
 
     def update(self, scored: ScoredChunk) -> None:
         pass
@@ -2628,7 +2620,8 @@ class TestTimeTrainer(FixedScorer):
         for p in self.params:  # a rank with no sequences in a chunk still joins the all-reduce with zeros
             p.grad = torch.zeros_like(p)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-        self.epochs, self.n_updates = h.ttt_epochs, 0  # the eval budget guard may lower epochs for the chunks left
+        self.epochs = self.max_epochs = h.ttt_epochs  # the eval budget guard may lower epochs for the chunks left
+        self.n_updates = 0
         self.avg = copy.deepcopy(model).requires_grad_(False) if h.ttt_polyak_decay > 0 else None
         self.current = fwd if self.avg is None else compile_fn(self.avg)
 
@@ -2677,6 +2670,96 @@ class TestTimeTrainer(FixedScorer):
         return (1 - decay) / (1 - decay ** t) if bias_correct else 1 - decay
 
 
+class DocLoRA(nn.Module):
+    """Per-document adapters (#1855): on Q, K, V, O and the MLP of every virtual layer and on the head, row b of the
+    batch adds (n A_b^T) B_b^T alpha / r to the output, A_b [r, in] ~ U(+-1/sqrt(in)) and B_b [out, r] = 0."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, device, seed: int):
+        super().__init__()
+        d, kv, rows, r, g = h.model_dim, model.KV * model.hd, h.ttt_doc_batch, h.lora_rank, torch.Generator()
+        outs = dict(q=d, k=kv, v=kv, o=d, mlp=d)
+        keys = [(site, i) for i in range(len(model.orders[True])) for site in outs] + [("head", 0)]
+        self.slot, g = {k: n for n, k in enumerate(keys)}, g.manual_seed(seed)
+        self.A = nn.ParameterList(torch.empty(rows, r, d).uniform_(-d ** -0.5, d ** -0.5, generator=g).to(device)
+                                  for _ in keys)
+        self.B = nn.ParameterList(torch.zeros(rows, outs.get(k[0], h.vocab_size), r, device=device) for k in keys)
+        self.scale, self.rows = h.lora_alpha / r, None  # rows: each batch row's document slot, set per call
+
+    def forward(self, site: str, vi: int, n: Tensor) -> Tensor:
+        k = self.slot[site, vi]
+        return (n @ self.A[k][self.rows].mT.to(n.dtype)) @ self.B[k][self.rows].mT.to(n.dtype) * self.scale
+
+
+class LoRATrainer(FixedScorer):
+    """Score-first per-document LoRA TTT on the docs plan (#1855): after a chunk is scored, one AdamW step on it for
+    each document whose last chunk it is not; the loss sums each document's mean NLL, so rows never mix. A new batch
+    zeroes B and the AdamW state; A carries over. Phases (#1626): when TTT_PHASES[k] documents are finished (all
+    ranks), all base weights train one epoch of TestTimeTrainer's SGD on the first that many (in finishing order),
+    inside the budget guard; then fresh adapters."""
+
+    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, budget: EvalBudget | None = None):
+        self.h, self.rt, self.model, self.val, self.budget = h, rt, model, val, budget
+        self.docs, self.done, self.epochs, self.max_epochs, self.current = find_docs(val), [], 1, 1, self
+        for b in [b for b in h.ttt_phase_list if b > len(self.docs)]:
+            log0(f"ttt_phase docs:{b} skipped: the validation set has {len(self.docs)} documents")
+        self.phases = [b for b in h.ttt_phase_list if b <= len(self.docs)]
+        model.requires_grad_(False)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self.model.lora = self.lora = DocLoRA(self.h, self.model, self.rt.device, self.h.seed + len(self.done))
+        self.batch = None
+
+    def begin(self, span: ChunkSpan) -> None:
+        self.rows, self.cursor = torch.as_tensor(span.slots, device=self.rt.device), 0
+        if span.batch != self.batch:  # a new batch of documents
+            self.batch = span.batch
+            torch._foreach_zero_([b.data for b in self.lora.B])
+            self.opt = torch.optim.AdamW(self.lora.parameters(), lr=self.h.lora_lr, betas=(0.0, 0.99), eps=1e-10,
+                                         weight_decay=self.h.lora_wd)
+
+    def __call__(self, x: Tensor) -> Tensor:  # run_pass scores the span's windows in order, in padded batches
+        rows = self.rows[self.cursor:self.cursor + x.size(0)]
+        self.cursor += x.size(0)
+        self.lora.rows = F.pad(rows, (0, x.size(0) - rows.numel()))
+        return self.model(x)
+
+    def update(self, scored: ScoredChunk) -> None:
+        span, dev = scored.span, self.rt.device
+        keep = torch.from_numpy(~np.isin(span.mine[:, 2], self.docs[:, 1]))  # never a document's last chunk
+        if self.epochs > 0 and keep.any():
+            self.begin(span)
+            logits, pos = score_windows(self, self.val, span.mine, span.width or self.h.eval_seq_len, dev)
+            n = torch.from_numpy(span.mine[:, 2] - span.mine[:, 1])
+            nll = F.cross_entropy(logits.float(), self.val[pos.cpu() + 1].to(dev).long(), reduction="none")
+            self.opt.zero_grad(set_to_none=True)
+            (nll * (keep / n).repeat_interleave(n).to(dev)).sum().backward()
+            self.opt.step()
+        self.done += span.done.tolist()
+        while self.phases and len(self.done) >= self.phases[0]:
+            self._phase(self.phases.pop(0))
+
+    def _phase(self, n_docs: int) -> None:
+        h, T = self.h, self.h.eval_seq_len
+        s, e = self.docs[self.done[:n_docs]].T
+        toks = torch.cat([self.val[a:b] for a, b in zip(s, e)] + [self.val[e[-1]:e[-1] + 1]])
+        step = max(h.ttt_chunk_tokens // T, 1) * T
+        segs = [toks[i:i + step + 1] for i in range(0, toks.numel() - 1, step)]
+        sgd_h = replace(h, ttt_lr=h.ttt_phase_lr, ttt_momentum=0.9, ttt_epochs=1, ttt_freeze_blocks=0,
+                        ttt_proj_lr_mult=1.0, ttt_fc_lr_mult=1.0, ttt_polyak_decay=0.0)
+
+        def sgd() -> None:
+            self.model.lora = None
+            sgd = TestTimeTrainer(sgd_h, self.rt, self.model.requires_grad_(True), self.model, None)
+            for c, seg in enumerate(segs):
+                sgd.update(ScoredChunk(c, len(segs), 0, seg.numel() - 1, seg, seg, None))
+            self.model.requires_grad_(False).zero_grad(set_to_none=True)
+
+        log0(f"ttt_phase docs:{n_docs} tokens:{toks.numel()} steps:{len(segs) - 1}")
+        sgd() if self.budget is None else self.budget.phase(n_docs, toks.numel() / T, sgd)
+        self._fresh()
+
+
 @dataclass(frozen=True)
 class EvalContext:  # what every pass reads
     h: Hyperparameters
@@ -2706,6 +2789,7 @@ class ChunkSpan:
     width: int = 0  # the scoring batch's width (0: EVAL_SEQ_LEN)
     batch: int = -1  # docs plan: this rank's document batch (a per-document scorer resets its state on a new one)
     slots: np.ndarray | None = None  # docs plan: each of mine's document, as its index in the batch
+    done: np.ndarray | None = None  # docs plan: the documents (find_docs rows) whose last chunk it scores, all ranks
 
 
 @dataclass
@@ -2728,7 +2812,7 @@ class EvalBudget:
     def __init__(self, h: Hyperparameters, rt: Runtime, start: float, clock=time.perf_counter):
         self.h, self.rt, self.start, self.clock = h, rt, start, clock
         self.deadline = h.eval_budget_seconds - h.eval_margin_seconds  # seconds after start
-        self.epoch_s, self.score_s, self.score_windows, self.error = None, 0.0, 0, ""
+        self.epoch_s, self.score_s, self.score_windows, self.error, self.phase_s = None, 0.0, 0, "", None
         self.changes = []  # (chunk, epochs before, epochs after): what the log shows
 
     def _now(self) -> float:
@@ -2749,6 +2833,7 @@ class EvalBudget:
         elapsed, score_s, epoch_s = slowest_rank([now - self.start, now - self._mark, self.epoch_s or 0.0],
                                                     self.rt.device, torch.float64)
         self._t_update, left, todo = now, self.deadline - elapsed, n - 1 - c  # todo: chunks to score = updates to run
+        self.left, self.todo_s = left, todo * score_s  # for phase(): agreed by all ranks
         if c == 0 or todo == 0:
             return
         if todo * score_s > left and not self.error:
@@ -2756,12 +2841,26 @@ class EvalBudget:
                           f"{todo * score_s:.1f}s more after chunk {c}/{n}, {left:.1f}s left before "
                           f"EVAL_BUDGET_SECONDS-EVAL_MARGIN_SECONDS: the submission would be invalid")
             log0(self.error)
-        fits = [k for k in range(self.h.ttt_epochs + 1) if todo * (score_s + k * epoch_s) <= left]
+        top = getattr(scorer, "max_epochs", self.h.ttt_epochs)
+        fits = [k for k in range(top + 1) if todo * (score_s + k * epoch_s) <= left]
         old, e = scorer.epochs, max(fits, default=0) if epoch_s > 0 else scorer.epochs  # > 0: an epoch was timed
         if e != old:
             log0(f"budget chunk:{c} epochs:{old}->{e} projected:{todo * (score_s + e * epoch_s):.1f}s left:{left:.1f}s")
             scorer.epochs = e
             self.changes.append((c, old, e))
+
+    def phase(self, n_docs: int, n_seqs: float, fn) -> None:
+        """Run phase fn (n_seqs sequences) if it fits beside the scoring left; cost: last phase's rate or 3x scoring."""
+        rate = self.phase_s or 3 * self.score_s / max(self.score_windows, 1)
+        need, left = n_seqs * slowest_rank([rate], self.rt.device, torch.float64)[0], self.left - self.todo_s
+        if need > left:
+            log0(f"budget phase docs:{n_docs} skipped projected:{need:.1f}s left:{left:.1f}s (after scoring)")
+            return
+        t0 = self._now()
+        fn()
+        dt = slowest_rank([self._now() - t0], self.rt.device, torch.float64)[0]
+        self.phase_s, self._t_update = dt / max(n_seqs, 1), self._t_update + dt
+        log0(f"budget phase docs:{n_docs} ran:{dt:.1f}s projected:{need:.1f}s left:{left:.1f}s")
 
     def end_pass(self, label: str) -> None:
         elapsed = slowest_rank([self._now() - self.start], self.rt.device, torch.float64)[0]
@@ -2814,12 +2913,13 @@ def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
             hi = np.minimum(lo + C, e[docs[slots]])
             wins = np.stack((np.maximum(s[docs[slots]], hi - T), lo, hi), 1)
             width = next(w for w in (T >> 3, T >> 2, T >> 1, T) if w >= (wins[:, 2] - wins[:, 0]).max())  # 4 shapes
-            steps[rank].append((b, wins, slots, width))
+            steps[rank].append((b, wins, slots, width, docs[slots][hi == e[docs[slots]]]))
             work[rank] += len(wins) * width
-    n, none = max(map(len, steps)), (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0)
+    n, none = max(map(len, steps)), (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0, None)
     own = steps[ctx.rt.rank] + [none] * (n - len(steps[ctx.rt.rank]))  # a rank past its last step scores nothing
-    return [ChunkSpan(i, n, np.concatenate([st[i][1] for st in steps if i < len(st)]), mine, width, b, slots)
-            for i, (b, mine, slots, width) in enumerate(own)]
+    every = lambda i, k: np.concatenate([st[i][k] for st in steps if i < len(st)])  # noqa: E731
+    return [ChunkSpan(i, n, every(i, 1), mine, width, b, slots, every(i, 4))
+            for i, (b, mine, slots, width, _) in enumerate(own)]
 
 
 def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
@@ -2842,6 +2942,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
         if experts.bias is not None and plan == "stream":  # the docs plan's bias keeps per-document states
             first = int(mine[0, 1]) if len(mine) else lo
             experts.bias.begin_chunk(val[lo + 1:first + 1].to(rt.device) if first > lo else None)
+        scorer.begin(span)
         model, targets, expert_nll = scorer.current, [], torch.zeros_like(tally.experts)
         with torch.inference_mode():
             for i in range(0, len(mine), h.eval_batch_seqs):
@@ -2941,7 +3042,6 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
 
 @torch.no_grad()
 def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tensor]:
-    """{bank: (slots, C, C)} H = mean x^T x over `batches` batches, all ranks, the model looped (+ embedding)."""
     inputs = {**BANK_INPUTS, **(HEAD_INPUT if h.quant_scheme == "sdclip" else {})}
     sizes = {site: model.tok_emb.weight.size(-1) if site == "head_in" else getattr(model, bank).size(-1)
              for bank, sites in inputs.items() for site in sites}
@@ -3087,8 +3187,7 @@ def log_header(h: Hyperparameters, rt: Runtime) -> None:
 
 
 def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=None, budget: EvalBudget | None = None):
-    """The declared score, one pass: the plan, n-gram experts, bias, tilt, Hedge and the TTT scorer (full-weight
-    or per-document LoRA with phases) inside the budget guard. Returns (result, experts, scorer)."""
+    """The declared score, one pass (plan, experts, TTT scorer) inside the budget guard -> (result, experts, scorer)."""
     h, rt, cands = ctx.h, ctx.rt, None
     if h.ngram_enabled:
         t0 = time.perf_counter()
@@ -3107,9 +3206,12 @@ def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=Non
     n_pool = Experts.pool_size(bias is not None, len(h.ngram_beta_list) if cands is not None else 0, h.tilt_enabled)
     hedge = HedgeMixer(n_pool, h.hedge_eta, rt.device) if h.hedge_enabled else None
     experts = Experts(h, bias, cands, hedge, hints)
-    scorer = TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)) if h.ttt_enabled else FixedScorer(fwd)
+    budget = budget or EvalBudget(h, rt, t_eval)
+    scorer = (FixedScorer(fwd) if not h.ttt_enabled else LoRATrainer(h, rt, model, ctx.val, budget)
+              if h.ttt_mode == "lora" else TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)))
     r = run_pass(ctx, scorer, h.eval_stride, experts, h.ttt_chunk_tokens, recorder=recorder, label="pass",
-                 budget=budget or EvalBudget(h, rt, t_eval), plan=h.eval_plan)
+                 budget=budget, plan=h.eval_plan)
+    model.lora = None  # the diagnostics after the pass score the artifact's own weights
     if hedge is not None:
         log0("hedge final_weights:" + ",".join(f"{w:.4f}" for w in hedge.log_w.exp().tolist()))
     return r, experts, scorer
