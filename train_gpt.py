@@ -57,16 +57,14 @@ except ImportError:
 
 SHARD_GLOB = "fineweb_{split}_[0-9]*.bin"  # the challenge's shard names (fineweb_val_000000.bin; not the byte sidecar)
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
-# Attention kernels (section 2). SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads). Flash
-# takes grouped KV heads; the efficient kernel (older builds) and cuDNN's (no head-count check) get K/V expanded.
+# SDPA pinned to one CUDA backend: (SDPBackend member, expand K/V to all heads: needed by efficient and cuDNN).
 SDPA_BACKENDS = {"sdpa_cudnn": ("CUDNN_ATTENTION", True), "sdpa_flash": ("FLASH_ATTENTION", False),
                  "sdpa_efficient": ("EFFICIENT_ATTENTION", True)}
 FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # FlashAttention 3 / 2
 ATTN_BACKENDS = (*FLASH_MODULES, "sdpa", *SDPA_BACKENDS)  # every ATTN_BACKEND but "auto"
 # The fused Triton training kernels (section 2) each FUSED_KERNELS value turns on; "auto" resolves to one of them.
 FUSED_CHOICES = {"0": (), "1": ("mlp", "ce"), "mlp": ("mlp",), "ce": ("ce",)}
-# Muon's Newton-Schulz coefficients (a, b, c) per iteration (section 6): the seed's one quintic tuple, or Polar
-# Express's five tuples (iterations past the fifth reuse the last).
+# Muon's Newton-Schulz (a, b, c) per iteration: the seed's quintic, or Polar Express's five (the last repeats).
 NS_COEFFS = {"quintic": ((3.4445, -4.7750, 2.0315),),
              "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                                (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -80,9 +78,7 @@ _ALIASES = {"MAX_STEPS": "ITERATIONS", "NUM_ITERATIONS": "ITERATIONS", "STEPS": 
 
 
 def _looks_like_a_knob(name: str, knobs: list[str]) -> bool:
-    """A non-field that reads like one, so a typo never trains the default silently: a close match (VOCAB_SIZ); a
-    field's own prefix, except ones other tools share (TTT_EPOCH); only our fields' words (SEQ_LEN, MAX_STEPS), or one
-    word starting a field (VOCAB). The machine's variables (PATH, RANK, CUDA_*, NCCL_*, ...) share no such form."""
+    """A non-field that reads like one (a close match, a field's prefix, only our fields' words): a typo fails."""
     words, parts = {w for k in knobs for w in k.split("_")}, name.split("_")
     if name in _ALIASES or difflib.get_close_matches(name, knobs, n=1, cutoff=0.9):
         return True
@@ -152,7 +148,6 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    # Run
     preset: str = ""
     data_path: str = "./data/datasets/fineweb10B_sp8192_caseops"
     tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
@@ -173,7 +168,6 @@ class Hyperparameters:
     attn_backend: str = "auto"  # auto: the fastest correct kernel, measured at start-up on CUDA; CPU: sdpa
     author: str = ""
     github_id: str = ""
-    # Model
     vocab_size: int = 8192
     num_layers: int = 11
     model_dim: int = 512
@@ -204,7 +198,6 @@ class Hyperparameters:
     parallel_start_layer: int = 8  # two-lane parallel decoder from this physical layer; 0: off
     doc_mask: bool = True  # attention never crosses a BOS (training, scoring and TTT alike)
     fused_kernels: str = "auto"  # auto: Triton MLP / CE where faster on CUDA (start-up); 0: eager; 1: both; mlp | ce
-    # Optimizer
     matrix_lr: float = 0.026
     scalar_lr: float = 0.02
     tied_embed_lr: float = 0.03
@@ -223,10 +216,8 @@ class Hyperparameters:
     grad_clip_norm: float = 0.3
     ema_decay: float = 0.9965  # 0 disables EMA
     ema_min_steps: int = 1000  # EMA starts from the init weights: skip it on shorter runs
-    # Int6 QAT
     qat_enabled: bool = False  # fake-quant from step 0
     late_qat_threshold: float = 0.0  # > 0: turn fake-quant on once the LR multiplier drops below this (the seed: 0.15)
-    # Full-Hessian GPTQ (calibrated on training batches inside the training budget)
     gptq_enabled: bool = True
     gptq_calib_batches: int = 16
     gptq_reserve_seconds: float = -1.0  # training stops this early for the collection; < 0: measured default
@@ -235,11 +226,9 @@ class Hyperparameters:
     quant_scheme: str = "sdclip"  # sdclip: row scale k std(row)/R by group (QUANT_GROUPS); percentile: the seed's
     lqer_top_k: int = 3  # LQER: a rank-LQER_RANK correction of this many worst-quantized matrices; 0: off
     mlp_sort: bool = True  # order each layer's MLP hidden units by similarity at export (absorbed: nothing stored)
-    # Artifact
     compressor: str = "auto"  # auto (smallest of all) | lzma | zstd | brotli, each optionally "+shuffle" | pergroup
     artifact_margin_bytes: int = 0  # the code count is exact, so no margin is needed
     fit_max_prune_fraction: float = 0.05  # fitting may zero at most this fraction of the int6 values
-    # Evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_seqs: int = 32
@@ -279,9 +268,15 @@ class Hyperparameters:
     eval_plan: str = "stream"  # stream: sliding windows across documents; docs: each document alone, in TTT_CHUNKs
     ttt_chunk: int = 48  # docs plan: targets per chunk; each window is the last <= EVAL_SEQ_LEN tokens of its document
     ttt_doc_batch: int = 64  # docs plan: documents scored side by side (sorted by length, longest batches first)
+    ttt_mode: str = "full"  # full: chunk SGD of all weights (stream plan); lora: per-document LoRA (docs plan, #1855)
+    lora_rank: int = 80  # adapters on Q, K, V, O, MLP of every virtual layer and the head; scale LORA_ALPHA / rank
+    lora_alpha: float = 144.0
+    lora_lr: float = 1e-4  # AdamW, betas (0, 0.99), eps 1e-10; a new batch resets B and the state, A carries over
+    lora_wd: float = 0.5
+    ttt_phases: str = "833,1666,2500"  # lora: global SGD of all weights on the first N finished documents; "": none
+    ttt_phase_lr: float = 1e-3  # one epoch, cosine, momentum 0.9, clip TTT_GRAD_CLIP
 
     def __post_init__(self):
-        """Every knob checked with its value named, so a bad one fails here, not after training."""
         for name, ok, rule in self._rules():
             if not ok:
                 raise ValueError(f"{name.upper()}={getattr(self, name)} must be {rule}")
@@ -294,7 +289,7 @@ class Hyperparameters:
                        + ("pergroup",), quant_scheme=("sdclip", "percentile"),
                        preset=("",) + tuple(PRESETS), smear_gate=("off", "fixed", "gated"),
                        muon_ns=tuple(NS_COEFFS), fused_kernels=("auto", *FUSED_CHOICES),
-                       eval_plan=("stream", "docs"))
+                       eval_plan=("stream", "docs"), ttt_mode=("full", "lora"))
         yield from ((f.name, math.isfinite(v), "a finite number") for f in fields(self)
                     if isinstance(v := getattr(self, f.name), float))
         yield from ((n, get(n) >= 1, ">= 1") for n in (
@@ -307,12 +302,14 @@ class Hyperparameters:
             "tied_embed_init_std", "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_momentum_warmup_steps", "muon_wd",
             "embed_wd", "scalar_wd", "rope_ntk_len", "num_loops", "grad_clip_norm", "ema_min_steps", "gptq_damp",
             "artifact_margin_bytes", "lqer_top_k", "eval_margin_seconds",
-            "val_max_tokens", "ttt_epochs", "ttt_lr", "ttt_proj_lr_mult", "ttt_fc_lr_mult", "bias_lr", "hedge_eta"))
+            "val_max_tokens", "ttt_epochs", "ttt_lr", "ttt_proj_lr_mult", "ttt_fc_lr_mult", "bias_lr", "hedge_eta",
+            "lora_lr", "lora_wd", "ttt_phase_lr"))
         yield from ((n, 0 <= get(n) < 1, "in [0, 1)") for n in (
             "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_momentum",
             "ttt_polyak_decay", "warmdown_frac"))
         yield from ((n, get(n) > 0, "> 0") for n in (
-            "mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip", "eval_budget_seconds"))
+            "mlp_mult", "rope_base", "logit_softcap", "adam_eps", "ttt_grad_clip", "eval_budget_seconds",
+            "lora_alpha"))
         yield from ((n, 0 <= get(n) <= 1, "in [0, 1]") for n in (
             "late_qat_threshold", "fit_max_prune_fraction", "min_lr", "loop_activate_frac"))
         yield from ((n, get(n) in c, f"one of {', '.join(map(repr, c))}") for n, c in choices.items())
@@ -337,8 +334,12 @@ class Hyperparameters:
         yield "tilt_beta", 0 < self.tilt_beta <= 20, "in (0, 20]"
         yield ("ttt_chunk", 1 <= self.ttt_chunk and (self.eval_plan != "docs" or self.ttt_chunk <= self.eval_seq_len),
                f">= 1 and, with EVAL_PLAN=docs, <= EVAL_SEQ_LEN={self.eval_seq_len} (a window holds its whole chunk)")
-        yield ("eval_plan", self.eval_plan == "stream" or not self.ttt_enabled,
-               "stream while TTT_ENABLED=1 (the docs plan's per-document LoRA scorer is not in yet)")
+        yield ("ttt_mode", not self.ttt_enabled or (self.ttt_mode == "lora") == (self.eval_plan == "docs"),
+               "lora exactly when EVAL_PLAN=docs (full-weight TTT trains on stream chunks, LoRA per document)")
+        yield ("lora_rank", 1 <= self.lora_rank and (self.ttt_mode != "lora" or self.lora_rank <= self.model_dim),
+               f">= 1 and, with TTT_MODE=lora, <= MODEL_DIM={self.model_dim}")
+        yield "ttt_phases", list(ph := self.ttt_phase_list) == sorted(set(ph)) and min(ph, default=1) >= 1, \
+            "increasing document counts >= 1 (comma-separated)"
         yield ("eval_plan", self.eval_plan == "stream" or not (self.hedge_enabled and (self.ngram_enabled or
                                                                                       self.tilt_enabled)),
                "stream while HEDGE_ENABLED=1 with NGRAM_ENABLED or TILT_ENABLED: docs run longest first, so Hedge's "
@@ -356,10 +357,10 @@ class Hyperparameters:
     val_files = property(lambda self: os.path.join(self.data_path, SHARD_GLOB.format(split="val")))
     ve_layer_list = property(lambda self: _parse_list(self.ve_layers, int, "VE_LAYERS"))
     ngram_beta_list = property(lambda self: _parse_list(self.ngram_betas, float, "NGRAM_BETAS"))
+    ttt_phase_list = property(lambda self: _parse_list(self.ttt_phases, int, "TTT_PHASES"))
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
-        """Read every field from its upper-cased env var; PRESET picks named defaults first."""
         env = os.environ if env is None else env
         by_env = {f.name.upper(): f for f in fields(cls)}
         name = min((k for k in env if k not in by_env and _looks_like_a_knob(k, list(by_env))), default=None)
@@ -390,7 +391,6 @@ class Runtime:
 
 
 def init_runtime() -> Runtime:
-    """Plain python3 (1 process) or torchrun; NCCL on CUDA, gloo on CPU. World size must divide 8."""
     rank, local_rank, world = (_parse_value(k, d, os.environ.get(k, str(d)))
                                for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     if world < 1 or 8 % world != 0:
@@ -410,8 +410,7 @@ _LOG = {"path": None, "main": True}
 
 
 def init_logging(path: Path | None, is_main: bool) -> None:
-    """Point log0 at a new run log. Rank 0 creates it exclusively: a reused RUN_ID would append a second run
-    to the old log (two hparams lines, two final scores), so it is an error naming that log."""
+    """Point log0 at a new run log, created exclusively by rank 0 (a reused RUN_ID is an error)."""
     if path is not None and is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -423,7 +422,6 @@ def init_logging(path: Path | None, is_main: bool) -> None:
 
 
 def log_failure(exc: BaseException, rank: int) -> None:
-    """An uncaught error ends the run log (traceback tail + one FAILED line), so the record says why."""
     import traceback
     path = _LOG["path"]
     if path is None or not path.exists():
@@ -435,7 +433,6 @@ def log_failure(exc: BaseException, rank: int) -> None:
 
 
 def log0(msg: str, console: bool = True) -> None:
-    """Rank-0 logging: console and logs/<run_id>.txt."""
     if not _LOG["main"]:
         return
     if console:
@@ -481,8 +478,7 @@ ATTN_TOLERANCE = 3e-2  # max |bf16 kernel - fp32 reference| on unit-scale inputs
 
 
 def attention_candidates(device: torch.device, doc_mask: bool = False) -> list[str]:
-    """The kernels that run here, in fallback order: FA3 (Hopper only), FA2 (where importable), SDPA, pinned SDPA.
-    With doc_mask a FlashAttention module must also have its varlen entry point."""
+    """The kernels that run here, in fallback order (doc_mask: FlashAttention needs its varlen entry)."""
     if device.type != "cuda":
         return ["sdpa"]
     found, hopper = [], torch.cuda.get_device_capability(device)[0] == 9
@@ -500,11 +496,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor
 
 
 def doc_layout(backend: str, starts: Tensor):
-    """What `attention_kernel(backend)` needs to keep attention inside documents, once per forward from starts (B, T)
-    bool (True where a document begins; each row also begins one); shapes depend on (B, T) only. SDPA: a block-
-    diagonal causal mask (B, 1, T, T). FlashAttention varlen: the rows as one stream of segments, cu_seqlens (int32,
-    n + 1 entries, unused ones B*T) and max_seqlen T; n = B + a document every 64 tokens + 256 (a static shape: any
-    further starts are dropped, their documents joining the one before; never across a row)."""
+    """What attention_kernel(backend) needs to keep attention inside documents (starts: (B, T) bool)."""
     B, T = starts.shape
     if backend not in FLASH_MODULES:
         seg = torch.cat((torch.zeros_like(starts[:, :1]), starts[:, 1:]), 1).cumsum(1)
@@ -533,8 +525,7 @@ def sdpa_pinned(kernel: str, expand: bool):
 
 
 def attention_kernel(backend: str):
-    """Causal attention fn(q, k, v, docs=None): q (B, T, H, D); k, v (B, T, KV, D), consecutive query heads sharing
-    a KV head; docs = doc_layout(backend, starts) keeps it inside documents. An unresolved "auto" means SDPA."""
+    """Causal attention fn(q, k, v, docs=None): q (B, T, H, D); k, v (B, T, KV, D). "auto" means SDPA."""
     if backend in ("auto", "sdpa"):
         return _sdpa
     if backend in SDPA_BACKENDS:
@@ -556,7 +547,6 @@ def attention_kernel(backend: str):
 
 
 def time_ms(step, device, reps: int) -> float:
-    """ms per call of step() over reps calls; the caller has run it once (compile, autotune, warm caches)."""
     sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -573,8 +563,7 @@ def slowest_rank(times: list, device, dtype=torch.float32) -> list[float]:
 
 def measure_attention(cands: list[str], shape, device, compile_check: bool = False, reps: int = 3,
                       doc_mask: bool = False) -> dict:
-    """{backend: ms of a bf16 fwd + bwd at shape (B, T, H, KV, D), or why it is out: raised, missed the fp32 reference
-    by > ATTN_TOLERANCE, or failed to trace (compile_check)}. doc_mask: ~4 documents a row, the masked forms."""
+    """{backend: ms of a bf16 fwd + bwd at shape (B, T, H, KV, D), or why it is out}."""
     B, T, H, KV, D = shape
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, n, D, device=device, generator=g).bfloat16().requires_grad_() for n in (H, KV, KV))
@@ -607,8 +596,7 @@ def measure_attention(cands: list[str], shape, device, compile_check: bool = Fal
 
 def resolve_attention(requested: str, device: torch.device, shape=None, notes: list | None = None,
                       compile_check: bool = False, doc_mask: bool = False) -> str:
-    """A forced backend must be importable (on CUDA with a shape: run and match the fp32 reference). "auto": on CUDA
-    with a shape, the fastest match by the slowest rank's time (in `notes`; doc_mask: masked forms); else the first."""
+    """A forced backend must work here; "auto" on CUDA: the fastest match by the slowest rank's time."""
     available = attention_candidates(device, doc_mask)
     if requested != "auto" and requested not in available:
         raise ValueError(f"ATTN_BACKEND={requested} is not available here (available: {','.join(available)})")
@@ -641,20 +629,17 @@ def make_compile_fn(h: Hyperparameters, device: torch.device):
 
 
 def attention_shape(h: Hyperparameters) -> tuple[int, int, int, int, int]:
-    """(B, T, H, KV, D) of one training micro-batch on one rank (world x grad accumulation = 8 micro-batches)."""
     return (h.train_batch_tokens // (8 * h.train_seq_len), h.train_seq_len, h.num_heads, h.num_kv_heads,
             h.model_dim // h.num_heads)
 
 
-# Fused training kernels (Triton). Two entry points keep today's eager math, mlp_forward and softcapped_ce; their
-# fused ops run where start-up chose them (FUSED_KERNELS, resolve_fused). triton is imported only then, so a machine
-# without it runs eagerly; TRITON_INTERPRET=1 runs the same kernels on CPU tensors (tests/test_kernels.py).
+# Fused Triton training kernels behind mlp_forward and softcapped_ce, where start-up chose them (resolve_fused);
+# triton is imported only then. TRITON_INTERPRET=1 runs them on CPU tensors (tests/test_kernels.py).
 FUSED_TOLERANCE = 2e-2  # max |fused - fp32 eager| / max |fp32 eager| of bf16 outputs and gradients at the run's shapes
 _FUSED = {}  # the Triton kernels by name, once the ops are registered
 
 
 def softcap(logits: Tensor, cap: float) -> Tensor:
-    """The head's logits in fp32, squashed into (-cap, cap)."""
     return cap * torch.tanh(logits.float() / cap)
 
 
@@ -669,7 +654,6 @@ def mlp_forward(x: Tensor, w_up: Tensor, w_down: Tensor, fused: bool = False, ac
 
 
 def softcapped_ce(logits: Tensor, targets: Tensor, cap: float, fused: bool = False) -> Tensor:
-    """Mean cross-entropy of softcap(logits, cap); the fused op never materialises the fp32 capped logits."""
     if fused:
         return torch.ops.pgolf.softcapped_ce(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), cap)[0].mean()
     z = softcap(logits, cap)
@@ -677,10 +661,7 @@ def softcapped_ce(logits: Tensor, targets: Tensor, cap: float, fused: bool = Fal
 
 
 def _fused_kernels():
-    """MLP: one GEMM C = A B over strided (M, K) x (K, N) views, two epilogues: FWD stores pre = C and post =
-    leaky_relu(pre, 0.5)^2 (D); else dpre = C phi'(pre = D), phi'(u) = 2u (u > 0) or u / 2. CE: z = 2 cap sigmoid(2x /
-    cap) = softcap(x) + cap (the shift cancels in the softmax); online max and sum-exp over vocabulary blocks give
-    LSE(z), loss = LSE - z_y, gradient g (softmax(z) - onehot(y)) 4 s (1 - s), s = sigmoid(2x / cap). fp32 math."""
+    """MLP: one GEMM, two epilogues (pre, leaky_relu(pre)^2; or dpre). CE: online LSE over vocab blocks."""
     import triton
     import triton.language as tl
 
@@ -749,8 +730,7 @@ def _fused_kernels():
 
 
 def load_fused() -> None:
-    """Register the kernels as torch.ops.pgolf.{mlp, mlp_dpre, softcapped_ce, softcapped_ce_grad}: custom ops with
-    fake (meta) implementations and autograd, so a fullgraph compile traces them. ImportError without triton."""
+    """Register torch.ops.pgolf.* custom ops (fake impls, autograd) for the kernels. ImportError without triton."""
     if _FUSED:
         return
     kernels, gemm, rows = _fused_kernels()
@@ -809,20 +789,17 @@ def load_fused() -> None:
 
 
 def fused_shape(h: Hyperparameters) -> tuple[int, int, int, int]:
-    """(tokens, dim, hidden, vocab) of one training micro-batch on one rank."""
     return h.train_batch_tokens // 8, h.model_dim, int(h.mlp_mult * h.model_dim), h.vocab_size
 
 
 def _fwd_bwd(fn, args, dy: Tensor | None) -> list[Tensor]:
-    """fn(*args) and the gradients of args (dy: the output's gradient; None for a scalar loss)."""
     leaves = [a.detach().requires_grad_() for a in args]
     out = fn(*leaves)
     return [out.detach(), *torch.autograd.grad(out, leaves, None if dy is None else dy.to(out.dtype))]
 
 
 def measure_fused(names, shape, device, compile_check: bool = False, reps: int = 3) -> dict:
-    """{kernel: {"eager": ms, "fused": ms or why it is out (raised, or missed the fp32 eager outputs and gradients by
-    > FUSED_TOLERANCE)}} of a bf16 fwd + bwd at shape (tokens, dim, hidden, vocab); compile_check: both compiled."""
+    """{kernel: {"eager": ms, "fused": ms or why it is out}} of a bf16 fwd + bwd at shape (N, D, H, V)."""
     n, d, hid, V = shape
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *s, std=1.0: (std * torch.randn(*s, device=device, generator=g)).bfloat16()  # noqa: E731
@@ -849,8 +826,7 @@ def measure_fused(names, shape, device, compile_check: bool = False, reps: int =
 
 def resolve_fused(requested: str, device: torch.device, shape=None, notes: list | None = None,
                   compile_check: bool = False) -> str:
-    """FUSED_KERNELS as a FUSED_CHOICES key. "auto": off without CUDA or triton, else each kernel that matches eager and
-    is faster by the slowest rank's time (in `notes`). Forced: needs triton, a match on CUDA; CPU: TRITON_INTERPRET."""
+    """FUSED_KERNELS as a FUSED_CHOICES key; "auto": each kernel that matches eager and is faster (CUDA)."""
     if requested == "0" or (requested == "auto" and device.type != "cuda"):
         return "0"
     try:
@@ -881,8 +857,6 @@ def resolve_fused(requested: str, device: torch.device, shape=None, notes: list 
 
 
 def resolve_startup(h: Hyperparameters, rt: Runtime, notes: list | None = None) -> Hyperparameters:
-    """Start-up decisions (run id, attention backend, fused kernels: seconds of measuring on CUDA) go into the
-    hparams line."""
     check = compile_enabled(h, rt.device)
     backend = resolve_attention(h.attn_backend, rt.device, attention_shape(h), notes, check, h.doc_mask)
     fused = resolve_fused(h.fused_kernels, rt.device, fused_shape(h), notes, check)
@@ -892,10 +866,8 @@ def resolve_startup(h: Hyperparameters, rt: Runtime, notes: list | None = None) 
 # -----------------------------------------------------------------------------
 # 3. Data & BPB
 #
-# Shards: 256 little-endian int32 header words (magic, version, num_tokens), then uint16 tokens. Every document
-# starts with BOS. BPB counts the UTF-8 bytes each target token adds to the normalized text: from the byte LUTs of
-# the tokenizer, or, for a CaseOps dataset (its tokens spell case-transformed text), from the val byte sidecar: one
-# shard per val shard, same format, value p = the original bytes that token p stands for (data/caseops.py).
+# Shards: 256 int32 header words (magic, version, num_tokens), then uint16 tokens; every document starts with BOS.
+# BPB bytes: the tokenizer's byte LUTs, or for CaseOps data the val byte sidecar (original bytes per token p).
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
@@ -904,7 +876,6 @@ CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # ids 4-7 of a Cas
 
 
 def shard_num_tokens(path) -> int:
-    """Header and file size only (fast on 80 shards): the token count of a well-formed, non-empty shard."""
     size, header_bytes = os.path.getsize(path), SHARD_HEADER_INTS * 4
     if size < header_bytes:
         raise ValueError(f"shard {path}: {size} bytes is shorter than the {header_bytes}-byte header")
@@ -919,7 +890,6 @@ def shard_num_tokens(path) -> int:
 
 
 def load_shard(path, vocab_size: int = 0) -> np.ndarray:
-    """The shard's tokens; an id >= vocab_size (if given) fails here, not as a device assert mid-run."""
     tokens = np.fromfile(path, dtype="<u2", count=shard_num_tokens(path), offset=SHARD_HEADER_INTS * 4)
     if vocab_size and (top := int(tokens.max())) >= vocab_size:
         at = int(np.argmax(tokens >= vocab_size))
@@ -937,8 +907,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `.NAME.tmp<PID>` beside `path`, fsync, rename: a crash never leaves a partial file at `path`. Temps that
-    killed writes left (their process is gone) are removed first; an I/O error (ENOSPC names no file) names the path."""
+    """Write a temp beside `path`, fsync, rename (dead writers' temps removed first); I/O errors name the path."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
         pid = stale.name.rpartition(".tmp")[2]
         if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
@@ -978,8 +947,6 @@ def check_shards(pattern: str) -> int:
 
 
 class TokenStream:
-    """The sorted train shards as one endless stream (no shuffling, as in the record)."""
-
     def __init__(self, pattern: str, vocab_size: int = 0):
         self.files, self.vocab_size = shard_files(pattern), vocab_size
         check_shards(pattern)  # every header now: shard k is otherwise reached k x ~127 steps into a FineWeb run
@@ -997,8 +964,7 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step takes world x (local_tokens + 1) contiguous tokens; rank r uses the r-th span, so the
-    global batch is the same set of sequences on 1, 2, 4 or 8 ranks."""
+    """Rank r takes the r-th of world x (local + 1) contiguous tokens: the same global batch on 1-8 ranks."""
 
     def __init__(self, pattern: str, rt: Runtime, vocab_size: int = 0):
         self.stream, self.rt = TokenStream(pattern, vocab_size), rt
@@ -1012,8 +978,7 @@ class DistributedTokenLoader:
 
 
 def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0, vocab_size: int = 0) -> Tensor:
-    """The validation split in whole sequences of seq_len targets (+1 input). max_tokens > 0 keeps only the first
-    max_tokens targets (rounded down to whole sequences): a subset for smoke runs, never a score."""
+    """The validation split in whole sequences of seq_len (+1); max_tokens > 0: a subset, never a score."""
     tokens = np.concatenate([load_shard(f, vocab_size) for f in shard_files(pattern)])
     if len(tokens) - 1 < seq_len:
         raise ValueError(f"validation split {pattern} is shorter than one sequence of {seq_len}")
@@ -1027,8 +992,7 @@ def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0, vocab_size:
 
 
 def build_bpb_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token byte LUTs: a leading U+2581 counts as one byte unless the previous token is a boundary
-    (control/unknown/unused); byte-fallback pieces are one byte; control tokens are zero bytes."""
+    """Per-token byte LUTs (base bytes, leading U+2581, boundary tokens); byte pieces are one byte."""
     n = max(sp.vocab_size(), vocab_size)
     base, lead, boundary = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.ones(n, np.bool_)
     for i in range(sp.vocab_size()):
@@ -1046,8 +1010,6 @@ def token_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
 
 
 def load_val_sidecar(val_pattern: str, n_tokens: int = 0) -> Tensor | None:
-    """The val byte sidecar beside the val shards (None if there is none), checked shard by shard against them and
-    cut to the first n_tokens values (> 0), as load_val_tokens cuts the tokens."""
     shards = shard_files(val_pattern)
     pairs = [(f, os.path.join(os.path.dirname(f), SIDECAR_PREFIX + os.path.basename(f).rpartition("_")[2]))
              for f in shards]
@@ -1068,8 +1030,7 @@ def load_val_sidecar(val_pattern: str, n_tokens: int = 0) -> Tensor | None:
 
 @dataclass(frozen=True)
 class ByteCounter:
-    """The BPB denominator of each scored target y at stream position pos + 1 (x = the token before it): the val
-    byte sidecar's value there when the dataset has one, else the tokenizer's LUT count."""
+    """BPB bytes of target y at pos + 1: the val byte sidecar's value when present, else the tokenizer LUTs."""
     luts: tuple | None = None
     sidecar: Tensor | None = None  # CPU, aligned with the val tokens
 
@@ -1085,9 +1046,7 @@ class ByteCounter:
 
 
 def load_byte_counter(h: Hyperparameters, n_tokens: int = 0) -> ByteCounter:
-    """The dataset's byte counter (n_tokens > 0: the sidecar cut to the val tokens kept). A CaseOps tokenizer
-    (the four operators at ids 4-7) needs the sidecar and the sidecar needs one: LUT bytes of transformed text
-    would count each operator as 3 bytes and never see the capitals."""
+    """The dataset's byte counter; a CaseOps tokenizer and a val byte sidecar need each other."""
     import sentencepiece as spm
     if Path(h.tokenizer_path).is_dir():
         raise IsADirectoryError(f"TOKENIZER_PATH={h.tokenizer_path} is a directory, not a SentencePiece .model file")
@@ -1110,8 +1069,7 @@ def load_byte_counter(h: Hyperparameters, n_tokens: int = 0) -> ByteCounter:
 # -----------------------------------------------------------------------------
 # 4. Quantization grid
 #
-# The grids QAT trains against and the export writes: banks per-row int6, tables per-row int8, the rest fp16. Scales
-# are fp16, floored at one fp16 subnormal so a short run's tiny weights survive (the record's 1/31 floor zeroed them).
+# QAT's and the export's grids: banks per-row int6, tables int8, rest fp16; scales fp16, floored at a subnormal.
 
 INT6_MAX, INT8_MAX = 31, 127
 INT6_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -1120,7 +1078,6 @@ SCALE_FLOOR = 2.0 ** -24
 
 
 def row_quantiles(absw: Tensor, ps) -> list[Tensor]:
-    """Exact linear-interpolation quantiles of each row (last dim), via topk of the few largest entries."""
     n = absw.size(-1)
     top = absw.topk(min(n, n - math.floor(min(ps) * (n - 1))), dim=-1).values  # descending: rank r at index n-1-r
     out = []
@@ -1164,7 +1121,6 @@ def quant_group(name: str) -> str:
 
 
 def sdclip_scales(w: Tensor, group: str) -> tuple[Tensor, int]:
-    """(per-row scales (..., R) of matrices (..., R, C), qmax) on `group`'s SDClip grid."""
     bits, k = QUANT_GROUPS[group]
     qmax = 2 ** (bits - 1) - 1
     return _grid_scale(k * w.detach().float().std(dim=-1), qmax), qmax
@@ -1187,11 +1143,7 @@ def fake_quant(w: Tensor, name: str, sdclip: bool = False) -> Tensor:
 
 
 def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int, qmax: int = INT6_MAX) -> Tensor:
-    """GPTQ on a fixed grid: codes (S, R, C) of matrices w (S, R, C) with input Hessians H (S, C, C) and per-row
-    scales (S, R). Columns go by decreasing H diagonal (most active inputs first); each is rounded and its error,
-    scaled by the upper Cholesky factor U of H^-1, pushed onto the columns not yet rounded (lazily, per block): a
-    greedy minimization of ||(W - Q) X^T||. H is damped by damp x its mean diagonal (a zero diagonal gets the mean:
-    that column is rounded alone); a failed factorization (singular H, little damping) retries with 10x."""
+    """GPTQ on a fixed grid: codes of w (S, R, C) given Hessians H (S, C, C) and row scales (S, R)."""
     w, s = w.detach().float(), scale.float().unsqueeze(-1)
     S, R, C = w.shape
     perm = H.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
@@ -1243,8 +1195,6 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def rotary_cos_sin(T: int, d: int, base: float, device, ntk_len: int = 0) -> tuple[Tensor, Tensor]:
-    """Partial RoPE tables (1, T, 1, d/2) for each head's first d dims (half-split pairs); NTK-scaled base when
-    T > ntk_len > 0, unscaled with ntk_len = 0."""
     if 0 < ntk_len < T:
         base = base * (T / ntk_len) ** (d / (d - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
@@ -1260,7 +1210,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def virtual_layers(h: Hyperparameters, looping: bool) -> tuple[int, ...]:
-    """The physical layer of each virtual position: looping runs LOOP_START..LOOP_END 1 + NUM_LOOPS times."""
     L, a, b = h.num_layers, h.loop_start, h.loop_end + 1
     if not (looping and h.num_loops > 0):
         return tuple(range(L))
@@ -1268,9 +1217,6 @@ def virtual_layers(h: Hyperparameters, looping: bool) -> tuple[int, ...]:
 
 
 class ProjectedEmbedding(nn.Module):
-    """A table lookup projected to out_dim and scaled: the value embeddings (normal init), or with hashed=True the
-    bigram hash, zero at init, over (previous, current) token pairs in rows - 1 buckets (position 0: the last row)."""
-
     def __init__(self, rows: int, dim: int, out_dim: int, scale: float, hashed: bool = False):
         super().__init__()
         self.hashed = hashed
@@ -1291,8 +1237,6 @@ class ProjectedEmbedding(nn.Module):
 
 
 class Block(nn.Module):
-    """Per-layer control tensors; the matrices come from the banks. Shared by every virtual instance of the layer."""
-
     def __init__(self, h: Hyperparameters, i: int):
         super().__init__()
         d = h.model_dim
@@ -1307,8 +1251,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """One forward for training, scoring and TTT. Layers run in a virtual order (looped when `looping`), its first half
-    the U-Net encoder feeding the second half's skips; from PARALLEL_START_LAYER two lanes (attention, MLP)."""
+    """One forward for training, scoring and TTT (looped virtual layers, U-Net skips, lanes, per-document LoRA)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1343,6 +1286,7 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
         self._frontier_params(h)
         self.tap = None  # fn(site, layer, x), set only while GPTQ collects the bank inputs (BANK_INPUTS sites)
+        self.lora = None  # DocLoRA: per-document adapters, set only by the LoRA TTT scorer
         self.hessians = None  # {bank: (slots, C, C)} from that collection; the export quantizes with them
         with torch.no_grad():
             nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
@@ -1352,7 +1296,6 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(m.proj.weight)
 
     def _frontier_params(self, h: Hyperparameters) -> None:
-        """The frontier's gates and lane mixes, each only when its field is on (the seed's stack has none)."""
         L = self.L
         if h.smear_gate == "gated":  # x_t += lambda sigmoid(w . e_t[:gate_dims]) e_{t-1}: identity at init
             self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(1, h.gate_dims)), nn.Parameter(torch.zeros(()))
@@ -1375,13 +1318,12 @@ class GPT(nn.Module):
         cos, sin = rotary_cos_sin(ids.size(1), self.rope_dims, self.rope_base, ids.device, self.rope_ntk_len)
         docs = doc_layout(self.backend, ids == BOS_ID) if self.doc_mask else None
         x = self._layers(x, w, (ve, cos, sin, docs))
-        logits = F.linear(self._tap("head_in", 0, rms_norm(x)), w["tok_emb.weight"].to(x.dtype))
+        n = self._tap("head_in", 0, rms_norm(x))
+        logits = self._lora("head", 0, n, F.linear(n, w["tok_emb.weight"].to(x.dtype)))
         return (softcap(logits, self.softcap) if targets is None
                 else softcapped_ce(logits, targets, self.softcap, self.fused_ce))
 
     def _embed(self, ids: Tensor, w: dict) -> Tensor:
-        """Token (+ bigram) embedding, the SmearGate, the input RMSNorm. The gated smear mixes the previous
-        position's embedding before the norm (never into a BOS with smear_bos_mask); the fixed one after it."""
         x = F.embedding(ids, w["tok_emb.weight"])
         if self.bigram is not None:
             x = x + self.bigram(ids, w["bigram.embed.weight"])
@@ -1398,11 +1340,10 @@ class GPT(nn.Module):
         return x
 
     def _layers(self, x: Tensor, w: dict, ctx: tuple) -> Tensor:
-        """The virtual layers in order (x0: the embedding, for resid_mix). The encoder's outputs go on a stack that
-        the decoder's skips pop; from the first parallel layer on, two lanes (the skip lands on lane 0), averaged."""
         order = self.orders[self.looping]
         n_enc, x0, skips, lanes = len(order) // 2, x, [], None
         for pos, j in enumerate(order):
+            vctx = (*ctx[:4], pos)  # the virtual position: LoRA adapters are per virtual layer
             if lanes is None and j >= self.par_start:
                 lanes = [x, x]
             if pos >= n_enc and skips:  # U-Net skips: encoder outputs in reverse order
@@ -1411,15 +1352,14 @@ class GPT(nn.Module):
                 else:
                     lanes[0] = self._skip(pos - n_enc, lanes[0], skips.pop())
             if lanes is None:
-                x = self._block(j, x, x0, w, ctx)
+                x = self._block(j, x, x0, w, vctx)
             else:
-                lanes = self._lanes(j, lanes, x0, w, ctx)
+                lanes = self._lanes(j, lanes, x0, w, vctx)
             if pos < n_enc:
                 skips.append(x)
         return x if lanes is None else 0.5 * (lanes[0] + lanes[1])
 
     def _skip(self, k: int, x: Tensor, skip: Tensor) -> Tensor:
-        """The seed's weighted add, or with skip gates the lerp g x + (1 - g) w skip, g = sigmoid(gate)."""
         if not self.skip_gated:
             return x + self.skip_weights[k].to(x.dtype) * skip
         g = torch.sigmoid(self.skip_gates[k].to(x.dtype))
@@ -1430,23 +1370,26 @@ class GPT(nn.Module):
         mix = blk.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + blk.attn_scale.to(x.dtype) * self._attn(j, blk, rms_norm(x) * blk.ln_factor, w, ctx)
-        return x + blk.mlp_scale.to(x.dtype) * self._mlp(j, blk, x, w)
+        return x + blk.mlp_scale.to(x.dtype) * self._mlp(j, blk, x, w, ctx[4])
 
     def _lanes(self, j: int, lanes: list[Tensor], x0: Tensor, w: dict, ctx: tuple) -> list[Tensor]:
-        """A parallel layer: attention reads lane 0 (with resid_mix), the MLP lane 1, both the old lanes; each lane
-        is then r * itself + P[attention, lane] * a + P[mlp, lane] * f."""
+        """Parallel layer: attention reads lane 0, the MLP lane 1; lane = r lane + P[attn, lane] a + P[mlp, lane] f."""
         blk, (l0, l1) = self.blocks[j], lanes
         mix = blk.resid_mix.to(l0.dtype)
         a = blk.attn_scale.to(l0.dtype) * self._attn(j, blk, rms_norm(mix[0] * l0 + mix[1] * x0) * blk.ln_factor,
                                                      w, ctx)
-        f = blk.mlp_scale.to(l1.dtype) * self._mlp(j, blk, l1, w)
+        f = blk.mlp_scale.to(l1.dtype) * self._mlp(j, blk, l1, w, ctx[4])
         r, P = self.parallel_resid_lambdas[j].to(l0.dtype), self.parallel_post_lambdas[j].to(l0.dtype)
         return [r[0] * l0 + P[0, 0] * a + P[1, 0] * f, r[1] * l1 + P[0, 1] * a + P[1, 1] * f]
 
-    def _mlp(self, j: int, blk: Block, x: Tensor, w: dict) -> Tensor:
+    def _mlp(self, j: int, blk: Block, x: Tensor, w: dict, vi: int = 0) -> Tensor:
         tap = None if self.tap is None else (lambda act: self.tap("mlp_act", j, act))
         n = self._tap("mlp_in", j, rms_norm(x) * blk.ln_factor)
-        return mlp_forward(n, w["mlp_up_bank"][j].to(x.dtype), w["mlp_down_bank"][j].to(x.dtype), self.fused_mlp, tap)
+        up, down = w["mlp_up_bank"][j].to(x.dtype), w["mlp_down_bank"][j].to(x.dtype)
+        return self._lora("mlp", vi, n, mlp_forward(n, up, down, self.fused_mlp, tap))
+
+    def _lora(self, site: str, vi: int, n: Tensor, y: Tensor) -> Tensor:
+        return y if self.lora is None else y + self.lora(site, vi, n).to(y.dtype)
 
     def _tap(self, site: str, i: int, x: Tensor) -> Tensor:
         if self.tap is not None:
@@ -1454,14 +1397,12 @@ class GPT(nn.Module):
         return x
 
     def _attn(self, i: int, blk: Block, x: Tensor, w: dict, ctx: tuple) -> Tensor:
-        """Attention of physical layer i on its normalized input x: q/k RMSNorm, partial RoPE, q gain, the kernel
-        (inside documents with docs), XSA, the head gate; the output projection's input is tapped as attn_out."""
-        (ve, cos, sin, docs), (B, T, _) = ctx, x.shape
+        (ve, cos, sin, docs, vi), (B, T, _) = ctx, x.shape
         L, H, KV, hd = self.L, self.H, self.KV, self.hd
         x = self._tap("attn_in", i, x)
-        q = F.linear(x, w["qo_bank"][i].to(x.dtype)).view(B, T, H, hd)
-        k = F.linear(x, w["kv_bank"][i].to(x.dtype)).view(B, T, KV, hd)
-        v = F.linear(x, w["kv_bank"][L + i].to(x.dtype))
+        q = self._lora("q", vi, x, F.linear(x, w["qo_bank"][i].to(x.dtype))).view(B, T, H, hd)
+        k = self._lora("k", vi, x, F.linear(x, w["kv_bank"][i].to(x.dtype))).view(B, T, KV, hd)
+        v = self._lora("v", vi, x, F.linear(x, w["kv_bank"][L + i].to(x.dtype)))
         if ve is not None and i in self.ve_layers:
             v = v + ve.to(x.dtype) * self.ve_layer_scales[self.ve_layers[i]].to(x.dtype)
         v = v.view(B, T, KV, hd)
@@ -1475,7 +1416,8 @@ class GPT(nn.Module):
         if blk.attn_gate is not None:  # each head scaled by sigmoid(scale * W_g x[:gate_dims])
             g = torch.sigmoid(self.attn_gate_scale * F.linear(x[..., :self.gate_dims], blk.attn_gate.to(x.dtype)))
             y = y * g.unsqueeze(-1)
-        return F.linear(self._tap("attn_out", i, y.reshape(B, T, H * hd)), w["qo_bank"][L + i].to(x.dtype))
+        out = F.linear(self._tap("attn_out", i, y.reshape(B, T, H * hd)), w["qo_bank"][L + i].to(x.dtype))
+        return self._lora("o", vi, x, out)  # the O adapter reads the block's normalized input, as #1855's
 
 
 build_model = GPT  # the name the rest of the script, the tests and the tools build the model by
@@ -1484,16 +1426,12 @@ build_model = GPT  # the name the rest of the script, the tests and the tools bu
 # -----------------------------------------------------------------------------
 # 6. Optimizer
 #
-# Parallel Muon on the 4 banks (each rank orthogonalizes its shard), AdamW on embeddings and control tensors. The
-# clip uses the averaged gradient's norm (the record clipped each rank's local one): 1, 2, 4 and 8 ranks step alike.
+# Parallel Muon on the 4 banks, AdamW on the rest; the clip uses the averaged gradient's norm: all world sizes alike.
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
                                 coeffs: tuple = NS_COEFFS["quintic"]) -> Tensor:
-    """Approximate the orthogonal factor U V^T of each matrix in G (..., m, n) by quintic Newton-Schulz iterations
-    X <- a X + (b A + c A^2) X, A = X X^T, (a, b, c) = coeffs[k] (past the table: its last), singular values landing
-    in ~[0.7, 1.2]. bf16 on CUDA (as the record), fp32 on CPU: CPU bf16 matmuls round differently by CPU type (AMX
-    or not), which moved a 150-step CPU score by 1.4e-3 (1.4e-5 in fp32)."""
+    """Newton-Schulz orthogonalization (coeffs per iteration); bf16 on CUDA, fp32 on CPU."""
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     X = X.mT if transposed else X
@@ -1506,15 +1444,11 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
 
 
 def unit_rows(U: Tensor, eps: float = 1e-7) -> Tensor:
-    """MuonEq-R: each row of each matrix in U (..., rows, cols) scaled to unit L2 norm, in the matrix's own
-    orientation (before Newton-Schulz transposes tall ones), so every output unit gets an equal share of the step."""
     return U / U.norm(dim=-1, keepdim=True).clamp(min=eps)
 
 
 class Optimizers:
-    """Muon on the banks (Nesterov momentum, MuonEq-R if MUON_EQ_R, Newton-Schulz with MUON_NS's coefficients, update
-    scaled by sqrt(max(1, rows/cols)), decoupled weight decay), AdamW on the rest; one LR multiplier. Each rank owns
-    ceil(slots/world) slots of each bank (zero-padded). overlap=False waits on each collective (bit-identical)."""
+    """Muon on the banks (each rank owns ceil(slots/world) slots), AdamW on the rest; one LR multiplier."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rt: Runtime, overlap: bool = True):
         self.h, self.rt, self.overlap, self.muon_lr, self.momentum = h, rt, overlap, h.matrix_lr, 0.0
@@ -1539,10 +1473,8 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Average gradients across ranks, clip by the global norm, step AdamW and Muon, zero the grads. Order: the
-        replicated gradients' flat all-reduce (~4 MB), then the bank reduce-scatters, biggest first, all in flight at
-        once (NCCL runs them in launch order); norms are taken as each lands, under the later transfers. A clip needs
-        every reduced gradient: AdamW then runs under Muon's first all-gather, else under the reduce-scatters."""
+        """All-reduce, clip by the global norm, step AdamW and Muon, zero the grads: the bank reduce-scatters all in
+        flight at once, norms taken as each lands, AdamW under Muon's first all-gather (or the reduce-scatters)."""
         world, clip = self.rt.world_size, self.h.grad_clip_norm > 0
         for p in self.replicated:
             if p.grad is None:
@@ -1597,7 +1529,6 @@ class Optimizers:
             p.grad = None
 
     def _launch(self, fn, *args):
-        """Start an async collective (silencing the FutureWarning some builds give); without overlap, finish it."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             work = fn(*args, async_op=True)
@@ -1619,16 +1550,13 @@ class Optimizers:
 
 
 def budget_frac(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """The fraction of the training budget done: elapsed / MAX_WALLCLOCK_SECONDS (the reserve-reduced cap that
-    `train` passes), or step / ITERATIONS without a cap. Drives the warmdown and the loop switch alike."""
     if h.max_wallclock_seconds > 0:
         return elapsed_ms / (1000 * h.max_wallclock_seconds)
     return step / h.iterations
 
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """No warmup. WARMDOWN_FRAC > 0 (the record): linear to MIN_LR over the budget's last WARMDOWN_FRAC. Else (the
-    seed) linear to 0 over the last WARMDOWN_ITERS steps (their wallclock from the mean step time, under a cap)."""
+    """WARMDOWN_FRAC > 0: linear to MIN_LR over the budget's tail; else linear to 0 over WARMDOWN_ITERS."""
     if h.warmdown_frac > 0:
         frac = budget_frac(h, step, elapsed_ms)
         return 1.0 if frac < 1 - h.warmdown_frac else max((1 - frac) / h.warmdown_frac, h.min_lr)
@@ -1657,8 +1585,7 @@ LQER_KINDS = ("lqa", "lqb")  # a LQER factor pair: '{matrix}#{slot}.lqa' (A^T) a
 
 def quantize_model(model: GPT | dict, hessians: dict | None = None, damp: float = Hyperparameters.gptq_damp,
                    block_size: int = Hyperparameters.gptq_block_size, scheme: str = "percentile") -> dict:
-    """{name: (kind, ...)} of a model or its state dict. percentile (the seed's): banks int6 on QAT's grid (GPTQ given
-    a Hessian, else GPTQ-lite), tables int8, rest fp16. sdclip: see _sdclip_entry."""
+    """{name: (kind, ...)}: percentile (the seed's: int6 banks, int8 tables, fp16 rest) or sdclip."""
     out, methods, t0 = {}, [], time.perf_counter()
     for name, t in (model if isinstance(model, dict) else model.state_dict()).items():
         H = (hessians or {}).get(name) if scheme == "sdclip" or name in BANK_NAMES else None  # GPTQ: on the GPU
@@ -1682,8 +1609,6 @@ def quantize_model(model: GPT | dict, hessians: dict | None = None, damp: float 
 
 
 def _sdclip_entry(name: str, t: Tensor, H: Tensor | None, damp: float, block_size: int) -> tuple:
-    """Banks and the tied embedding on their group's SDClip grid (GPTQ with H, the embedding's from the head input;
-    else rounding, like QAT); gates and other tensors over SMALL_TENSOR_NUMEL int8 (max|row|/127); rest fp16."""
     dtype = str(t.dtype).replace("torch.", "")
     t = t.detach().float().to(t.device if H is not None else "cpu")
     if (grid := sdclip_grid(name, t)) is None:
@@ -1695,7 +1620,6 @@ def _sdclip_entry(name: str, t: Tensor, H: Tensor | None, damp: float, block_siz
 
 
 def dequantize(q: dict) -> dict[str, Tensor]:
-    """The model's tensors; each LQER pair adds its low-rank product A B to its matrix."""
     out = {name: a.to(getattr(torch, b)) if kind == "fp16" else a.float() * b.float().unsqueeze(-1)
            for name, (kind, a, b) in q.items() if kind not in LQER_KINDS}
     for name, (kind, a, b) in q.items():
@@ -1709,9 +1633,7 @@ def dequantize(q: dict) -> dict[str, Tensor]:
 
 
 def lqer_correct(q: dict, weights: dict[str, Tensor], top_k: int, rank: int = LQER_RANK) -> dict:
-    """LQER (asymmetric): the top_k quantized matrices (bank slots, the embedding) by ||W - W_hat||_F each get a
-    rank-`rank` correction A B ~ W - W_hat (truncated SVD, A = U S): A int2 with one scale max|A| / 1.5 (codes
-    -2..1), B int4 in groups of LQER_GROUP with scales max|group| / 7.5 (codes -8..7). dequantize applies them."""
+    """LQER: the top_k worst-quantized matrices get a low-rank A B ~ W - W_hat (A int2, B int4 in groups)."""
     deq, errs, out = dequantize(q), [], dict(q)
     for name in [n for n in q if n in BANK_NAMES or n == "tok_emb.weight"]:
         E = weights[name].detach().float().cpu() - deq[name]
@@ -1741,9 +1663,7 @@ def l1_chain(x: Tensor) -> Tensor:
 
 
 def sort_mlp_hidden(sd: dict, hessians: dict) -> tuple[dict, dict]:
-    """The same function, each layer's MLP hidden units in L1 nearest-neighbour order of their (row-normalised) W_up
-    rows and W_down columns: the codec sees similar rows side by side, and the order being free (W_up, W_down and the
-    down Hessian permuted together), the artifact stores no permutation."""
+    """Each layer's MLP hidden units in L1 nearest-neighbour order (an absorbed permutation, not stored)."""
     up, down, Hd = sd["mlp_up_bank"].detach(), sd["mlp_down_bank"].detach(), hessians.get("mlp_down_bank")
     norm = lambda w: w / w.float().std(-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
     perms = [l1_chain(torch.cat((norm(up[i]), norm(down[i]).T), 1)).to(up.device) for i in range(up.size(0))]
@@ -1756,8 +1676,7 @@ def sort_mlp_hidden(sd: dict, hessians: dict) -> tuple[dict, dict]:
 
 
 def serialize(q: dict) -> bytes:
-    """PAYLOAD_MAGIC, header length (u32), header JSON, then three byte sections (int8 codes, fp16 scales, fp16
-    passthrough): compressors see homogeneous streams, and byte-shuffling splits the fp16 ones into byte planes."""
+    """PAYLOAD_MAGIC, header length, header JSON, then int8 codes, fp16 scales and fp16 passthrough sections."""
     entries = [dict(name=name, kind=kind, shape=list(a.shape), **({"dtype": b} if kind == "fp16" else {}))
                for name, (kind, a, b) in q.items()]
     coded = [(a, s) for kind, a, s in q.values() if kind != "fp16"]
@@ -1768,7 +1687,6 @@ def serialize(q: dict) -> bytes:
 
 
 def _payload_meta(raw: bytes) -> tuple[int, int, dict]:
-    """(start of the int8 code section, start of the fp16 sections, header JSON) of a serialized payload."""
     (hlen,) = struct.unpack("<I", raw[4:8])
     meta = json.loads(raw[8:8 + hlen])
     return 8 + hlen, 8 + hlen + meta["sizes"]["q"], meta
@@ -1790,21 +1708,16 @@ def deserialize(raw: bytes) -> dict:
 
 
 def _byte_planes(b: bytes, inverse: bool) -> bytes:
-    """fp16 bytes split into low/high byte planes, or joined back (inverse)."""
     return np.frombuffer(b, np.uint8).reshape((2, -1) if inverse else (-1, 2)).T.tobytes()
 
 
 def _shuffle_payload(raw: bytes, inverse: bool) -> bytes:
-    """Split the fp16 sections (scales, passthrough) into low/high byte planes, or join them back (inverse)."""
     f0 = _payload_meta(raw)[1]
     return raw[:f0] + _byte_planes(raw[f0:], inverse)
 
 
-# Per-group codec: the quantized banks and embedding leave the payload in role buckets (Q | O, K | V, MLP up, MLP down,
-# embedding), each stored column-major and compressed by ZPAQ; the remainder (header, small codes, byte-shuffled fp16
-# sections) by brotli. Rows of PERGROUP_SORTED buckets are put in L1 nearest-neighbour order, the order stored
-# bit-packed (the MLP's order is absorbed at export: sort_mlp_hidden). Frame: PERGROUP_MAGIC, stream count u32, the
-# streams' lengths u32, the streams: remainder, buckets, then the permutations.
+# Per-group codec: banks and embedding in role buckets, column-major, by ZPAQ; the remainder by brotli; PERGROUP_SORTED
+# rows in L1 chain order (stored bit-packed). Frame: magic, count u32, lengths u32, remainder, buckets, permutations.
 PERGROUP_MAGIC, PERGROUP_SORTED, ZPAQ_LEVEL = b"PGRP", ("tok_emb.weight",), 5
 PERGROUP_CHUNK = 1 << 21  # a bucket holds whole matrices up to ~2 MiB: ZPAQ (~3 s/MB one way) runs them in parallel
 
@@ -1843,7 +1756,6 @@ def _unpack_perm(b: bytes, n: int, count: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _row_orders(buf: bytes, S: int, R: int, C: int) -> Tensor:
-    """The L1 chain order of each matrix's rows; cached: the fit's probes recompress the unpruned embedding."""
     return torch.stack([l1_chain(m) for m in torch.from_numpy(np.frombuffer(buf, np.int8).reshape(S, R, C).copy())])
 
 
@@ -1871,7 +1783,6 @@ def _pergroup_pack(raw: bytes) -> bytes:
 
 
 def _pergroup_streams(frame: bytes) -> list[bytes]:
-    """The frame's streams, or ValueError naming what is missing."""
     if len(frame) < 8 or frame[:4] != PERGROUP_MAGIC:
         raise ValueError("pergroup frame: bad magic or shorter than its header")
     (n,) = struct.unpack("<I", frame[4:8])
@@ -1887,7 +1798,6 @@ def _pergroup_streams(frame: bytes) -> list[bytes]:
 
 
 def _pergroup_unpack(frame: bytes) -> bytes:
-    """Inverse of _pergroup_pack; ValueError naming the tensor and the stream on any damage."""
     import brotli
     import zpaq
     streams = _pergroup_streams(frame)
@@ -1930,7 +1840,6 @@ def _pergroup_unpack(frame: bytes) -> bytes:
 
 
 def _codec(name: str):
-    """(compress, decompress), or None when the codec's module is not installed."""
     try:
         mod = __import__({"zstd": "zstandard", "pergroup": "zpaq"}.get(name, name))
         if name == "pergroup":
@@ -1946,7 +1855,6 @@ def _codec(name: str):
 
 
 def compress_payload(raw: bytes, choice: str) -> tuple[bytes, str, dict]:
-    """Every requested codec x shuffle option in threads, smallest kept: (artifact, option, {option: bytes})."""
     codec, _, shuffle = choice.partition("+")
     if codec != "auto" and _codec(codec) is None:
         raise ValueError(f"COMPRESSOR={choice}: module for {codec} is not installed")
@@ -1973,7 +1881,6 @@ def compress_payload(raw: bytes, choice: str) -> tuple[bytes, str, dict]:
 
 
 def _artifact_header(blob: bytes, path) -> tuple[str, int, int, int]:
-    """(codec, shuffled, crc, payload length) of an artifact; ValueError naming `path` if it is not one."""
     if len(blob) < 18 or blob[:4] != ARTIFACT_MAGIC or blob[4] >= len(CODECS):
         raise ValueError(f"{path}: not a model artifact (bad magic, unknown codec id or shorter than its header)")
     return (CODECS[blob[4]], blob[5]) + struct.unpack("<IQ", blob[6:18])
@@ -1996,7 +1903,6 @@ def decompress_artifact(blob: bytes, path="artifact") -> bytes:
 
 
 def require_free_space(path: Path, n_params: int) -> None:
-    """Before training: room beside `path` for the artifact (<= 2 bytes/param), its temp copy and the logs."""
     need, folder = 2 * (2 * n_params + (1 << 20)), Path(path).parent
     free = shutil.disk_usage(folder).free  # an OSError here names the folder itself
     if free < need:
@@ -2005,7 +1911,6 @@ def require_free_space(path: Path, n_params: int) -> None:
 
 @dataclass(frozen=True)
 class ArtifactInfo:
-    """The artifact file a score is measured on: what the log's `artifact` line and submission.json record."""
     path: Path
     bytes: int
     sha256: str
@@ -2045,8 +1950,6 @@ def unpack_source(packed: bytes) -> bytes:
 
 
 def pack_source(src: bytes, search: bool = True) -> bytes:
-    """The file that ships (tools/pack.py; counted in process: an exact model budget): one exec line, the shortest
-    LZMA-alone over lc x pb (3, 0 without search) in base85; compile(..., __file__) keeps tracebacks, Numba's cache."""
     dict_size = 1 << max(12, (len(src) - 1).bit_length())
     filters = [dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, lc=lc, lp=0, pb=pb, dict_size=dict_size)
                for lc, pb in ([(lc, pb) for lc in range(5) for pb in range(3)] if search else [(3, 0)])]
@@ -2058,7 +1961,6 @@ def pack_source(src: bytes, search: bool = True) -> bytes:
 
 
 def shipped_code_bytes(path: Path, _memo: dict = {}) -> int:  # noqa: B006  (the memo: once per process)
-    """The shipped file's bytes: its own length if packed, else pack_source's (what tools/pack.py writes)."""
     key = str(Path(path).resolve())
     if key not in _memo:
         src = Path(path).read_bytes()
@@ -2080,8 +1982,7 @@ def _int6_names(q: dict) -> list[str]:
 
 
 def prune_order(q: dict, limit: int, hessian_diag: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """(tensor index into _int6_names(q), flat index) of up to `limit` int6 values in pruning order: |q| = 1, then 2,
-    ...; in a level by the error zeroing adds, (|q| s_row)^2 x hessian_diag[name][..., col] if given; ties: position."""
+    """(tensor index, flat index) of up to `limit` int6 values: |q| = 1, 2, ...; in a level by error added."""
     names, costs, empty = _int6_names(q), [], torch.zeros(0, dtype=torch.int64)
     for n in names:
         codes, s = q[n][1], q[n][2].float()
@@ -2105,7 +2006,6 @@ def prune_order(q: dict, limit: int, hessian_diag: dict[str, Tensor] | None = No
 
 
 def pruned(q: dict, order: tuple[Tensor, Tensor], k: int) -> dict:
-    """q with the first k values of `order` set to zero (q itself is left as it is)."""
     out, names, tid, idx = dict(q), _int6_names(q), order[0][:k], order[1][:k]
     for t in torch.unique(tid).tolist():
         kind, codes, s = q[names[t]]
@@ -2118,8 +2018,7 @@ def _xlog2x(c: np.ndarray) -> float:
 
 
 class _SizeProxy:
-    """Order-0 entropy (bytes) of the int6 codes after zeroing the first k values of `order`, per tensor: sum of
-    n log2 n - sum over codes of c log2 c (codecs do not adapt row by row; per row would overstate small rows)."""
+    """Order-0 entropy (bytes) of the int6 codes per tensor after zeroing the first k values of `order`."""
 
     def __init__(self, q: dict, order: tuple[Tensor, Tensor]):
         bins, tid, idx = 2 * INT6_MAX + 1, order[0].numpy(), order[1].numpy()
@@ -2138,7 +2037,6 @@ class _SizeProxy:
 
 
 def int6_rel_error(q: dict, weights: dict[str, Tensor]) -> float:
-    """||dequant - w|| / ||w|| over all int6 tensors together."""
     deq = dequantize({n: q[n] for n in _int6_names(q)})
     err = sum((deq[n] - weights[n].detach().float().cpu()).double().square().sum().item() for n in deq)
     ref = sum(weights[n].detach().float().cpu().double().square().sum().item() for n in deq)
@@ -2147,11 +2045,7 @@ def int6_rel_error(q: dict, weights: dict[str, Tensor]) -> float:
 
 def fit_to_budget(q: dict, weights: dict[str, Tensor], choice: str, budget: int, max_fraction: float,
                   hessian_diag: dict[str, Tensor] | None = None) -> tuple[bytes, str, dict, dict]:
-    """Compress q with every requested codec; over `budget`, zero int6 values in prune_order, their count found by a
-    bracketing search (lo: the largest count over, hi: the smallest fit) of <= FIT_PROBES real compressions, each at
-    the first k where real(lo) + alpha (P(k) - P(lo)) (P: the size proxy, alpha: the secant through the real sizes
-    around the budget, else 1) puts FIT_AIM of the overshoot under it. -> (blob, codec, unpruned sizes, fit stats);
-    raises, before anything is written, if none fits."""
+    """Compress q; over `budget`, zero int6 values in prune_order, <= FIT_PROBES compressions to find how many."""
     t0, raw = time.perf_counter(), serialize(q)
     blob, codec, sizes = compress_payload(raw, choice)
     n_values, e0, before = sum(q[n][1].numel() for n in _int6_names(q)), int6_rel_error(q, weights), len(blob)
@@ -2196,8 +2090,6 @@ def fit_line(st: dict) -> str:
 
 
 def export_payload(h: Hyperparameters, model: GPT) -> tuple[dict, dict, dict]:
-    """(what the artifact stores, the float weights it approximates, the Hessian diagonals that rank pruning): MLP
-    units sorted (MLP_SORT), quantized (QUANT_SCHEME, GPTQ given Hessians), LQER on the worst matrices (LQER_TOP_K)."""
     sd, hessians = model.state_dict(), dict(model.hessians or {})
     if h.mlp_sort:
         sd, hessians = sort_mlp_hidden(sd, hessians)
@@ -2208,7 +2100,6 @@ def export_payload(h: Hyperparameters, model: GPT) -> tuple[dict, dict, dict]:
 
 
 def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> tuple[int, str]:
-    """Rank 0 quantizes, fits the model budget and writes atomically; a model that cannot fit fails every rank first."""
     err = None
     if rt.is_main:
         code = shipped_code_bytes(Path(__file__))
@@ -2241,16 +2132,14 @@ def export_artifact(h: Hyperparameters, rt: Runtime, model: GPT, path: Path) -> 
 
 
 def plan_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
-    """(start, lo, hi) per window: inputs val[start:start+window], scored positions [lo, hi) (input val[i], target
-    val[i+1]). The first window scores all its positions, later ones their last `stride`: each target once."""
+    """(start, lo, hi) per window: the first scores all its positions, the rest their last `stride`."""
     starts = [ws for ws in range(0, n_targets, stride) if ws == 0 or ws + window - stride < n_targets]
     return np.array([(ws, ws if ws == 0 else ws + window - stride, min(ws + window, n_targets)) for ws in starts],
                     dtype=np.int64).reshape(-1, 3)
 
 
 def score_windows(model, val: Tensor, wins: np.ndarray, window: int, device, rows: int = 0) -> tuple[Tensor, Tensor]:
-    """Logits (n, V) of the scored positions of a batch of windows, and those positions (n,). rows > 0: the batch is
-    padded to that many windows (fewer shapes to compile)."""
+    """Logits (n, V) of a batch of windows' scored positions and the positions; rows > 0 pads the batch."""
     x = torch.zeros(max(len(wins), rows), window, dtype=torch.int64)
     for b, (ws, _, hi) in enumerate(wins):
         x[b, :hi - ws] = val[ws:hi].long()
@@ -2713,18 +2602,18 @@ class Experts:
 class FixedScorer:
     """A scorer whose model never changes: plain and sliding evaluation, or the pass with TTT off."""
     current: object  # the model that scores the next chunk
-    epochs = 0
+    epochs = max_epochs = 0
+
+    def begin(self, span) -> None:  # the span about to be scored
+        pass
 
     def update(self, scored: ScoredChunk) -> None:
         pass
 
 
 class TestTimeTrainer(FixedScorer):
-    """Score-first TTT: after chunk c is scored, SGD trains on exactly its scored tokens (never on the last chunk), so
-    chunk c is scored by weights adapted on chunks < c only. Frozen blocks' bank slices are zeroed before the clip
-    (they neither move nor shrink the trained ones' clip); the per-slice LR multipliers apply after it (equivalent for
-    SGD+momentum without weight decay). Polyak: an averaged copy scores, avg_t = avg_{t-1} + a_t (theta_t - avg_{t-1}),
-    a_t = (1 - d) / (1 - d^t): bias-corrected, as a plain EMA would still hold ~94% of the start after ~30 updates."""
+    """Score-first TTT: after chunk c is scored, SGD trains on exactly its tokens (never the last chunk).
+    Frozen slices are zeroed before the clip, LR multipliers after it. Polyak: a bias-corrected average scores."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, fwd, compile_fn):
         self.h, self.rt, self.model, self.train_fn = h, rt, model, fwd
@@ -2742,7 +2631,8 @@ class TestTimeTrainer(FixedScorer):
         for p in self.params:  # a rank with no sequences in a chunk still joins the all-reduce with zeros
             p.grad = torch.zeros_like(p)
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-        self.epochs, self.n_updates = h.ttt_epochs, 0  # the eval budget guard may lower epochs for the chunks left
+        self.epochs = self.max_epochs = h.ttt_epochs  # the eval budget guard may lower epochs for the chunks left
+        self.n_updates = 0
         self.avg = copy.deepcopy(model).requires_grad_(False) if h.ttt_polyak_decay > 0 else None
         self.current = fwd if self.avg is None else compile_fn(self.avg)
 
@@ -2791,6 +2681,96 @@ class TestTimeTrainer(FixedScorer):
         return (1 - decay) / (1 - decay ** t) if bias_correct else 1 - decay
 
 
+class DocLoRA(nn.Module):
+    """Per-document adapters (#1855): on Q, K, V, O and the MLP of every virtual layer and on the head, row b of the
+    batch adds (n A_b^T) B_b^T alpha / r to the output, A_b [r, in] ~ U(+-1/sqrt(in)) and B_b [out, r] = 0."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, device, seed: int):
+        super().__init__()
+        d, kv, rows, r, g = h.model_dim, model.KV * model.hd, h.ttt_doc_batch, h.lora_rank, torch.Generator()
+        outs = dict(q=d, k=kv, v=kv, o=d, mlp=d)
+        keys = [(site, i) for i in range(len(model.orders[True])) for site in outs] + [("head", 0)]
+        self.slot, g = {k: n for n, k in enumerate(keys)}, g.manual_seed(seed)
+        self.A = nn.ParameterList(torch.empty(rows, r, d).uniform_(-d ** -0.5, d ** -0.5, generator=g).to(device)
+                                  for _ in keys)
+        self.B = nn.ParameterList(torch.zeros(rows, outs.get(k[0], h.vocab_size), r, device=device) for k in keys)
+        self.scale, self.rows = h.lora_alpha / r, None  # rows: each batch row's document slot, set per call
+
+    def forward(self, site: str, vi: int, n: Tensor) -> Tensor:
+        k = self.slot[site, vi]
+        return (n @ self.A[k][self.rows].mT.to(n.dtype)) @ self.B[k][self.rows].mT.to(n.dtype) * self.scale
+
+
+class LoRATrainer(FixedScorer):
+    """Score-first per-document LoRA TTT on the docs plan (#1855): after a chunk is scored, one AdamW step on it for
+    each document whose last chunk it is not; the loss sums each document's mean NLL, so rows never mix. A new batch
+    zeroes B and the AdamW state; A carries over. Phases (#1626): when TTT_PHASES[k] documents are finished (all
+    ranks), all base weights train one epoch of TestTimeTrainer's SGD on the first that many (in finishing order),
+    inside the budget guard; then fresh adapters."""
+
+    def __init__(self, h: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, budget: EvalBudget | None = None):
+        self.h, self.rt, self.model, self.val, self.budget = h, rt, model, val, budget
+        self.docs, self.done, self.epochs, self.max_epochs, self.current = find_docs(val), [], 1, 1, self
+        for b in [b for b in h.ttt_phase_list if b > len(self.docs)]:
+            log0(f"ttt_phase docs:{b} skipped: the validation set has {len(self.docs)} documents")
+        self.phases = [b for b in h.ttt_phase_list if b <= len(self.docs)]
+        model.requires_grad_(False)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self.model.lora = self.lora = DocLoRA(self.h, self.model, self.rt.device, self.h.seed + len(self.done))
+        self.batch = None
+
+    def begin(self, span: ChunkSpan) -> None:
+        self.rows, self.cursor = torch.as_tensor(span.slots, device=self.rt.device), 0
+        if span.batch != self.batch:  # a new batch of documents
+            self.batch = span.batch
+            torch._foreach_zero_([b.data for b in self.lora.B])
+            self.opt = torch.optim.AdamW(self.lora.parameters(), lr=self.h.lora_lr, betas=(0.0, 0.99), eps=1e-10,
+                                         weight_decay=self.h.lora_wd)
+
+    def __call__(self, x: Tensor) -> Tensor:  # run_pass scores the span's windows in order, in padded batches
+        rows = self.rows[self.cursor:self.cursor + x.size(0)]
+        self.cursor += x.size(0)
+        self.lora.rows = F.pad(rows, (0, x.size(0) - rows.numel()))
+        return self.model(x)
+
+    def update(self, scored: ScoredChunk) -> None:
+        span, dev = scored.span, self.rt.device
+        keep = torch.from_numpy(~np.isin(span.mine[:, 2], self.docs[:, 1]))  # never a document's last chunk
+        if self.epochs > 0 and keep.any():
+            self.begin(span)
+            logits, pos = score_windows(self, self.val, span.mine, span.width or self.h.eval_seq_len, dev)
+            n = torch.from_numpy(span.mine[:, 2] - span.mine[:, 1])
+            nll = F.cross_entropy(logits.float(), self.val[pos.cpu() + 1].to(dev).long(), reduction="none")
+            self.opt.zero_grad(set_to_none=True)
+            (nll * (keep / n).repeat_interleave(n).to(dev)).sum().backward()
+            self.opt.step()
+        self.done += span.done.tolist()
+        while self.phases and len(self.done) >= self.phases[0]:
+            self._phase(self.phases.pop(0))
+
+    def _phase(self, n_docs: int) -> None:
+        h, T = self.h, self.h.eval_seq_len
+        s, e = self.docs[self.done[:n_docs]].T
+        toks = torch.cat([self.val[a:b] for a, b in zip(s, e)] + [self.val[e[-1]:e[-1] + 1]])
+        step = max(h.ttt_chunk_tokens // T, 1) * T
+        segs = [toks[i:i + step + 1] for i in range(0, toks.numel() - 1, step)]
+        sgd_h = replace(h, ttt_lr=h.ttt_phase_lr, ttt_momentum=0.9, ttt_epochs=1, ttt_freeze_blocks=0,
+                        ttt_proj_lr_mult=1.0, ttt_fc_lr_mult=1.0, ttt_polyak_decay=0.0)
+
+        def sgd() -> None:
+            self.model.lora = None
+            sgd = TestTimeTrainer(sgd_h, self.rt, self.model.requires_grad_(True), self.model, None)
+            for c, seg in enumerate(segs):
+                sgd.update(ScoredChunk(c, len(segs), 0, seg.numel() - 1, seg, seg, None))
+            self.model.requires_grad_(False).zero_grad(set_to_none=True)
+
+        log0(f"ttt_phase docs:{n_docs} tokens:{toks.numel()} steps:{len(segs) - 1}")
+        sgd() if self.budget is None else self.budget.phase(n_docs, toks.numel() / T, sgd)
+        self._fresh()
+
+
 @dataclass(frozen=True)
 class EvalContext:  # what every pass reads
     h: Hyperparameters
@@ -2801,7 +2781,6 @@ class EvalContext:  # what every pass reads
 
 @dataclass
 class Tally:
-    """One rank's running sums over a pass (float64): NLL per track, scored tokens, their bytes, NLL per expert."""
     nll: Tensor
     tokens: Tensor
     bytes: Tensor
@@ -2821,6 +2800,7 @@ class ChunkSpan:
     width: int = 0  # the scoring batch's width (0: EVAL_SEQ_LEN)
     batch: int = -1  # docs plan: this rank's document batch (a per-document scorer resets its state on a new one)
     slots: np.ndarray | None = None  # docs plan: each of mine's document, as its index in the batch
+    done: np.ndarray | None = None  # docs plan: the documents (find_docs rows) whose last chunk it scores, all ranks
 
 
 @dataclass
@@ -2837,14 +2817,13 @@ class EvalResult:
 
 
 class EvalBudget:
-    """The guard that keeps the declared pass inside EVAL_BUDGET_SECONDS - EVAL_MARGIN_SECONDS after `start`: after
-    chunk c is scored, the rest is projected from c's scoring time and the last timed TTT epoch, and the remaining
-    updates get the most epochs (<= TTT_EPOCHS) that fit. Chunk 0 (compilation) neither decides nor measures."""
+    """Keeps the declared pass inside EVAL_BUDGET_SECONDS - EVAL_MARGIN_SECONDS: after each chunk the rest is
+    projected and the updates get the most epochs that fit; phases run only if they fit. Chunk 0 is not timed."""
 
     def __init__(self, h: Hyperparameters, rt: Runtime, start: float, clock=time.perf_counter):
         self.h, self.rt, self.start, self.clock = h, rt, start, clock
         self.deadline = h.eval_budget_seconds - h.eval_margin_seconds  # seconds after start
-        self.epoch_s, self.score_s, self.score_windows, self.error = None, 0.0, 0, ""
+        self.epoch_s, self.score_s, self.score_windows, self.error, self.phase_s = None, 0.0, 0, "", None
         self.changes = []  # (chunk, epochs before, epochs after): what the log shows
 
     def _now(self) -> float:
@@ -2865,6 +2844,7 @@ class EvalBudget:
         elapsed, score_s, epoch_s = slowest_rank([now - self.start, now - self._mark, self.epoch_s or 0.0],
                                                     self.rt.device, torch.float64)
         self._t_update, left, todo = now, self.deadline - elapsed, n - 1 - c  # todo: chunks to score = updates to run
+        self.left, self.todo_s = left, todo * score_s  # for phase(): agreed by all ranks
         if c == 0 or todo == 0:
             return
         if todo * score_s > left and not self.error:
@@ -2872,12 +2852,26 @@ class EvalBudget:
                           f"{todo * score_s:.1f}s more after chunk {c}/{n}, {left:.1f}s left before "
                           f"EVAL_BUDGET_SECONDS-EVAL_MARGIN_SECONDS: the submission would be invalid")
             log0(self.error)
-        fits = [k for k in range(self.h.ttt_epochs + 1) if todo * (score_s + k * epoch_s) <= left]
+        top = getattr(scorer, "max_epochs", self.h.ttt_epochs)
+        fits = [k for k in range(top + 1) if todo * (score_s + k * epoch_s) <= left]
         old, e = scorer.epochs, max(fits, default=0) if epoch_s > 0 else scorer.epochs  # > 0: an epoch was timed
         if e != old:
             log0(f"budget chunk:{c} epochs:{old}->{e} projected:{todo * (score_s + e * epoch_s):.1f}s left:{left:.1f}s")
             scorer.epochs = e
             self.changes.append((c, old, e))
+
+    def phase(self, n_docs: int, n_seqs: float, fn) -> None:
+        """Run phase fn (n_seqs sequences) if it fits beside the scoring left; cost: last phase's rate or 3x scoring."""
+        rate = self.phase_s or 3 * self.score_s / max(self.score_windows, 1)
+        need, left = n_seqs * slowest_rank([rate], self.rt.device, torch.float64)[0], self.left - self.todo_s
+        if need > left:
+            log0(f"budget phase docs:{n_docs} skipped projected:{need:.1f}s left:{left:.1f}s (after scoring)")
+            return
+        t0 = self._now()
+        fn()
+        dt = slowest_rank([self._now() - t0], self.rt.device, torch.float64)[0]
+        self.phase_s, self._t_update = dt / max(n_seqs, 1), self._t_update + dt
+        log0(f"budget phase docs:{n_docs} ran:{dt:.1f}s projected:{need:.1f}s left:{left:.1f}s")
 
     def end_pass(self, label: str) -> None:
         elapsed = slowest_rank([self._now() - self.start], self.rt.device, torch.float64)[0]
@@ -2897,7 +2891,6 @@ class EvalBudget:
 
 
 def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkSpan]:
-    """The pass's windows grouped into chunks of chunk_tokens scored positions (0: one chunk), split over ranks."""
     n_targets, r, w = ctx.val.numel() - 1, ctx.rt.rank, ctx.rt.world_size
     wins = plan_windows(n_targets, ctx.h.eval_seq_len, stride)
     chunks = np.split(wins, np.flatnonzero(np.diff(wins[:, 1] // (chunk_tokens or n_targets))) + 1)
@@ -2905,8 +2898,7 @@ def plan_chunks(ctx: EvalContext, stride: int, chunk_tokens: int) -> list[ChunkS
 
 
 def find_docs(val: Tensor) -> np.ndarray:
-    """Documents as scored-position ranges (start, end) (position p: input val[p], target val[p + 1]): from a BOS to
-    the next BOS, its last target; the last to the stream's end; positions before the first BOS form one more."""
+    """Documents as scored-position ranges (start, end): a BOS to the next BOS (its last target); a leading part too."""
     n = val.numel() - 1
     bos = np.flatnonzero(val[:n].numpy() == BOS_ID)
     if bos.size == 0:
@@ -2917,11 +2909,9 @@ def find_docs(val: Tensor) -> np.ndarray:
 
 
 def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
-    """The document-isolated plan (#1855): each document in chunks of TTT_CHUNK targets, each chunk's window the last
-    <= EVAL_SEQ_LEN inputs of the same document ending at the chunk's end. Documents sorted by length go in batches of
-    TTT_DOC_BATCH, side by side, chunk after chunk; batches longest first, each to the rank with the least work so far
-    (window tokens; ties: the lowest rank). Span i = every rank's i-th step. Widths EVAL_SEQ_LEN / 8, / 4, / 2 or 1x
-    and run_pass's padding to EVAL_BATCH_SEQS rows keep the compiled model's shapes few."""
+    """The document-isolated plan (#1855): each document in TTT_CHUNK-target chunks, windows the last <= EVAL_SEQ_LEN
+    tokens of the document; length-sorted batches of TTT_DOC_BATCH side by side, longest first, each to the rank
+    with the least work. Span i = every rank's i-th step; done = the documents it finishes (all ranks)."""
     h, (s, e) = ctx.h, find_docs(ctx.val).T
     order, C, T = np.argsort(e - s, kind="stable"), h.ttt_chunk, h.eval_seq_len
     batches = [order[i:i + h.ttt_doc_batch] for i in range(0, len(order), h.ttt_doc_batch)][::-1]
@@ -2934,16 +2924,16 @@ def plan_docs(ctx: EvalContext) -> list[ChunkSpan]:
             hi = np.minimum(lo + C, e[docs[slots]])
             wins = np.stack((np.maximum(s[docs[slots]], hi - T), lo, hi), 1)
             width = next(w for w in (T >> 3, T >> 2, T >> 1, T) if w >= (wins[:, 2] - wins[:, 0]).max())  # 4 shapes
-            steps[rank].append((b, wins, slots, width))
+            steps[rank].append((b, wins, slots, width, docs[slots][hi == e[docs[slots]]]))
             work[rank] += len(wins) * width
-    n, none = max(map(len, steps)), (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0)
+    n, none = max(map(len, steps)), (-1, np.zeros((0, 3), np.int64), np.zeros(0, np.int64), 0, None)
     own = steps[ctx.rt.rank] + [none] * (n - len(steps[ctx.rt.rank]))  # a rank past its last step scores nothing
-    return [ChunkSpan(i, n, np.concatenate([st[i][1] for st in steps if i < len(st)]), mine, width, b, slots)
-            for i, (b, mine, slots, width) in enumerate(own)]
+    every = lambda i, k: np.concatenate([st[i][k] for st in steps if i < len(st)])  # noqa: E731
+    return [ChunkSpan(i, n, every(i, 1), mine, width, b, slots, every(i, 4))
+            for i, (b, mine, slots, width, _) in enumerate(own)]
 
 
 def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tally: Tally) -> None:
-    """Rank 0's running bpb of every track (run_pass logs <= ~100 chunks; the score is the all-reduced total)."""
     el, c, n, nbytes = time.perf_counter() - t0, span.index, span.n_chunks, max(tally.bytes.item(), 1.0)
     per_track = " ".join(f"{k}:{tally.nll[j].item() / math.log(2) / nbytes:.4f}" for j, k in enumerate(tracks))
     log0(f"{label} chunk:{c + 1}/{n} elapsed:{el:.1f}s eta:{el / (c + 1) * (n - c - 1):.1f}s rank0_bpb {per_track}")
@@ -2951,9 +2941,8 @@ def _log_progress(label: str, span: ChunkSpan, t0: float, tracks: list[str], tal
 
 def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = None, chunk_tokens: int = 0,
              recorder=None, label: str = "", budget: EvalBudget | None = None, plan: str = "stream") -> EvalResult:
-    """The one scoring path, over the plan's chunks of windows (stream: left to right, plan_chunks; docs: plan_docs):
-    score a chunk with scorer.current (inference_mode), record its NLL, then (only then) hand the record to bias, Hedge
-    and the scorer (TTT, its epochs set by the budget guard, or fixed: plain or sliding eval). Non-finite: raises."""
+    """The one scoring path: score each chunk of the plan (stream or docs) with scorer.current under inference_mode,
+    record it, then (only then) update bias, Hedge and the scorer (its epochs set by the guard)."""
     h, rt, val, t0 = ctx.h, ctx.rt, ctx.val, time.perf_counter()
     experts = experts or Experts(h, None, None, None)
     tally = Tally.zeros(len(experts.tracks), rt.device, experts.n_experts)
@@ -2964,6 +2953,7 @@ def run_pass(ctx: EvalContext, scorer, stride: int, experts: Experts | None = No
         if experts.bias is not None and plan == "stream":  # the docs plan's bias keeps per-document states
             first = int(mine[0, 1]) if len(mine) else lo
             experts.bias.begin_chunk(val[lo + 1:first + 1].to(rt.device) if first > lo else None)
+        scorer.begin(span)
         model, targets, expert_nll = scorer.current, [], torch.zeros_like(tally.experts)
         with torch.inference_mode():
             for i in range(0, len(mine), h.eval_batch_seqs):
@@ -3039,8 +3029,6 @@ def train_step(h, rt, fwd, opt: Optimizers, loader, qat: bool) -> Tensor:
 
 
 def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
-    """Real steps so torch.compile builds every graph the timed loop needs (QAT and looping off/on, in turn; one each
-    even at WARMUP_STEPS=0, else one compiles in the timed window); weights, optimizer, data and looping restored."""
     qats = (False, True) if not h.qat_enabled and h.late_qat_threshold > 0 else (h.qat_enabled,)
     loops = (False, True) if h.num_loops > 0 else (None,)
     variants = [(q, lp) for lp in loops for q in qats]  # without loops: QAT off, on, off, ... as the seed
@@ -3067,8 +3055,6 @@ def compile_warmup(h, rt, model, fwd, opt, loader_factory) -> None:
 
 @torch.no_grad()
 def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tensor]:
-    """{bank: (slots, C, C)} in BANK_INPUTS order: H = mean x^T x (fp32) of its inputs over `batches` training batches,
-    averaged across ranks, the model looped as evaluated; QUANT_SCHEME=sdclip adds the tied embedding's (1, d, d)."""
     inputs = {**BANK_INPUTS, **(HEAD_INPUT if h.quant_scheme == "sdclip" else {})}
     sizes = {site: model.tok_emb.weight.size(-1) if site == "head_in" else getattr(model, bank).size(-1)
              for bank, sites in inputs.items() for site in sites}
@@ -3099,8 +3085,6 @@ def collect_hessians(h, rt, model: GPT, loader, batches: int) -> dict[str, Tenso
 
 
 def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
-    """Seconds the timed loop stops early so that the Hessian collection fits in MAX_WALLCLOCK_SECONDS: the setting,
-    or (< 0) one batch measured and scaled to GPTQ_CALIB_BATCHES with a margin, the slowest rank's (all agree)."""
     if not h.gptq_enabled or h.max_wallclock_seconds <= 0:
         return 0.0
     source, reserve = "set", h.gptq_reserve_seconds
@@ -3119,8 +3103,7 @@ def gptq_reserve(h, rt, model: GPT, train_glob: str) -> float:
 
 
 def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, float, object]:
-    """The timed loop; returns (steps, train_ms, the compiled model). Validation pauses the clock; the cap is
-    agreed across ranks. `clock` (seconds) is injectable so tests can drive the wallclock schedule and cap."""
+    """The timed loop -> (steps, train_ms, compiled model); validation pauses the clock; `clock` is injectable."""
     h, rt = ctx.h, ctx.rt
     fwd, opt, t_c = make_compile_fn(h, rt.device)(model), Optimizers(h, model, rt), clock()
     compile_warmup(h, rt, model, fwd, opt, lambda: DistributedTokenLoader(h.train_files, rt, h.vocab_size))
@@ -3167,8 +3150,7 @@ def train(ctx: EvalContext, model: GPT, clock=time.perf_counter) -> tuple[int, f
         if ema is not None:
             ema.update()
         step += 1
-        # The step's only host-device sync: one all-reduce of [ranks with a non-finite loss, loss, elapsed ms]. The
-        # mean time (taken as the step is queued, at most a step behind the device) drives LR, late QAT and the cap.
+        # The step's only sync: one all-reduce of [non-finite ranks, loss, ms]; the mean time drives LR, QAT, the cap.
         now = torch.full((), train_ms + 1000 * (clock() - t0), dtype=torch.float64, device=loss.device)
         sums = all_reduce_(torch.stack(((~torch.isfinite(loss)).double(), loss.double(), now))).tolist()
         loss, elapsed_ms = sums[1] / rt.world_size, sums[2] / rt.world_size
@@ -3218,8 +3200,7 @@ def log_header(h: Hyperparameters, rt: Runtime) -> None:
 
 
 def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=None, budget: EvalBudget | None = None):
-    """The declared score, one pass: sliding windows, n-gram experts, online bias, Hedge, score-first TTT (training
-    `model` in place through `fwd`, its compiled form) inside the budget guard. Returns (result, experts, scorer)."""
+    """The declared score, one pass (plan, experts, TTT scorer) inside the budget guard -> (result, experts, scorer)."""
     h, rt, cands = ctx.h, ctx.rt, None
     if h.ngram_enabled:
         t0 = time.perf_counter()
@@ -3238,9 +3219,12 @@ def adaptive_pass(ctx: EvalContext, model: GPT, fwd, t_eval: float, recorder=Non
     n_pool = Experts.pool_size(bias is not None, len(h.ngram_beta_list) if cands is not None else 0, h.tilt_enabled)
     hedge = HedgeMixer(n_pool, h.hedge_eta, rt.device) if h.hedge_enabled else None
     experts = Experts(h, bias, cands, hedge, hints)
-    scorer = TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)) if h.ttt_enabled else FixedScorer(fwd)
+    budget = budget or EvalBudget(h, rt, t_eval)
+    scorer = (FixedScorer(fwd) if not h.ttt_enabled else LoRATrainer(h, rt, model, ctx.val, budget)
+              if h.ttt_mode == "lora" else TestTimeTrainer(h, rt, model, fwd, make_compile_fn(h, rt.device)))
     r = run_pass(ctx, scorer, h.eval_stride, experts, h.ttt_chunk_tokens, recorder=recorder, label="pass",
-                 budget=budget or EvalBudget(h, rt, t_eval), plan=h.eval_plan)
+                 budget=budget, plan=h.eval_plan)
+    model.lora = None  # the diagnostics after the pass score the artifact's own weights
     if hedge is not None:
         log0("hedge final_weights:" + ",".join(f"{w:.4f}" for w in hedge.log_w.exp().tolist()))
     return r, experts, scorer
@@ -3301,8 +3285,6 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
 
 
 def retire_submission(h: Hyperparameters, rt: Runtime) -> None:
-    """From here on OUT_DIR's artifact is this run's: an older submission.json beside it would describe another
-    run if this one dies, so it moves aside (the new one is written only at the very end)."""
     sub = Path(h.out_dir) / "submission.json"
     if rt.is_main and sub.exists():
         os.replace(sub, sub.with_name("submission.json.stale"))
@@ -3310,8 +3292,7 @@ def retire_submission(h: Hyperparameters, rt: Runtime) -> None:
 
 
 def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int, train_ms: float, float_fwd, clock) -> int:
-    """Every score after training comes from the artifact file, named by its sha256 in the log. A validation subset
-    logs subset_score, never the final_score line that the submission tools read."""
+    """Every score after training comes from the artifact file; a val subset logs subset_score, never final_score."""
     h, rt, art, budget = ctx.h, ctx.rt, ArtifactInfo.of(path), EvalBudget(ctx.h, ctx.rt, t_eval, clock)
     log0(f"artifact sha256:{art.sha256} bytes:{art.bytes} path:{art.path}")
     model = timed("artifact_load", load_artifact, path, h, rt.device)
@@ -3344,8 +3325,7 @@ def score_artifact(ctx: EvalContext, path: Path, t_eval: float, steps: int, trai
 
 
 def finish(h, rt, final: EvalResult, steps, train_ms, eval_s, model_bytes, codec, art: ArtifactInfo | None = None):
-    """Size accounting and submission.json, written once at the very end as strict JSON tied to the log and artifact
-    by run_id and sha256. Then exit 1 if over the byte limit or the eval budget (a smoke run only reports its size)."""
+    """Size accounting and submission.json (strict JSON); exit 1 over the byte limit or the eval budget."""
     if not rt.is_main:
         return 0
     code_bytes = shipped_code_bytes(Path(__file__))  # the packed file that ships (this file, if already packed)
