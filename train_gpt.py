@@ -992,7 +992,8 @@ def load_val_tokens(pattern: str, seq_len: int, max_tokens: int = 0, vocab_size:
 
 
 def build_bpb_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token byte LUTs (base bytes, leading U+2581, boundary tokens); byte pieces are one byte."""
+    """Per-token byte LUTs (base bytes, leading U+2581, boundary tokens): a leading U+2581 is one byte unless the token
+    before is a boundary (control/unknown/unused); byte-fallback pieces are one byte; control tokens are zero bytes."""
     n = max(sp.vocab_size(), vocab_size)
     base, lead, boundary = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.ones(n, np.bool_)
     for i in range(sp.vocab_size()):
@@ -1143,7 +1144,9 @@ def fake_quant(w: Tensor, name: str, sdclip: bool = False) -> Tensor:
 
 
 def gptq_codes(w: Tensor, H: Tensor, scale: Tensor, damp: float, block_size: int, qmax: int = INT6_MAX) -> Tensor:
-    """GPTQ on a fixed grid: codes of w (S, R, C) given Hessians H (S, C, C) and row scales (S, R)."""
+    """GPTQ on a fixed grid: codes of w (S, R, C) given Hessians H (S, C, C) and row scales (S, R). Columns go by
+    decreasing H diagonal; each is rounded and its error, scaled by the upper Cholesky factor of H^-1, pushed onto the
+    columns not yet rounded (lazily, per block): a greedy minimization of ||(W - Q) X^T||. Singular H: 10x damping."""
     w, s = w.detach().float(), scale.float().unsqueeze(-1)
     S, R, C = w.shape
     perm = H.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True, stable=True)
@@ -3276,7 +3279,8 @@ def run(h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> int:
          f"val_tokens:{val.numel() - 1}")
     model = build_model(h).to(rt.device)
     log0(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    require_free_space(path, sum(p.numel() for p in model.parameters()))
+    if rt.is_main:  # rank 0 writes it (and makes OUT_DIR: another rank can get here first)
+        require_free_space(path, sum(p.numel() for p in model.parameters()))
     steps, train_ms, float_fwd = train(ctx, model)
     t_eval = clock()
     retire_submission(h, rt)

@@ -371,15 +371,14 @@ def test_make_submission_builds_folder(inputs):
     assert r.returncode == 0 and r.stdout.startswith("MAIN 5"), r.stderr
 
 
-def test_make_submission_cli(inputs):
+def test_make_submission_cli(inputs, capsys):
     out = inputs["tmp"] / "cli_rec"
     r = run_py(ROOT / "tools" / "make_submission.py", "--log", inputs["log"], "--script", inputs["script"],
                "--submission-json", inputs["sj"], "--out", out)
     assert r.returncode == 0, r.stderr
     assert (out / "README.md").exists()
-    r = run_py(ROOT / "tools" / "make_submission.py", "--log", inputs["log"], "--script", inputs["script"],
-               "--submission-json", inputs["sj"], "--out", out)
-    assert r.returncode == 2 and "not empty" in r.stderr
+    argv = ["--log", inputs["log"], "--script", inputs["script"], "--submission-json", inputs["sj"], "--out", out]
+    assert ms.main(list(map(str, argv))) == 2 and "not empty" in capsys.readouterr().err  # in process: no 2nd torch
 
 
 def test_make_submission_val_bpb_mismatch(inputs):
@@ -507,9 +506,8 @@ def test_make_submission_artifact_missing_and_explicit_path(inputs):
     inputs["artifact"].rename(moved)
     with pytest.raises(ms.SubmissionError, match=r"artifact .*final_model.int6.ptz not found"):
         inputs["call"]()
-    r = run_py(ROOT / "tools" / "make_submission.py", "--log", inputs["log"], "--script", inputs["script"],
-               "--submission-json", inputs["sj"], "--out", inputs["tmp"] / "rec2", "--artifact", moved)
-    assert r.returncode == 0, r.stderr
+    assert ms.main(list(map(str, ["--log", inputs["log"], "--script", inputs["script"], "--submission-json",
+                                  inputs["sj"], "--out", inputs["tmp"] / "rec2", "--artifact", moved]))) == 0
 
 
 def test_make_submission_log_artifact_line_must_match(inputs):
@@ -674,7 +672,7 @@ def test_significance_writes_into_record_folder(inputs):
     others = [seed_log(tmp, s, v, v - 0.7) for s, v in ((42, FINAL_LOSS + 0.002), (7, FINAL_LOSS - 0.001))]
     logs = [inputs["log"], *others]
     r = run_py(ROOT / "tools" / "significance.py", "--logs", *logs, "--record-loss", "1.95", "--out", out)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr  # the one run as a script; the others call main() in process
     assert "## Seeds and significance" in r.stdout
     sub = ms.load_submission_json(out / "submission.json")[1]  # still strict JSON
     assert sub["val_bpb"] == FINAL_BPB and sub["run_id"] == "run-1337"  # the headline run is kept
@@ -695,11 +693,11 @@ def test_significance_writes_into_record_folder(inputs):
     assert readme2.index("## Files") < readme2.index("= 1.95500000")
 
 
-def test_significance_refuses_folder_whose_log_is_not_a_seed(inputs):
+def test_significance_refuses_folder_whose_log_is_not_a_seed(inputs, capsys):
     out = inputs["call"]()
     logs = [seed_log(inputs["tmp"], s, v) for s, v in ((1, 1.0), (2, 1.1))]
-    r = run_py(ROOT / "tools" / "significance.py", "--logs", *logs, "--out", out)
-    assert r.returncode == 2 and "train.log is none of the --logs" in r.stderr
+    assert sg.main(["--logs", *map(str, logs), "--out", str(out)]) == 2
+    assert "train.log is none of the --logs" in capsys.readouterr().err
     assert "seeds" not in json.loads((out / "submission.json").read_text())
 
 
