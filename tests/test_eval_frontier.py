@@ -172,8 +172,8 @@ ALL_ON = dict(tilt_enabled=True, tilt_order=3, tilt_threshold=0.5, ttt_epochs=1,
 
 
 def adaptive(h, val, luts, recorder=None):
-    ctx = tg.EvalContext(h, CPU, val, luts)
-    return tg.adaptive_pass(ctx, perturbed_model(h), perturbed_model(h), time.perf_counter(), recorder=recorder)
+    ctx, model = tg.EvalContext(h, CPU, val, luts), perturbed_model(h)  # one model: TTT's updates reach the scorer
+    return tg.adaptive_pass(ctx, model, model, time.perf_counter(), recorder=recorder)
 
 
 class Recorder:
@@ -410,7 +410,8 @@ def _docs_rank_worker(rank, rt, h, out):
     val = tg.load_val_tokens(h.val_files, h.eval_seq_len)
     rec = Recorder()
     ctx = tg.EvalContext(h, rt, val, tg.load_byte_counter(h, val.numel()))
-    r, _, _ = tg.adaptive_pass(ctx, perturbed_model(h), perturbed_model(h), time.perf_counter(), recorder=rec)
+    model = perturbed_model(h)
+    r, _, _ = tg.adaptive_pass(ctx, model, model, time.perf_counter(), recorder=rec)
     torch.save({"losses": r.losses, "tokens": r.tokens, "bytes": r.bytes, "nll": rec.nll}, f"{out}.{rank}")
 
 
