@@ -14,7 +14,9 @@ one GPU), synthetic shards:
   4. evaluation on 8 ranks, projected (issue 9): one rank's real share measured on this GPU (rank 0 of 8: each chunk
      with 1/8 of its windows and 1/8 of its TTT sequences, every per-batch and per-step overhead included) plus the
      collectives modelled from --busbw-gbs and --latency-ms, beside the naive figure (1-rank time / 8), phase by
-     phase, for the FineWeb validation set of the default dataset (47,853,344 tokens, sp8192 CaseOps);
+     phase, for the FineWeb validation set of the default dataset (47,853,344 tokens, sp8192 CaseOps); and the
+     frontier's pass (docs plan, per-document LoRA TTT, phases at boundaries scaled to the sample's documents),
+     rank 0 of 8 and 1 rank measured, projected by tokens (an alternative pass: not in the total);
   5. ms/step and tokens/s at the full config for every other attention candidate (one compile each), as long as
      the budget lasts (skipped ones say so);
   6. the fused Triton kernels (MLP, softcapped CE): start-up's fwd+bwd table and choice (made before section 2, whose
@@ -50,6 +52,7 @@ FINEWEB_VAL_TOKENS = {"fineweb10B_sp1024": 62_021_632, "fineweb10B_sp8192": 40_5
                       "fineweb10B_sp8192_caseops": 47_853_344}
 VAL_TOKENS = FINEWEB_VAL_TOKENS[Path(tg.Hyperparameters().data_path).name]  # the default config's dataset
 WORLD = 8  # the ranks of the projected evaluation
+FINEWEB_VAL_DOCS = 50_000  # documents in the challenge's validation split
 # --smoke: a tiny model, a short stream, a few steps; every path of the full check runs.
 SMOKE = dict(num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0, vocab_size=1024, loop_start=1,
              loop_end=2, parallel_start_layer=3, xsa_last_n=4, gate_dims=8, rope_dims=4, train_seq_len=32, eval_seq_len=32,
@@ -226,7 +229,31 @@ def eval_section(h, rt, model_path: Path, luts, res: dict, args, n_chunks: int, 
                                ttt_grad_allreduce_ms=comm_ms(4 * n_params, args), sample_chunks=n_chunks,
                                fineweb_chunks=n_fw, note="collectives modelled, not measured; export/load add "
                                "their own time on rank 0 (export_s, artifact_load_s)")
+    if budget.allows(res, "eval_projection_docs_lora", need_pass_s):
+        proj["docs_lora_pass"] = docs_lora_phase(h, rt, rt8, model_path, luts, sample)
     res["eval_projection_8ranks"] = proj
+
+
+def docs_lora_phase(h, rt, rt8, model_path: Path, luts, sample: torch.Tensor) -> dict:
+    """The frontier's pass (EVAL_PLAN=docs, TTT_MODE=lora, no Hedge over the tables), its TTT_PHASES scaled from
+    FineWeb val's documents to the sample's: 1 rank and rank 0 of 8 (a static assignment, so rank 0's batches are
+    known without the other ranks; phase gradients are all-reduced there, not modelled), projected by tokens."""
+    sample = sample.clone()
+    sample[0] = tg.BOS_ID  # the val shards start with a document; the random BOS every ~1,200 tokens do the rest
+    n_docs = len(tg.find_docs(sample))
+    phases = sorted({max(1, round(b * n_docs / FINEWEB_VAL_DOCS)) for b in h.ttt_phase_list})
+    hd = dataclasses.replace(h, eval_plan="docs", ttt_enabled=True, ttt_mode="lora", hedge_enabled=False,
+                             ttt_chunk=min(h.ttt_chunk, h.eval_seq_len), lora_rank=min(h.lora_rank, h.model_dim),
+                             ttt_phases=",".join(map(str, phases)))
+
+    def run(r):
+        m = tg.load_artifact(model_path, hd, r.device)
+        return tg.adaptive_pass(tg.EvalContext(hd, r, sample, luts), m, m, time.perf_counter())[0].seconds
+
+    t1, t8, scale = run(rt), run(rt8), VAL_TOKENS / sample.numel()
+    return dict(sample_1rank_s=t1, sample_rank0_of_8_s=t8, naive_div8_s=t1 * scale / WORLD, one_rank_share_s=t8 * scale,
+                sample_docs=n_docs, sample_phases=phases, lora_rank=hd.lora_rank,
+                note="projected by tokens; collectives (phase gradients) not modelled; not part of total")
 
 
 def candidates_section(h, rt, res: dict, chosen: str | None, budget: Budget, steps: int, need_s: float,

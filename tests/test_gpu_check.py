@@ -31,6 +31,9 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
         assert p["windows_1rank"] // 8 - 2 <= p["windows_rank0_of_8"] <= p["windows_1rank"] / 8, (phase, p)
         assert p["one_rank_share_s"] >= p["comm_modelled_s"] > 0 and p["naive_div8_s"] > 0
     assert proj["adaptive_pass"]["ttt_seqs_per_chunk_rank0_of_8"] == proj["adaptive_pass"]["ttt_seqs_per_chunk_1rank"] // 8
+    lora = proj["docs_lora_pass"]  # the frontier's pass, projected beside the stream pass (not in the total)
+    assert lora["one_rank_share_s"] > 0 and lora["naive_div8_s"] > 0 and lora["sample_docs"] > 0
+    assert lora["sample_phases"] == sorted(set(lora["sample_phases"])) and min(lora["sample_phases"]) >= 1
     total = proj["total"]
     assert abs(total["one_rank_share_s"] - sum(proj[k]["one_rank_share_s"] for k in
                                                ("roundtrip_plain", "sliding_diagnostic", "adaptive_pass", "ngram_build"))) < 1e-6
