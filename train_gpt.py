@@ -2577,22 +2577,24 @@ class Experts:
         lse = logits.logsumexp(-1, keepdim=True)
         z = logits if self.bias is None else logits + self.bias.biases(x, (logits - lse).exp(), pos)
         lse_z = lse if self.bias is None else z.logsumexp(-1, keepdim=True)
-        base = (logits.gather(1, cols) - lse, z.gather(1, cols) - lse_z)
-        experts = [base[0]] + [base[1]] * (self.bias is not None)
+        lp = logits.gather(1, cols) - lse
+        lpz = lp if self.bias is None else z.gather(1, cols) - lse_z  # the base every boost and the tilt start from
+        experts = [lp] + [lpz] * (self.bias is not None)
         if self.betas:
             tok, logc = (torch.from_numpy(a[(pos + 1).cpu().numpy()]).to(logits.device) for a in self.cands)
             once = (tok >= 0) & ~(tok[:, :, None] == tok[:, None, :]).tril(-1).any(2)  # each real candidate once
             tok, logc = tok.long().clamp(min=0), logc * (tok >= 0)
             boost_at = lambda c: (logc[:, :, None] * (tok[:, :, None] == c[:, None, :])).sum(1)  # noqa: E731
             boost, b_cand, p_cand = boost_at(cols), boost_at(tok), (z.gather(1, tok) - lse_z).exp() * once
-            ngram = lambda c, b, beta: z.gather(1, c) - lse_z + beta * b - torch.log1p(  # noqa: E731
+            ngram = lambda lp_c, b, beta: lp_c + beta * b - torch.log1p(  # noqa: E731
                 (p_cand * torch.expm1(beta * b_cand)).sum(1, keepdim=True))
-            experts += [ngram(cols, boost, beta) for beta in self.betas]
+            experts += [ngram(lpz, boost, beta) for beta in self.betas]
         out = dict(zip([t for t in self.tracks if t not in ("mixture", self.tilt_track)], experts))  # ngram: beta 1
         if self.hints is not None:  # on the last plain track: the first beta's boost, else z
             hint = torch.from_numpy(self.hints[(pos + 1).cpu().numpy()]).to(logits.device)
             hc = hint.clamp(min=0).long()[:, None]
-            lp_h = ngram(hc, boost_at(hc), self.betas[0]) if self.betas else z.gather(1, hc) - lse_z
+            lp_h = z.gather(1, hc) - lse_z
+            lp_h = ngram(lp_h, boost_at(hc), self.betas[0]) if self.betas else lp_h
             prev = out[self.tracks[self.tracks.index(self.tilt_track) - 1]]
             experts.append(tilt_log_probs(prev, cols, hint, lp_h, self.tilt_beta))
             out[self.tilt_track] = experts[-1]
